@@ -1,0 +1,165 @@
+"""One frozen dataclass describes a run; argparse fills it; every checkpoint and result
+carries it, so any figure can be traced back to the run that made it."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fastres import schedule
+from fastres.data.augment import NORMALIZATIONS
+from fastres.models import SHORTCUTS, parse_model_name
+
+LOADERS = ("torch", "dali")
+AMP_DTYPES = ("bf16", "fp16")
+PROGRESS = ("auto", "rich", "plain", "none")
+
+
+class UsageError(Exception):
+    """A bad argument or option; the message is one line for the user."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything that decides what a run computes, plus where it writes."""
+
+    model: str
+    shortcut: str | None = None  # ResNets: A (the paper's default), B or C; None for plain nets
+    iters: int = schedule.PAPER_ITERS
+    milestones: tuple[int, ...] = schedule.PAPER_MILESTONES
+    lr: float = schedule.PAPER_LR
+    warmup_iters: int = 0
+    warmup_lr: float = schedule.WARMUP_LR
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    batch_size: int = 128
+    seed: int = 0
+    data: str | None = None
+    val_split: int = 0
+    normalize: str = "pixel"
+    loader: str = "torch"
+    device: str = "auto"
+    amp: bool = False
+    amp_dtype: str = "bf16"
+    channels_last: bool = False
+    compile: bool = False
+    eval_every: int = 2000
+    eval_batch_size: int = 1000
+    log_every: int = 100
+    checkpoint_every: int = 2000
+    out: str = ""
+    progress: str = "auto"
+    extra: dict[str, Any] = field(default_factory=dict)  # free-form tags (e.g. reproduce.py's run id)
+
+    def lr_at(self, step: int) -> float:
+        return schedule.lr_at(step, self.lr, self.milestones, self.warmup_iters, self.warmup_lr)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["milestones"] = list(self.milestones)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RunConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        d = {k: v for k, v in d.items() if k in names}
+        d["milestones"] = tuple(d.get("milestones", ()))
+        return cls(**d)
+
+    def __str__(self) -> str:
+        return json.dumps(self.to_dict())
+
+
+def validate(cfg: RunConfig) -> RunConfig:
+    """Raise UsageError on anything a run cannot use; return the config unchanged."""
+    try:
+        family, _ = parse_model_name(cfg.model)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if family == "plain" and cfg.shortcut is not None:
+        raise UsageError(f"{cfg.model} is a plain net: --shortcut does not apply")
+    if family == "resnet" and cfg.shortcut not in SHORTCUTS:
+        raise UsageError(f"unknown shortcut {cfg.shortcut!r}: choose one of {', '.join(SHORTCUTS)}")
+    for name in ("iters", "batch_size", "eval_every", "eval_batch_size", "log_every", "checkpoint_every"):
+        if getattr(cfg, name) <= 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+    ms = cfg.milestones
+    if any(m <= 0 for m in ms) or any(b <= a for a, b in zip(ms, ms[1:], strict=False)):
+        raise UsageError(f"--milestones must be positive and strictly increasing, got {list(ms)}")
+    if cfg.lr <= 0 or cfg.warmup_lr <= 0 or cfg.warmup_iters < 0:
+        raise UsageError("--lr and the warm-up lr must be positive and --warmup-iters not negative")
+    if not 0 <= cfg.momentum < 1 or cfg.weight_decay < 0:
+        raise UsageError("--momentum must be in [0, 1) and --wd not negative")
+    if cfg.val_split < 0:
+        raise UsageError(f"--val-split must be 0 or more, got {cfg.val_split}")
+    return cfg
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line and exit status 2, never a usage dump."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(message)
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.replace(",", " ").split())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m fastres.train", description="Train a CIFAR-10 ResNet or plain net "
+                "with the recipe of He et al. 2016 (defaults are the paper's).")
+    p.add_argument("model", nargs="?", help="resnet20/32/44/56/110/1202, plain20/32/44/56/110, or any depth 6n+2")
+    p.add_argument("--shortcut", choices=SHORTCUTS, help="ResNet shortcut option (default A)")
+    p.add_argument("--iters", type=int, help=f"training iterations (default {schedule.PAPER_ITERS})")
+    p.add_argument("--milestones", type=_int_list, help="iterations where lr is divided by 10 (default 32000,48000)")
+    p.add_argument("--lr", type=float, help="base learning rate (default 0.1)")
+    p.add_argument("--warmup-iters", type=int,
+                   help="iterations at lr 0.01 first (default 400 for depth >= 110, else 0)")
+    p.add_argument("--momentum", type=float)
+    p.add_argument("--wd", dest="weight_decay", type=float, help="weight decay (default 1e-4)")
+    p.add_argument("--batch-size", type=int, help="global batch size (default 128)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--data", help="CIFAR-10 archive, image tree or folder (default: the official archive, "
+                   "downloaded to the cache)")
+    p.add_argument("--val-split", type=int, help="hold out this many training images as validation (default 0)")
+    p.add_argument("--normalize", choices=NORMALIZATIONS,
+                   help="per-pixel mean (the paper's, default) or per-channel mean/std")
+    p.add_argument("--loader", choices=LOADERS, help="input pipeline (default torch)")
+    p.add_argument("--device", help="auto (cuda if present), cpu, cuda, cuda:N")
+    p.add_argument("--amp", action="store_true", default=None, help="mixed precision with torch.amp")
+    p.add_argument("--amp-dtype", choices=AMP_DTYPES, help="bf16 (default) or fp16 with a GradScaler")
+    p.add_argument("--channels-last", action="store_true", default=None)
+    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the training step")
+    p.add_argument("--eval-every", type=int, help="evaluate every N iterations (default 2000)")
+    p.add_argument("--log-every", type=int, help="read metrics every N iterations (default 100)")
+    p.add_argument("--checkpoint-every", type=int, help="checkpoint every N iterations (default 2000)")
+    p.add_argument("--out", help="run directory (default runs/<model>[-<shortcut>]-seed<seed>)")
+    p.add_argument("--progress", choices=PROGRESS, help="rich bar, plain log lines, or none (default auto)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR exactly where it stopped")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    """A validated RunConfig from parsed arguments; unset options keep the defaults."""
+    if not args.model:
+        raise UsageError("a model is required (e.g. resnet56), or --resume RUN_DIR")
+    given = {k: v for k, v in vars(args).items() if v is not None and k not in ("model", "resume")}
+    try:
+        family, depth = parse_model_name(args.model)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if family == "resnet":
+        given.setdefault("shortcut", "A")
+    given.setdefault("warmup_iters", schedule.default_warmup_iters(depth))
+    seed = given.get("seed", 0)
+    tag = f"{args.model}-{given['shortcut']}" if family == "resnet" else args.model
+    given.setdefault("out", str(Path("runs") / f"{tag}-seed{seed}"))
+    return validate(RunConfig(model=args.model, **given))

@@ -1,0 +1,1 @@
+"""CIFAR-10 sources, caching, splits and loaders."""

@@ -1,0 +1,64 @@
+"""The paper's preprocessing as batched tensor ops: normalise, zero-pad 4, crop, flip.
+
+Images stay uint8 HWC until a batch is taken. Normalisation comes first, so the padding
+is zero in normalised space, as in the paper ("4 pixels are padded on each side" of the
+mean-subtracted image). All ops are whole-batch: no Python loop over images.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+PAD = 4
+CROP = 32
+NORMALIZATIONS = ("pixel", "channel")
+
+
+def normalization_stats(train_images: np.ndarray, mode: str = "pixel") -> tuple[np.ndarray, np.ndarray]:
+    """Mean and std (HWC, broadcastable, on the 0-1 scale) from the training images only.
+
+    "pixel": the paper's per-pixel mean, std 1. "channel": per-channel mean and std.
+    """
+    x = train_images.astype(np.float64) / 255.0
+    if mode == "pixel":
+        return x.mean(axis=0).astype(np.float32), np.ones((1, 1, 3), np.float32)
+    if mode == "channel":
+        return (x.mean(axis=(0, 1, 2)).reshape(1, 1, 3).astype(np.float32),
+                x.std(axis=(0, 1, 2)).reshape(1, 1, 3).astype(np.float32))
+    raise ValueError(f"unknown normalization {mode!r}: choose one of {', '.join(NORMALIZATIONS)}")
+
+
+def draw_augmentation(n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-image crop offsets, uniform integers in [-PAD, PAD] on each axis, and flips
+    with probability 0.5."""
+    offsets = torch.randint(-PAD, PAD + 1, (n, 2), generator=generator)
+    flips = torch.rand(n, generator=generator) < 0.5
+    return offsets, flips
+
+
+def normalize(images: torch.Tensor, mean: torch.Tensor, inv_std: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, H, W, C) to float (B, H, W, C): (x / 255 - mean) / std."""
+    return (images.float() * (1.0 / 255.0) - mean) * inv_std
+
+
+def pad_crop_flip(x: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
+    """Shift each image of (B, H, W, C) by its (dy, dx) offset with zero fill, i.e. a crop of
+    the 4-padded image, and mirror it where `flips` is set; one gather for the batch."""
+    b = x.shape[0]
+    padded = F.pad(x, (0, 0, PAD, PAD, PAD, PAD))
+    i = torch.arange(CROP, device=x.device)
+    rows = offsets[:, 0, None] + PAD + i
+    cols = offsets[:, 1, None] + PAD + i
+    cols = torch.where(flips[:, None], cols.flip(1), cols)
+    batch = torch.arange(b, device=x.device)[:, None, None]
+    return padded[batch, rows[:, :, None], cols[:, None, :]]
+
+
+def to_model_layout(x: torch.Tensor, channels_last: bool, dtype: torch.dtype) -> torch.Tensor:
+    """(B, H, W, C) to the NCHW tensor a model takes; a channels_last result is the same
+    memory seen through a permutation, so it costs no copy."""
+    x = x.permute(0, 3, 1, 2)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    return x.to(dtype=dtype, memory_format=memory_format)

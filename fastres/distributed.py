@@ -1,0 +1,53 @@
+"""torchrun support: one process per GPU, DistributedDataParallel, rank 0 writes."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as tdist
+from torch import nn
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup() -> DistInfo:
+    """Join the process group torchrun describes in the environment; a lone process is
+    rank 0 of 1 and touches no process group."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return DistInfo()
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    if not tdist.is_initialized():
+        tdist.init_process_group(backend)
+    return DistInfo(rank, world, device)
+
+
+def wrap(model: nn.Module, dist: DistInfo) -> nn.Module:
+    """DDP around the model when there are several processes; the plain module otherwise.
+    Checkpoints always save the plain module's state dict."""
+    if dist.world_size == 1:
+        return model
+    device_ids = [dist.device.index] if dist.device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+
+
+def teardown(dist: DistInfo) -> None:
+    if dist.world_size > 1 and tdist.is_initialized():
+        tdist.destroy_process_group()

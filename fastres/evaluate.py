@@ -1,0 +1,49 @@
+"""Test error of a checkpoint: `python -m fastres.evaluate RUN_DIR_OR_CHECKPOINT`."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+
+import torch
+
+from fastres import checkpoint
+from fastres.cli import run_main
+from fastres.config import LOADERS, UsageError
+from fastres.data import loaders
+from fastres.models import build_model
+from fastres.runtime import amp_dtype, pick_device
+from fastres.step import error_rate
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(message)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = _Parser(prog="python -m fastres.evaluate", description="Single-view test error of a fastres checkpoint.")
+    p.add_argument("checkpoint", help="a run directory or its checkpoint.pt")
+    p.add_argument("--data", help="evaluate on this data instead of the run's")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--loader", choices=LOADERS, help="input pipeline (default: the run's)")
+    args = p.parse_args(argv)
+    state = checkpoint.load(args.checkpoint)
+    cfg = checkpoint.config_of(state)
+    cfg = dataclasses.replace(cfg, data=args.data or cfg.data, loader=args.loader or cfg.loader)
+    device = pick_device(args.device)
+    model = build_model(cfg.model, cfg.shortcut).to(device)
+    model.load_state_dict(state["model"])
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    dtype = amp_dtype(device, cfg.amp, cfg.amp_dtype)
+    data = loaders.build(cfg, loaders.Placement(device, dtype or torch.float32, cfg.channels_last))
+    for name, loader in data.evals.items():
+        error = error_rate(model, loader, device, dtype)
+        print(f"{cfg.model} at iteration {state['step']}: {name} error {100 * error:.2f}%")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))

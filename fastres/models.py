@@ -1,0 +1,179 @@
+"""CIFAR-10 ResNets and plain nets of He et al. 2016, Sec. 4.2.
+
+A 3x3 conv with 16 filters, then three stages of n basic blocks at 32, 16 and 8 pixels
+with 16, 32 and 64 filters (6n + 2 weighted layers in all), global average pooling and
+a 10-way linear layer. BN follows every conv. Shortcut options (Sec. 3.3):
+
+- A: identity; where the shape changes, stride-2 subsampling and zero-filled extra
+  channels (no parameters). The paper's CIFAR-10 default.
+- B: identity, but a 1x1 conv + BN projection where the shape changes.
+- C: a projection on every shortcut.
+- plain nets: the same layers with no shortcuts at all.
+
+Parameters (tested to the unit in tests/test_models.py):
+
+| model      | n   | option A = plain | option B | option C |
+|------------|-----|------------------|----------|----------|
+| resnet20   | 3   | 269,722          | 272,474  | 283,962  |
+| resnet32   | 5   | 464,154          |          |          |
+| resnet44   | 7   | 658,586          |          |          |
+| resnet56   | 9   | 853,018          | 855,770  | 900,858  |
+| resnet110  | 18  | 1,727,962        |          |          |
+| resnet1202 | 200 | 19,421,274       |          |          |
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+SHORTCUTS = ("A", "B", "C")
+STAGE_WIDTHS = (16, 32, 64)
+PAPER_DEPTHS = {"resnet": (20, 32, 44, 56, 110, 1202), "plain": (20, 32, 44, 56, 110)}
+
+
+class ShortcutA(nn.Module):
+    """Option A: subsample by `stride` and append zero channels; no parameters."""
+
+    def __init__(self, in_planes: int, planes: int, stride: int) -> None:
+        super().__init__()
+        if planes < in_planes:
+            raise ValueError(f"option A cannot shrink channels ({in_planes} -> {planes})")
+        self.in_planes, self.planes, self.stride = in_planes, planes, stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stride > 1:
+            x = x[:, :, :: self.stride, :: self.stride]
+        # F.pad pads the last dims first: (W, W, H, H, C_front, C_back).
+        return F.pad(x, (0, 0, 0, 0, 0, self.planes - self.in_planes))
+
+    def extra_repr(self) -> str:
+        return f"{self.in_planes}->{self.planes}, stride={self.stride}, zero-pad"
+
+
+def projection(in_planes: int, planes: int, stride: int) -> nn.Sequential:
+    """Options B and C: a 1x1 conv and BN, as in the paper's projection shortcut."""
+    return nn.Sequential(
+        nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False), nn.BatchNorm2d(planes)
+    )
+
+
+def make_shortcut(shortcut: str | None, in_planes: int, planes: int, stride: int) -> nn.Module | None:
+    """The shortcut module of one block, or None for a plain net."""
+    reshapes = stride != 1 or in_planes != planes
+    if shortcut is None:
+        return None
+    if shortcut == "C" or (shortcut == "B" and reshapes):
+        return projection(in_planes, planes, stride)
+    if shortcut == "A" and reshapes:
+        return ShortcutA(in_planes, planes, stride)
+    if shortcut in SHORTCUTS:
+        return nn.Identity()
+    raise ValueError(f"unknown shortcut {shortcut!r}: choose one of {', '.join(SHORTCUTS)}")
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 conv-BN layers; ReLU after the addition (paper Fig. 2)."""
+
+    def __init__(self, in_planes: int, planes: int, stride: int, shortcut: str | None) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.shortcut = make_shortcut(shortcut, in_planes, planes, stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        if self.shortcut is not None:
+            out = out + self.shortcut(x)
+        return F.relu(out)
+
+
+class CifarResNet(nn.Module):
+    """A 6n+2-layer CIFAR network; `shortcut=None` makes the plain counterpart."""
+
+    def __init__(self, depth: int, shortcut: str | None = "A", num_classes: int = 10) -> None:
+        super().__init__()
+        if depth < 8 or (depth - 2) % 6:
+            raise ValueError(f"depth must be 6n+2 with n >= 1 (20, 32, 44, 56, 110, ...), got {depth}")
+        if shortcut is not None and shortcut not in SHORTCUTS:
+            raise ValueError(f"unknown shortcut {shortcut!r}: choose one of {', '.join(SHORTCUTS)}")
+        self.depth, self.shortcut = depth, shortcut
+        n = (depth - 2) // 6
+        self.conv1 = nn.Conv2d(3, STAGE_WIDTHS[0], 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(STAGE_WIDTHS[0])
+        in_planes = STAGE_WIDTHS[0]
+        stages = []
+        for i, planes in enumerate(STAGE_WIDTHS):
+            stages.append(self._make_stage(in_planes, planes, n, stride=1 if i == 0 else 2))
+            in_planes = planes
+        self.stage1, self.stage2, self.stage3 = stages
+        self.fc = nn.Linear(in_planes, num_classes)
+        self._init_weights()
+
+    def _make_stage(self, in_planes: int, planes: int, n: int, stride: int) -> nn.Sequential:
+        blocks = [BasicBlock(in_planes, planes, stride, self.shortcut)]
+        blocks += [BasicBlock(planes, planes, 1, self.shortcut) for _ in range(n - 1)]
+        return nn.Sequential(*blocks)
+
+    def _init_weights(self) -> None:
+        # He et al. 2015 as in the authors' reference code (fb.resnet.torch): conv weights
+        # ~ N(0, 2 / (k*k*out_channels)); BN gamma 1, beta 0; classifier bias 0.
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        nn.init.zeros_(self.fc.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = self.stage3(self.stage2(self.stage1(x)))
+        x = F.adaptive_avg_pool2d(x, 1).flatten(1)
+        return self.fc(x)
+
+
+def resnet(depth: int, shortcut: str = "A", num_classes: int = 10) -> CifarResNet:
+    """A CIFAR ResNet of any depth 6n+2."""
+    return CifarResNet(depth, shortcut, num_classes)
+
+
+def plain(depth: int, num_classes: int = 10) -> CifarResNet:
+    """A plain CIFAR net of any depth 6n+2: the ResNet's layers, no shortcuts."""
+    return CifarResNet(depth, None, num_classes)
+
+
+def list_models() -> list[str]:
+    """The paper's CIFAR-10 model names; `build_model` also takes any other depth 6n+2."""
+    return [f"{family}{d}" for family, depths in PAPER_DEPTHS.items() for d in depths]
+
+
+def parse_model_name(name: str) -> tuple[str, int]:
+    """Split 'resnet56' into ('resnet', 56); raise ValueError on anything else."""
+    for family in PAPER_DEPTHS:
+        digits = name[len(family):]
+        if name.startswith(family) and digits.isdigit():
+            depth = int(digits)
+            if depth < 8 or (depth - 2) % 6:
+                raise ValueError(f"{name}: depth must be 6n+2 with n >= 1 (20, 32, 44, 56, 110, ...)")
+            return family, depth
+    raise ValueError(f"unknown model {name!r}: choose one of {', '.join(list_models())} (or any depth 6n+2)")
+
+
+def build_model(name: str, shortcut: str | None = None, num_classes: int = 10) -> CifarResNet:
+    """Build a model by name; `shortcut` (A, B or C) applies to ResNets only, default A."""
+    family, depth = parse_model_name(name)
+    if family == "plain":
+        if shortcut not in (None, "none"):
+            raise ValueError(f"{name} is a plain net: it has no shortcuts to set to {shortcut!r}")
+        return plain(depth, num_classes)
+    return resnet(depth, shortcut or "A", num_classes)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Learnable parameters (BN running statistics are buffers and not counted)."""
+    return sum(p.numel() for p in model.parameters())

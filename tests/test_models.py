@@ -1,0 +1,93 @@
+import math
+
+import pytest
+import torch
+
+from fastres.models import BasicBlock, ShortcutA, build_model, count_parameters, list_models, plain, resnet
+
+# He et al. 2016 Sec. 4.2 architectures; counts include BN's gamma and beta.
+COUNTS_A = {20: 269_722, 32: 464_154, 44: 658_586, 56: 853_018, 110: 1_727_962, 1202: 19_421_274}
+COUNTS_B = {20: 272_474, 56: 855_770}
+COUNTS_C = {20: 283_962, 56: 900_858}
+
+
+@pytest.mark.parametrize("depth", COUNTS_A)
+def test_option_a_and_plain_counts(depth: int) -> None:
+    assert count_parameters(build_model(f"resnet{depth}")) == COUNTS_A[depth]
+    if depth != 1202:
+        assert count_parameters(build_model(f"plain{depth}")) == COUNTS_A[depth]
+
+
+@pytest.mark.parametrize("depth", COUNTS_B)
+def test_option_b_and_c_counts(depth: int) -> None:
+    assert count_parameters(build_model(f"resnet{depth}", "B")) == COUNTS_B[depth]
+    assert count_parameters(build_model(f"resnet{depth}", "C")) == COUNTS_C[depth]
+
+
+def test_list_models_are_the_papers() -> None:
+    assert list_models() == ["resnet20", "resnet32", "resnet44", "resnet56", "resnet110", "resnet1202",
+                             "plain20", "plain32", "plain44", "plain56", "plain110"]
+
+
+@pytest.mark.parametrize("name", ["resnet20", "plain20", "resnet8", "resnet26"])
+def test_output_shape_and_layer_count(name: str) -> None:
+    model = build_model(name)
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    weighted = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d | torch.nn.Linear)]
+    assert len(weighted) == model.depth  # 6n+2 weighted layers; option A adds none
+
+
+def test_stage_shapes() -> None:
+    model = resnet(20)
+    x = torch.relu(model.bn1(model.conv1(torch.randn(1, 3, 32, 32))))
+    for stage, (c, hw) in zip((model.stage1, model.stage2, model.stage3), ((16, 32), (32, 16), (64, 8)), strict=True):
+        x = stage(x)
+        assert x.shape == (1, c, hw, hw)
+
+
+def test_option_a_pads_zeros_and_subsamples() -> None:
+    sc = ShortcutA(16, 32, stride=2)
+    x = torch.randn(2, 16, 32, 32)
+    y = sc(x)
+    assert y.shape == (2, 32, 16, 16)
+    assert torch.equal(y[:, :16], x[:, :, ::2, ::2])
+    assert torch.count_nonzero(y[:, 16:]) == 0
+    assert list(sc.parameters()) == []
+    assert "16->32" in repr(sc)
+
+
+def test_shortcut_placement() -> None:
+    a, b, c = (resnet(20, s) for s in "ABC")
+    assert isinstance(a.stage2[0].shortcut, ShortcutA) and isinstance(a.stage2[1].shortcut, torch.nn.Identity)
+    assert isinstance(b.stage2[0].shortcut, torch.nn.Sequential) and isinstance(b.stage1[0].shortcut, torch.nn.Identity)
+    assert all(isinstance(blk.shortcut, torch.nn.Sequential) for blk in c.modules() if isinstance(blk, BasicBlock))
+
+
+def test_plain_has_no_shortcuts() -> None:
+    net = plain(20)
+    blocks = [m for m in net.modules() if isinstance(m, BasicBlock)]
+    assert len(blocks) == 9 and all(b.shortcut is None for b in blocks)
+    # With the second BN zeroed, a residual block passes relu(x) on; a plain block outputs zeros.
+    blk = blocks[1]
+    torch.nn.init.zeros_(blk.bn2.weight)
+    assert torch.count_nonzero(blk.eval()(torch.rand(1, 16, 32, 32))) == 0
+
+
+def test_he_init() -> None:
+    conv = resnet(56).stage3[1].conv1  # 64 * 64 * 9 weights
+    expected = math.sqrt(2 / (3 * 3 * 64))  # fan_out, as in the authors' code
+    assert conv.weight.std().item() == pytest.approx(expected, rel=0.03)
+    assert torch.all(resnet(20).fc.bias == 0)
+
+
+@pytest.mark.parametrize("name", ["resnet21", "resnet", "vgg16", "plain7", "resnet2"])
+def test_bad_names(name: str) -> None:
+    with pytest.raises(ValueError):
+        build_model(name)
+
+
+def test_bad_shortcut() -> None:
+    with pytest.raises(ValueError, match="shortcut"):
+        build_model("resnet20", "D")
+    with pytest.raises(ValueError, match="plain"):
+        build_model("plain20", "B")
