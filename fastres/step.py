@@ -53,7 +53,7 @@ def error_rate(model: nn.Module, loader: Loader, device: torch.device, amp_dtype
                forward: nn.Module | None = None) -> float:
     """Top-1 error over a whole evaluation loader, single view, BN in eval mode. `forward`
     is the callable to run (e.g. the compiled model); it defaults to `model`."""
-    forward = forward or model
+    forward = model if forward is None else forward
     model.eval()
     wrong = torch.zeros((), dtype=torch.int64, device=device)
     seen = 0

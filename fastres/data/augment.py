@@ -26,7 +26,7 @@ def normalization_stats(train_images: np.ndarray, mode: str = "pixel") -> tuple[
         return x.mean(axis=0).astype(np.float32), np.ones((1, 1, 3), np.float32)
     if mode == "channel":
         return (x.mean(axis=(0, 1, 2)).reshape(1, 1, 3).astype(np.float32),
-                x.std(axis=(0, 1, 2)).reshape(1, 1, 3).astype(np.float32))
+                np.maximum(x.std(axis=(0, 1, 2)), 1e-3).reshape(1, 1, 3).astype(np.float32))  # no 0-division
     raise ValueError(f"unknown normalization {mode!r}: choose one of {', '.join(NORMALIZATIONS)}")
 
 

@@ -1,0 +1,151 @@
+import hashlib
+import os
+import shutil
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import class_images, write_official, write_tree
+from PIL import Image
+
+from fastres.data import images, official, sources
+from fastres.data.dataset import CLASSES, DataError, hold_out
+
+
+def test_official_reader_keeps_batch_order_and_pixels(tmp_path: Path) -> None:
+    path, train_images = write_official(tmp_path / "a.tar.gz", per_batch=20)
+    splits = official.read_archive(path)
+    assert splits.train.images.shape == (100, 32, 32, 3) and splits.test.images.shape == (20, 32, 32, 3)
+    assert np.array_equal(splits.train.images, train_images)
+    assert splits.train.labels.dtype == np.int64 and set(splits.train.labels) == set(range(10))
+
+
+def test_official_md5_checked(tmp_path: Path) -> None:
+    path, _ = write_official(tmp_path / official.ARCHIVE_NAME)
+    with pytest.raises(DataError, match="md5"):
+        sources.load(sources.resolve(path))  # the official name is held to the official md5
+    good = hashlib.md5(path.read_bytes()).hexdigest()
+    assert len(official.read_archive(path, md5=good).train) == 50
+
+
+def test_official_missing_batch(tmp_path: Path) -> None:
+    path, _ = write_official(tmp_path / "a.tar.gz", drop="data_batch_3")
+    with pytest.raises(DataError, match="data_batch_3"):
+        official.read_archive(path)
+
+
+def test_truncated_archive(tmp_path: Path, tiny_official: Path) -> None:
+    cut = tmp_path / "cut.tar.gz"
+    cut.write_bytes(tiny_official.read_bytes()[: tiny_official.stat().st_size // 2])
+    with pytest.raises(DataError, match="truncated or corrupt"):
+        official.read_archive(cut)
+
+
+def test_download_from_url(tmp_path: Path, tiny_official: Path) -> None:
+    md5 = hashlib.md5(tiny_official.read_bytes()).hexdigest()
+    dest = official.download(tiny_official.as_uri(), tmp_path / "dl" / official.ARCHIVE_NAME, md5)
+    assert dest.read_bytes() == tiny_official.read_bytes()
+    with pytest.raises(DataError, match="md5"):
+        official.download(tiny_official.as_uri(), tmp_path / "bad" / official.ARCHIVE_NAME, "0" * 32)
+    assert not list((tmp_path / "bad").iterdir())  # nothing half-written is left behind
+
+
+def test_offline_message(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="--data PATH") as e:
+        sources.resolve(None, cache_dir=tmp_path, url=(tmp_path / "nowhere.tar.gz").as_uri())
+    assert "\n" not in str(e.value)
+
+
+def test_image_tree_reader(tiny_tree: Path) -> None:
+    splits = sources.load(sources.resolve(tiny_tree))
+    assert splits.train.images.shape == (160, 32, 32, 3) and len(splits.test) == 40
+    expected, labels = class_images(16, seed=0)
+    assert np.array_equal(splits.train.images, expected)  # PNG is lossless; order is class, file
+    assert np.array_equal(splits.train.labels, labels)
+
+
+def test_image_archives_match_tree(tmp_path: Path, tiny_tree: Path) -> None:
+    one = tmp_path / "both.tar"
+    with tarfile.open(one, "w") as tar:
+        tar.add(tiny_tree / "train", "train")
+        tar.add(tiny_tree / "test", "test")
+    folder = tmp_path / "split"
+    folder.mkdir()
+    for split in ("train", "test"):
+        with tarfile.open(folder / f"{split}.tar.gz", "w:gz") as tar:
+            tar.add(tiny_tree / split, split)
+    ref = sources.load(sources.resolve(tiny_tree))
+    for path in (one, folder):
+        got = sources.load(sources.resolve(path))
+        assert np.array_equal(got.train.images, ref.train.images) and np.array_equal(got.test.labels, ref.test.labels)
+
+
+def test_cache_is_used(tmp_path: Path) -> None:
+    tree = write_tree(tmp_path / "t", {"train": 2, "test": 1})
+    cache = tmp_path / "cache"
+    first = sources.load(sources.resolve(tree), cache)
+    assert len(list((cache / "decoded").glob("*.npz"))) == 1
+    # Corrupt one source image without changing its size or mtime: the cache still answers.
+    png = next((tree / "train" / "cat").glob("*.png"))
+    st = png.stat()
+    png.write_bytes(b"\0" * st.st_size)
+    os.utime(png, ns=(st.st_atime_ns, st.st_mtime_ns))
+    again = sources.load(sources.resolve(tree), cache)
+    assert np.array_equal(first.train.images, again.train.images)
+
+
+def test_wrong_size_image(tmp_path: Path) -> None:
+    tree = write_tree(tmp_path / "t", {"train": 1, "test": 1})
+    Image.new("RGB", (28, 32)).save(tree / "train" / "cat" / "odd.png")
+    with pytest.raises(DataError, match="28x32"):
+        sources.load(sources.resolve(tree))
+
+
+def test_corrupt_image(tmp_path: Path) -> None:
+    tree = write_tree(tmp_path / "t", {"train": 1, "test": 1})
+    (tree / "train" / "dog" / "bad.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(DataError, match="cannot decode"):
+        sources.load(sources.resolve(tree))
+
+
+def test_missing_class(tmp_path: Path) -> None:
+    tree = write_tree(tmp_path / "t", {"train": 1, "test": 1})
+    shutil.rmtree(tree / "test" / "frog")
+    with pytest.raises(DataError, match="frog"):
+        sources.load(sources.resolve(tree))
+
+
+def test_unknown_class(tmp_path: Path) -> None:
+    tree = write_tree(tmp_path / "t", {"train": 1, "test": 1})
+    (tree / "train" / "unicorn").mkdir()
+    Image.new("RGB", (32, 32)).save(tree / "train" / "unicorn" / "0.png")
+    with pytest.raises(DataError, match="unicorn"):
+        images.read_encoded([tree])
+
+
+@pytest.mark.parametrize("make", ["missing", "empty_dir", "text_file"])
+def test_resolve_errors(tmp_path: Path, make: str) -> None:
+    path = tmp_path / "x"
+    if make == "empty_dir":
+        path.mkdir()
+    elif make == "text_file":
+        path.write_text("hello")
+    with pytest.raises(DataError):
+        sources.resolve(path)
+
+
+def test_val_split_is_seeded_and_disjoint(tiny_tree: Path) -> None:
+    full = sources.load(sources.resolve(tiny_tree))
+    a, b = hold_out(full, 30, seed=1), hold_out(full, 30, seed=1)
+    assert len(a.train) == 130 and len(a.val) == 30 and len(a.test) == 40
+    assert np.array_equal(a.val.images, b.val.images)
+    rows = {r.tobytes() for r in a.train.images} & {r.tobytes() for r in a.val.images}
+    assert not rows
+    with pytest.raises(DataError):
+        hold_out(full, 160, seed=0)
+
+
+def test_real_classes_are_alphabetical() -> None:
+    assert list(CLASSES) == sorted(CLASSES)
+

@@ -1,0 +1,120 @@
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import subprocess_env
+
+from fastres import checkpoint
+from fastres.cli import run_main
+from fastres.config import RunConfig
+from fastres.evaluate import main as evaluate_main
+from fastres.train import main as train_main
+from fastres.train import train
+
+DETERMINISTIC = ("iter", "epoch", "lr", "train_loss", "train_error", "test_error", "val_error")
+
+
+def tiny_config(data: Path, out: Path, **kw) -> RunConfig:
+    base = dict(model="resnet8", shortcut="A", iters=30, milestones=(15, 25), batch_size=32, data=str(data),
+                log_every=5, eval_every=10, checkpoint_every=10, out=str(out), progress="none", device="cpu")
+    return RunConfig(**{**base, **kw})
+
+
+def deterministic(metrics: list[dict]) -> list[dict]:
+    return [{k: v for k, v in m.items() if k in DETERMINISTIC} for m in metrics]
+
+
+def test_tiny_run_learns_and_writes_run_dir(tiny_tree: Path, tmp_path: Path) -> None:
+    results = train(tiny_config(tiny_tree, tmp_path / "run", iters=60, milestones=(40, 50)))
+    run = tmp_path / "run"
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint.pt", "config.json", "metrics.jsonl", "results.json"]
+    metrics = checkpoint.MetricsLog(run).read()
+    losses = [m["train_loss"] for m in metrics if "train_loss" in m]
+    assert losses[-1] < 0.5 * losses[0]  # the classes differ by colour: easy to learn
+    assert [m["lr"] for m in metrics if m["iter"] in (40, 45, 55)] == [0.1, 0.01, 0.001]
+    saved = json.loads((run / "results.json").read_text())
+    assert saved["test_error"] == metrics[-1]["test_error"] == results["test_error"]  # final iteration, not best
+    assert saved["params"] == 75_290 and saved["config"]["model"] == "resnet8" and saved["versions"]["torch"]
+    assert json.loads((run / "config.json").read_text()) == saved["config"]
+
+
+def test_resume_is_bit_identical(tiny_tree: Path, tmp_path: Path) -> None:
+    # stop_at takes the same path as SIGINT: checkpoint between steps, then return
+    full = train(tiny_config(tiny_tree, tmp_path / "full"))
+    assert train(tiny_config(tiny_tree, tmp_path / "cut"), stop_at=13) is None
+    assert checkpoint.load(tmp_path / "cut")["step"] == 13
+    assert train_main(["--resume", str(tmp_path / "cut")]) == 0
+    a, b = (checkpoint.MetricsLog(tmp_path / d).read() for d in ("full", "cut"))
+    assert deterministic(a) == deterministic(b) and len(a) == 6
+    sa, sb = (checkpoint.load(tmp_path / d)["model"] for d in ("full", "cut"))
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    cut = json.loads((tmp_path / "cut" / "results.json").read_text())
+    assert cut["test_error"] == full["test_error"]
+
+
+def test_sigint_checkpoints_and_resumes(tiny_tree: Path, tmp_path: Path, _private_cache: Path) -> None:
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "fastres.train", "resnet8", "--data", str(tiny_tree), "--iters", "2000",
+           "--batch-size", "32", "--log-every", "1", "--eval-every", "1000", "--out", str(run), "--device", "cpu",
+           "--progress", "plain"]
+    proc = subprocess.Popen(cmd, env=subprocess_env(_private_cache), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.monotonic() + 120
+    while not (run / "metrics.jsonl").exists() or len((run / "metrics.jsonl").read_text().splitlines()) < 3:
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "--resume" in out
+    step = checkpoint.load(run)["step"]
+    assert 3 <= step < 2000
+    assert max(m["iter"] for m in checkpoint.MetricsLog(run).read()) == step
+
+
+def test_finished_run_resume_is_a_no_op(tiny_tree: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    train(tiny_config(tiny_tree, tmp_path / "run", iters=5, eval_every=5))
+    assert train_main(["--resume", str(tmp_path / "run")]) == 0
+    assert "already finished" in capsys.readouterr().out
+
+
+def test_evaluate_cli(tiny_tree: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    results = train(tiny_config(tiny_tree, tmp_path / "run", iters=10))
+    assert evaluate_main([str(tmp_path / "run"), "--device", "cpu"]) == 0
+    assert f"test error {100 * results['test_error']:.2f}%" in capsys.readouterr().out
+
+
+def test_val_split_is_evaluated(tiny_tree: Path, tmp_path: Path) -> None:
+    results = train(tiny_config(tiny_tree, tmp_path / "run", iters=10, val_split=40))
+    assert results["val_error"] is not None and results["test_error"] is not None
+
+
+@pytest.mark.parametrize("argv", [
+    ["resnet21"], ["vgg16"], ["resnet20", "--shortcut", "D"], ["resnet20", "--iters", "0"],
+    ["resnet20", "--batch-size", "-1"], ["resnet20", "--milestones", "48000,32000"], ["resnet20", "--iters", "x"],
+    ["--resume", "/nonexistent/run"], ["resnet20", "--out", "/proc/fastres-run"], ["plain20", "--shortcut", "B"],
+    [], ["resnet20", "--data", "/nonexistent/data"], ["resnet20", "--bogus"],
+])
+def test_bad_input_is_one_line_and_exit_2(argv: list[str], capsys: pytest.CaptureFixture) -> None:
+    assert run_main(train_main, argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fastres: error: ") and err.count("\n") == 1
+
+
+def test_existing_run_is_not_overwritten(tiny_tree: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    train(tiny_config(tiny_tree, tmp_path / "run", iters=5, eval_every=5))
+    argv = ["resnet8", "--data", str(tiny_tree), "--out", str(tmp_path / "run")]
+    assert run_main(train_main, argv) == 2
+    assert "--resume" in capsys.readouterr().err
+
+
+def test_cli_exit_code_without_traceback(tmp_path: Path, _private_cache: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "fastres.train", "resnet21"], env=subprocess_env(_private_cache),
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stderr.strip() == (
+        "fastres: error: resnet21: depth must be 6n+2 with n >= 1 (20, 32, 44, 56, 110, ...)")
