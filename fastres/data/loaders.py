@@ -50,15 +50,19 @@ def build(cfg: RunConfig, where: Placement) -> Data:
     """Loaders for a run: training batches are `batch_size / num_shards` per process."""
     source, splits = load_splits(cfg)
     mean, std = augment.normalization_stats(splits.train.images, cfg.normalize)
-    per_shard = cfg.batch_size // where.num_shards
+    loader_cls: type = TorchLoader
     if cfg.loader == "dali":
-        from fastres.data import dali_loader
+        from fastres.data.dali_loader import DaliLoader, require_dali
 
-        return dali_loader.build(cfg, where, source, splits, mean, std)
+        require_dali()
+        loader_cls = DaliLoader
+        encoded = sources.load_encoded(source)
+        if encoded is not None:  # DALI decodes the files: same files, order and split as the arrays
+            splits = hold_out(encoded, cfg.val_split, cfg.seed)
     common = dict(mean=mean, std=std, device=where.device, dtype=where.dtype, channels_last=where.channels_last)
-    train = TorchLoader(splits.train, per_shard, train=True, seed=cfg.seed, shard_id=where.shard_id,
-                        num_shards=where.num_shards, **common)
-    evals = {"test": TorchLoader(splits.test, cfg.eval_batch_size, train=False, **common)}
+    train = loader_cls(splits.train, cfg.batch_size // where.num_shards, train=True, seed=cfg.seed,
+                       shard_id=where.shard_id, num_shards=where.num_shards, **common)
+    evals = {"test": loader_cls(splits.test, cfg.eval_batch_size, train=False, **common)}
     if splits.val is not None:
-        evals["val"] = TorchLoader(splits.val, cfg.eval_batch_size, train=False, **common)
-    return Data(train, evals, source.describe(), len(splits.train))
+        evals["val"] = loader_cls(splits.val, cfg.eval_batch_size, train=False, **common)
+    return Data(train, evals, f"{source.describe()} ({cfg.loader} loader)", len(splits.train))

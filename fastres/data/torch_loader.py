@@ -8,15 +8,10 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from fastres.data import augment
+from fastres.data import augment, plan
 from fastres.data.dataset import Split
 
 Batch = tuple[torch.Tensor, torch.Tensor]
-
-
-def epoch_generator(seed: int, epoch: int) -> torch.Generator:
-    """One generator per (seed, epoch), so any epoch can be replayed on resume."""
-    return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
 
 
 class TorchLoader:
@@ -39,30 +34,20 @@ class TorchLoader:
         self.batch_size, self.train, self.seed = batch_size, train, seed
         self.dtype, self.channels_last = dtype, channels_last
         self.shard_id, self.num_shards = shard_id, num_shards
-        n = len(split) // num_shards if train else len(split)
-        self.steps_per_epoch = n // batch_size if train else -(-n // batch_size)
-        if self.steps_per_epoch == 0:
-            raise ValueError(f"{len(split)} images make no batch of {batch_size} per shard")
+        n = len(split)
+        self.steps_per_epoch = plan.steps_per_epoch(n, batch_size, num_shards) if train else -(-n // batch_size)
 
     def __len__(self) -> int:
         return self.steps_per_epoch
-
-    def _epoch_plan(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """This shard's image order, crop offsets and flips for one epoch, drawn on the host
-        and moved to the device once per epoch."""
-        g = epoch_generator(self.seed, epoch)
-        order = torch.randperm(len(self.labels), generator=g)
-        offsets, flips = augment.draw_augmentation(len(order), g)
-        take = slice(self.shard_id, None, self.num_shards)
-        device = self.images.device
-        return order[take].to(device), offsets[take].to(device), flips[take].to(device)
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[Batch]:
         """The batches of one epoch from batch `start` on (resume restarts mid-epoch)."""
         if not self.train:
             yield from self._eval_batches()
             return
-        order, offsets, flips = self._epoch_plan(epoch)
+        p = plan.epoch_plan(len(self.labels), self.seed, epoch, self.shard_id, self.num_shards)
+        device = self.images.device  # one host-to-device copy of the plan per epoch
+        order, offsets, flips = p.order.to(device), p.offsets.to(device), p.flips.to(device)
         for k in range(start, self.steps_per_epoch):
             sl = slice(k * self.batch_size, (k + 1) * self.batch_size)
             idx = order[sl]
@@ -75,6 +60,3 @@ class TorchLoader:
             sl = slice(k * self.batch_size, (k + 1) * self.batch_size)
             x = augment.normalize(self.images[sl], self.mean, self.inv_std)
             yield augment.to_model_layout(x, self.channels_last, self.dtype), self.labels[sl]
-
-    def __iter__(self) -> Iterator[Batch]:
-        return self.epoch(0)
