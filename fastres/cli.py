@@ -3,13 +3,24 @@ non-zero exit, never a traceback."""
 
 from __future__ import annotations
 
+import argparse
 import sys
 from collections.abc import Callable
 
-from fastres.config import UsageError
 from fastres.data.dataset import DataError
 
 EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """A bad argument or option; the message is one line for the user."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line and exit status 2, never a usage dump."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(message)
 
 
 class RunError(Exception):

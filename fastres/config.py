@@ -11,16 +11,13 @@ from pathlib import Path
 from typing import Any
 
 from fastres import schedule
+from fastres.cli import Parser, UsageError
 from fastres.data.augment import NORMALIZATIONS
 from fastres.models import SHORTCUTS, parse_model_name
 
 LOADERS = ("torch", "dali")
 AMP_DTYPES = ("bf16", "fp16")
 PROGRESS = ("auto", "rich", "plain", "none")
-
-
-class UsageError(Exception):
-    """A bad argument or option; the message is one line for the user."""
 
 
 @dataclass(frozen=True)
@@ -99,13 +96,6 @@ def validate(cfg: RunConfig) -> RunConfig:
     return cfg
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line and exit status 2, never a usage dump."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise UsageError(message)
-
-
 def _int_list(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(v) for v in text.replace(",", " ").split())
@@ -114,7 +104,7 @@ def _int_list(text: str) -> tuple[int, ...]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m fastres.train", description="Train a CIFAR-10 ResNet or plain net "
+    p = Parser(prog="python -m fastres.train", description="Train a CIFAR-10 ResNet or plain net "
                 "with the recipe of He et al. 2016 (defaults are the paper's).")
     p.add_argument("model", nargs="?", help="resnet20/32/44/56/110/1202, plain20/32/44/56/110, or any depth 6n+2")
     p.add_argument("--shortcut", choices=SHORTCUTS, help="ResNet shortcut option (default A)")

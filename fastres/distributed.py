@@ -48,6 +48,22 @@ def wrap(model: nn.Module, dist: DistInfo) -> nn.Module:
     return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
 
 
+def all_sum(tensor: torch.Tensor, dist: DistInfo) -> torch.Tensor:
+    """Sum a metric over processes (in place); a no-op for one process."""
+    if dist.world_size > 1:
+        tdist.all_reduce(tensor)
+    return tensor
+
+
+def any_rank(flag: bool, dist: DistInfo) -> bool:
+    """True on every process when it is True on any: processes stop at the same step."""
+    if dist.world_size == 1:
+        return flag
+    t = torch.tensor(float(flag), device=dist.device)
+    tdist.all_reduce(t)
+    return t.item() > 0
+
+
 def teardown(dist: DistInfo) -> None:
     if dist.world_size > 1 and tdist.is_initialized():
         tdist.destroy_process_group()

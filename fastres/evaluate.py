@@ -2,28 +2,22 @@
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import sys
 
 import torch
 
 from fastres import checkpoint
-from fastres.cli import run_main
-from fastres.config import LOADERS, UsageError
+from fastres.cli import Parser, run_main
+from fastres.config import LOADERS
 from fastres.data import loaders
 from fastres.models import build_model
 from fastres.runtime import amp_dtype, pick_device
 from fastres.step import error_rate
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise UsageError(message)
-
-
 def main(argv: list[str] | None = None) -> int:
-    p = _Parser(prog="python -m fastres.evaluate", description="Single-view test error of a fastres checkpoint.")
+    p = Parser(prog="python -m fastres.evaluate", description="Single-view test error of a fastres checkpoint.")
     p.add_argument("checkpoint", help="a run directory or its checkpoint.pt")
     p.add_argument("--data", help="evaluate on this data instead of the run's")
     p.add_argument("--device", default="auto")

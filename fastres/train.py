@@ -23,7 +23,7 @@ from fastres.config import RunConfig, UsageError, build_parser, config_from_args
 from fastres.data import loaders
 from fastres.models import build_model, count_parameters
 from fastres.progress import Reporter
-from fastres.runtime import amp_dtype, device_name, git_commit, pick_device, versions
+from fastres.runtime import amp_dtype, configure_backends, device_name, git_commit, pick_device, versions
 from fastres.step import TrainStep, make_optimizer
 
 RESUME_OVERRIDES = ("device", "progress")  # options that may change on resume: they change no result
@@ -87,6 +87,7 @@ def train(cfg: RunConfig, resume: dict[str, Any] | None = None, stop_at: int | N
     run_dir = checkpoint.prepare_run_dir(cfg.out, resuming=resume is not None) if dist.is_main else Path(cfg.out)
     if cfg.batch_size % dist.world_size:
         raise UsageError(f"--batch-size {cfg.batch_size} does not split over {dist.world_size} processes")
+    configure_backends(device)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, cfg.shortcut).to(device)
     if cfg.channels_last:
@@ -149,7 +150,10 @@ def train(cfg: RunConfig, resume: dict[str, Any] | None = None, stop_at: int | N
             record: dict[str, Any] = {}
             if done % cfg.log_every == 0 or done == cfg.iters:
                 # note: reading the accumulators is the CPU-GPU sync point, once per log_every steps
-                record = {"train_loss": loss_sum.item() / window, "train_error": wrong_sum.item() / (window * len(y)),
+                distributed.all_sum(loss_sum, dist)
+                distributed.all_sum(wrong_sum, dist)
+                record = {"train_loss": loss_sum.item() / (window * dist.world_size),
+                          "train_error": wrong_sum.item() / (window * cfg.batch_size),
                           "it_s": window / clock.lap_window()}
                 loss_sum.zero_()
                 wrong_sum.zero_()
@@ -167,6 +171,8 @@ def train(cfg: RunConfig, resume: dict[str, Any] | None = None, stop_at: int | N
                     log.append(record)
                 reporter.log(record)
             stopping = stop.signum is not None or done == stop_at
+            if dist.world_size > 1:  # agree at the log points (a sync there anyway), so all stop together
+                stopping = bool(record) and distributed.any_rank(stopping, dist)
             if done % cfg.checkpoint_every == 0 or done == cfg.iters or stopping:
                 clock.pause()
                 save(done, clock)

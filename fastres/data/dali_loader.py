@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from fastres.config import UsageError
+from fastres.cli import UsageError
 from fastres.data import plan
 from fastres.data.dataset import EncodedSplit, Split
 

@@ -1,0 +1,103 @@
+"""Reproduce the paper's CIFAR-10 table and Fig. 6 from real runs, in one command.
+
+    python scripts/reproduce.py                       # the paper's 64k schedule, 1 seed each
+    python scripts/reproduce.py --seeds 5 --amp --channels-last --compile
+    python scripts/reproduce.py --scale 0.05 --runs resnet20,resnet56,plain20,plain56   # quick
+
+Each run has its own directory under `OUT/runs/`; finished runs are skipped and stopped
+ones resume, so the command can simply be run again after an interruption. The report
+(`OUT/report.md`, `.csv`, `.json` and figures) is redrawn from all finished runs at the end;
+`python -m fastres.report OUT/runs --out OUT` redraws it alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from fastres import checkpoint, report, schedule  # noqa: E402
+from fastres.cli import Parser, run_main  # noqa: E402
+from fastres.config import RunConfig, validate  # noqa: E402
+from fastres.models import parse_model_name  # noqa: E402
+from fastres.train import train  # noqa: E402
+
+DEFAULT_RUNS = "resnet20,resnet32,resnet44,resnet56,resnet110,resnet56:B,plain20,plain32,plain44,plain56"
+CURVE_POINTS = 40  # test evaluations per run, for the figures
+
+
+def run_configs(args: argparse.Namespace) -> list[RunConfig]:
+    """One config per (model, shortcut, seed), the paper's schedule scaled by --scale."""
+    def scaled(n: int) -> int:
+        return max(1, round(n * args.scale))
+
+    iters = scaled(schedule.PAPER_ITERS)
+    milestones = tuple(scaled(m) for m in schedule.PAPER_MILESTONES)
+    configs = []
+    for spec in args.runs.split(","):
+        name, _, shortcut = spec.partition(":")
+        family, depth = parse_model_name(name)
+        shortcut = (shortcut or "A") if family == "resnet" else None
+        for seed in range(args.seeds):
+            tag = f"{name}-{shortcut}" if shortcut else name
+            cfg = RunConfig(
+                model=name, shortcut=shortcut, iters=iters, milestones=milestones,
+                warmup_iters=round(schedule.default_warmup_iters(depth) * args.scale), seed=seed, data=args.data,
+                loader=args.loader, device=args.device, amp=args.amp, channels_last=args.channels_last,
+                compile=args.compile, eval_every=max(1, iters // CURVE_POINTS), log_every=max(1, iters // 200),
+                checkpoint_every=max(1, iters // 20), out=str(args.out / "runs" / f"{tag}-seed{seed}"),
+                progress=args.progress, extra={"reproduce_scale": args.scale})
+            configs.append(validate(cfg))
+    return configs
+
+
+def build_parser() -> Parser:
+    p = Parser(prog="python scripts/reproduce.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--runs", default=DEFAULT_RUNS, help="comma-separated models; resnetN:B for option B")
+    p.add_argument("--seeds", type=int, default=1)
+    p.add_argument("--scale", type=float, default=1.0, help="multiply iterations and milestones (quick runs)")
+    p.add_argument("--out", type=Path, default=Path("results/reproduce"))
+    p.add_argument("--data")
+    p.add_argument("--loader", default="torch", choices=("torch", "dali"))
+    p.add_argument("--device", default="auto")
+    p.add_argument("--amp", action="store_true")
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--progress", default="auto")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
+    args = p.parse_args(argv)
+    if not 0 < args.scale <= 1 or args.seeds < 1:
+        p.error("--scale must be in (0, 1] and --seeds at least 1")
+    for cfg in run_configs(args):
+        run_dir = Path(cfg.out)
+        if (run_dir / checkpoint.RESULTS).exists():
+            print(f"done already: {run_dir}")
+            continue
+        if (run_dir / checkpoint.CHECKPOINT).exists():
+            state = checkpoint.load(run_dir)
+            saved = checkpoint.config_of(state)
+            keep = ("device", "progress")
+            if dataclasses.replace(saved, **{k: getattr(cfg, k) for k in keep}) != cfg:
+                p.error(f"{run_dir} holds a run with another configuration; move it away or choose another --out")
+            print(f"resuming: {run_dir} at iteration {state['step']}")
+            result = train(cfg, resume=state)
+        else:
+            result = train(cfg)
+        if result is None:  # stopped by a signal: the checkpoint is written
+            return 130
+    runs = report.find_runs([args.out / "runs"])
+    written = report.write_report(runs, args.out)
+    print(report.markdown(report.summarize(runs)))
+    print("written: " + ", ".join(map(str, written)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))

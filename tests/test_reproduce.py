@@ -1,0 +1,62 @@
+import csv
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+import reproduce  # noqa: E402
+
+from fastres import checkpoint, report  # noqa: E402
+from fastres.cli import run_main  # noqa: E402
+from fastres.train import train  # noqa: E402
+
+
+def argv(tree: Path, out: Path) -> list[str]:
+    # scale 1/4000 of the paper: 16 iterations, lr /10 at 8 and 12
+    return ["--runs", "resnet8,plain8", "--seeds", "2", "--scale", "0.00025", "--data", str(tree), "--out", str(out),
+            "--device", "cpu", "--progress", "none"]
+
+
+def test_reproduce_trains_resumes_skips_and_reports(tiny_tree: Path, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "repro"
+    configs = reproduce.run_configs(reproduce.build_parser().parse_args(argv(tiny_tree, out)))
+    assert [(c.model, c.seed, c.iters, c.milestones) for c in configs][:2] == [("resnet8", 0, 16, (8, 12)),
+                                                                              ("resnet8", 1, 16, (8, 12))]
+    assert train(configs[1], stop_at=7) is None  # an interrupted run, to be resumed
+    assert reproduce.main(argv(tiny_tree, out)) == 0
+    printed = capsys.readouterr().out
+    assert "resuming: " in printed and "iteration 7" in printed
+    assert checkpoint.load(configs[1].out)["step"] == 16
+    rows = list(csv.DictReader((out / "report.csv").open()))
+    assert [(r["model"], r["seeds"]) for r in rows] == [("plain8", "2"), ("resnet8-A", "2")]
+    errors = {r["model"]: r for r in json.loads((out / "report.json").read_text())}
+    finals = [100 * json.loads((Path(c.out) / "results.json").read_text())["test_error"] for c in configs[:2]]
+    assert errors["resnet8-A"]["errors"] == finals
+    md = (out / "report.md").read_text()
+    assert "16 iterations, lr /10 at 8, 12" in md  # the schedule used is stated
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert pngs == ["plain_nets.png", "resnets.png"]
+    assert all((out / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+    assert reproduce.main(argv(tiny_tree, out)) == 0  # everything done: skipped, report redrawn
+    assert capsys.readouterr().out.count("done already") == 4
+
+
+def test_report_cli_on_run_dirs(tiny_tree: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    args = argv(tiny_tree, tmp_path / "r") + ["--runs", "resnet8", "--seeds", "1"]
+    cfg = reproduce.run_configs(reproduce.build_parser().parse_args(args))[0]
+    train(cfg)
+    assert run_main(report.main, [str(tmp_path / "r"), "--out", str(tmp_path / "rep")]) == 0
+    assert "resnet8-A" in (tmp_path / "rep" / "report.md").read_text()
+    assert run_main(report.main, [str(tmp_path / "empty-nothing")]) == 2
+
+
+def test_figure_groups_follow_fig6() -> None:
+    keys = ["resnet20-A", "resnet56-A", "resnet56-B", "plain20", "plain32", "plain56"]
+    groups = report.figure_groups(keys)
+    assert groups["plain_nets.png"][1] == ["plain20", "plain32", "plain56"]
+    assert groups["depth_20_vs_56.png"][1] == ["plain20", "plain56", "resnet20-A", "resnet56-A"]
+    assert groups["resnet56_shortcuts.png"][1] == ["resnet56-A", "resnet56-B"]
+

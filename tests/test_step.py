@@ -1,0 +1,53 @@
+import copy
+
+import torch
+
+from fastres.config import RunConfig
+from fastres.models import build_model
+from fastres.step import TrainStep, error_rate, make_optimizer
+
+CPU = torch.device("cpu")
+
+
+def test_compiled_step_matches_eager() -> None:
+    torch.manual_seed(0)
+    eager_model = build_model("resnet8")
+    compiled_model = copy.deepcopy(eager_model)
+    cfg = RunConfig(model="resnet8")
+    eager = TrainStep(eager_model, make_optimizer(eager_model, cfg, CPU), CPU, None, compile=False)
+    compiled = TrainStep(compiled_model, make_optimizer(compiled_model, cfg, CPU), CPU, None, compile=True)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        x, y = torch.randn(32, 3, 32, 32, generator=g), torch.randint(0, 10, (32,), generator=g)
+        (la, wa), (lb, wb) = eager(x, y), compiled(x, y)
+        torch.testing.assert_close(la, lb, rtol=1e-4, atol=1e-5)
+        assert abs(wa.item() - wb.item()) <= 1  # a near-tie may flip one argmax
+    for (name, a), b in zip(eager_model.state_dict().items(), compiled_model.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4, msg=name)
+
+
+def test_step_reads_nothing_back_and_lr_is_set() -> None:
+    model = build_model("resnet8")
+    step = TrainStep(model, make_optimizer(model, RunConfig(model="resnet8"), CPU), CPU, torch.bfloat16, False)
+    step.set_lr(0.001)
+    loss, wrong = step(torch.randn(8, 3, 32, 32), torch.zeros(8, dtype=torch.int64))
+    assert loss.shape == () and wrong.dtype == torch.int64 and 0 <= wrong.item() <= 8
+    assert step.optimizer.param_groups[0]["lr"] == 0.001
+
+
+class _Batches:
+    steps_per_epoch = 2
+
+    def epoch(self, epoch: int, start: int = 0):
+        g = torch.Generator().manual_seed(0)
+        for n in (5, 3):
+            yield torch.randn(n, 3, 32, 32, generator=g), torch.arange(n) % 10
+
+
+def test_error_rate_counts_every_image_in_eval_mode() -> None:
+    model = build_model("resnet8")
+    preds = torch.cat([model.eval()(x).argmax(1) for x, _ in _Batches().epoch(0)])
+    labels = torch.cat([y for _, y in _Batches().epoch(0)])
+    model.train()
+    assert error_rate(model, _Batches(), CPU, None) == (preds != labels).sum().item() / 8
+    assert model.training
