@@ -25,7 +25,12 @@ def compile_model(model: nn.Module, device: torch.device) -> nn.Module:
     static (the loaders drop partial training batches), so the graphs are captured once
     per mode (train, eval) and replayed; BN's running statistics are buffers updated in
     place inside the graph."""
-    return torch.compile(model, mode="reduce-overhead" if device.type == "cuda" else None)
+    return torch.compile(model, mode="reduce-overhead" if uses_cuda_graphs(model, device) else None)
+
+
+def uses_cuda_graphs(model: nn.Module, device: torch.device) -> bool:
+    """CUDA graphs on a GPU, except under DDP, whose all-reduce hooks run outside them."""
+    return device.type == "cuda" and not isinstance(model, nn.parallel.DistributedDataParallel)
 
 
 class TrainStep:
@@ -40,7 +45,7 @@ class TrainStep:
                  amp_dtype: torch.dtype | None, compile: bool) -> None:
         self.model, self.optimizer, self.device, self.amp_dtype = model, optimizer, device, amp_dtype
         self.forward = compile_model(model, device) if compile else model
-        self.cuda_graphs = compile and device.type == "cuda"
+        self.cuda_graphs = compile and uses_cuda_graphs(model, device)
         # fp16 needs loss scaling; bf16 has fp32's range and does not.
         self.scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
 
