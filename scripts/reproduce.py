@@ -26,7 +26,6 @@ from fastres.models import parse_model_name  # noqa: E402
 from fastres.train import train  # noqa: E402
 
 DEFAULT_RUNS = "resnet20,resnet32,resnet44,resnet56,resnet110,resnet56:B,plain20,plain32,plain44,plain56"
-CURVE_POINTS = 40  # test evaluations per run, for the figures
 
 
 def run_configs(args: argparse.Namespace) -> list[RunConfig]:
@@ -47,7 +46,7 @@ def run_configs(args: argparse.Namespace) -> list[RunConfig]:
                 model=name, shortcut=shortcut, iters=iters, milestones=milestones,
                 warmup_iters=round(schedule.default_warmup_iters(depth) * args.scale), seed=seed, data=args.data,
                 loader=args.loader, device=args.device, amp=args.amp, channels_last=args.channels_last,
-                compile=args.compile, eval_every=max(1, iters // CURVE_POINTS), log_every=max(1, iters // 200),
+                compile=args.compile, eval_every=max(1, iters // args.curve_points), log_every=max(1, iters // 200),
                 checkpoint_every=max(1, iters // 20), out=str(args.out / "runs" / f"{tag}-seed{seed}"),
                 progress=args.progress, extra={"reproduce_scale": args.scale})
             configs.append(validate(cfg))
@@ -67,14 +66,15 @@ def build_parser() -> Parser:
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--progress", default="auto")
+    p.add_argument("--curve-points", type=int, default=40, help="test evaluations per run, for the figures")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     p = build_parser()
     args = p.parse_args(argv)
-    if not 0 < args.scale <= 1 or args.seeds < 1:
-        p.error("--scale must be in (0, 1] and --seeds at least 1")
+    if not 0 < args.scale <= 1 or args.seeds < 1 or args.curve_points < 1:
+        p.error("--scale must be in (0, 1], --seeds and --curve-points at least 1")
     for cfg in run_configs(args):
         run_dir = Path(cfg.out)
         if (run_dir / checkpoint.RESULTS).exists():
