@@ -83,6 +83,14 @@ def train(cfg: RunConfig, resume: dict[str, Any] | None = None, stop_at: int | N
     """Run (or continue) training. Returns the results, or None when stopped early by a
     signal or by `stop_at` (the same path: checkpoint, then return)."""
     dist = distributed.setup()
+    try:
+        return _train(cfg, dist, resume, stop_at)
+    finally:
+        distributed.teardown(dist)
+
+
+def _train(cfg: RunConfig, dist: distributed.DistInfo, resume: dict[str, Any] | None,
+           stop_at: int | None) -> dict[str, Any] | None:
     device = pick_device(cfg.device) if dist.world_size == 1 else dist.device
     run_dir = checkpoint.prepare_run_dir(cfg.out, resuming=resume is not None) if dist.is_main else Path(cfg.out)
     if cfg.batch_size % dist.world_size:
@@ -109,9 +117,10 @@ def train(cfg: RunConfig, resume: dict[str, Any] | None = None, stop_at: int | N
         optimizer.load_state_dict(resume["optimizer"])
         step_fn.scaler.load_state_dict(resume["scaler"])
         start, train_time, wall_time = resume["step"], resume["train_time"], resume["wall_time"]
-        loss_sum.copy_(resume["loss_sum"])
-        wrong_sum.copy_(resume["wrong_sum"])
         window = resume["window"]
+        if dist.is_main:  # the saved window sums are rank 0's (summed over ranks at the next read)
+            loss_sum.copy_(resume["loss_sum"])
+            wrong_sum.copy_(resume["wrong_sum"])
         if dist.is_main:
             log.truncate_after(start)
     if dist.is_main:
@@ -195,7 +204,6 @@ def train(cfg: RunConfig, resume: dict[str, Any] | None = None, stop_at: int | N
         write_json(run_dir / checkpoint.RESULTS, results)
         reporter.message(f"final test error {100 * results['test_error']:.2f}% after {cfg.iters} iterations "
                          f"({results['mean_it_s']} it/s); results in {run_dir / checkpoint.RESULTS}")
-    distributed.teardown(dist)
     return results
 
 
