@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from fastres import checkpoint, report, schedule  # noqa: E402
-from fastres.cli import Parser, run_main  # noqa: E402
+from fastres.cli import Parser, UsageError, run_main  # noqa: E402
 from fastres.config import RunConfig, validate  # noqa: E402
 from fastres.models import parse_model_name  # noqa: E402
 from fastres.train import train  # noqa: E402
@@ -38,7 +38,10 @@ def run_configs(args: argparse.Namespace) -> list[RunConfig]:
     configs = []
     for spec in args.runs.split(","):
         name, _, shortcut = spec.partition(":")
-        family, depth = parse_model_name(name)
+        try:
+            family, depth = parse_model_name(name)
+        except ValueError as e:
+            raise UsageError(f"--runs: {e}") from None
         shortcut = (shortcut or "A") if family == "resnet" else None
         for seed in range(args.seeds):
             tag = f"{name}-{shortcut}" if shortcut else name

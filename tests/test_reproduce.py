@@ -60,3 +60,10 @@ def test_figure_groups_follow_fig6() -> None:
     assert groups["depth_20_vs_56.png"][1] == ["plain20", "plain56", "resnet20-A", "resnet56-A"]
     assert groups["resnet56_shortcuts.png"][1] == ["resnet56-A", "resnet56-B"]
 
+
+
+@pytest.mark.parametrize("bad", [["--runs", "resnet21"], ["--runs", "resnet20:D"], ["--scale", "2"], ["--seeds", "0"]])
+def test_reproduce_bad_input_is_one_line(bad: list[str], capsys: pytest.CaptureFixture) -> None:
+    assert run_main(reproduce.main, bad) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fastres: error: ") and err.count("\n") == 1
