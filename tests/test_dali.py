@@ -90,6 +90,12 @@ def test_resume_mid_epoch(tiny) -> None:
     part = list(loader.epoch(2, start=6))
     assert len(part) == len(full) - 6
     assert all(torch.equal(a[0], b[0]) for a, b in zip(part, full[6:], strict=True))
+    # after a jump, the next epochs continue from the new position (no stale batches)
+    assert torch.equal(next(loader.epoch(0))[0], next(loader.epoch(0))[0])
+    again = list(loader.epoch(2, start=6)) + list(loader.epoch(3))
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(again[:len(part)], part, strict=True))
+    ref = dali_loader.DaliLoader(encoded.train, 16, mean, std, device=CPU, train=True, seed=4)
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(again[len(part):], ref.epoch(3), strict=True))
 
 
 def test_training_with_dali_learns_and_matches_torch(tiny_tree: Path, tmp_path: Path) -> None:

@@ -54,6 +54,10 @@ class _BatchSource:
         self._plan: tuple[int, plan.EpochPlan] | None = None
         self._last: tuple[tuple[int, int], tuple] | None = None  # both external sources ask per batch
 
+    def restart(self, first_epoch: int, start: int) -> None:
+        """A new pipeline begins: its epoch 0 is `first_epoch`, from batch `start`."""
+        self.first_epoch, self.start, self._last = first_epoch, start, None
+
     def _epoch_plan(self, epoch: int) -> plan.EpochPlan:
         if self._plan is None or self._plan[0] != epoch:
             n = len(self.labels)
@@ -135,7 +139,7 @@ class DaliLoader:
         self._next: tuple[int, int] | None = None
 
     def _build(self, first_epoch: int, start: int) -> None:
-        self.source.first_epoch, self.source.start = first_epoch, start
+        self.source.restart(first_epoch, start)
         build = pipeline_def(_pipeline, batch_size=self.batch_size, num_threads=NUM_THREADS,
                              device_id=self.device_id, seed=self.seed)
         pipe = build(self.source, encoded=self.encoded, gpu=self.gpu, mean=self.mean, inv_std=self.inv_std,
@@ -151,8 +155,6 @@ class DaliLoader:
             epoch = start = 0
         if self._iterator is None or (epoch, start) != self._next:
             self._build(epoch, start)
-        else:
-            self._iterator.reset()
         self._next = None  # an epoch left unfinished cannot be continued: rebuild next time
         for out in self._iterator:
             x, y = out[0]["images"], out[0]["labels"]
