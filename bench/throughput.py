@@ -108,8 +108,6 @@ def available(setup: Setup, device: torch.device) -> str | None:
             return "DALI not installed"
     if setup.loader == "cpu" and device.type != "cuda":
         return "same as the torch loader without a GPU"
-    if setup.amp and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        return "no bf16 on this GPU"
     return None
 
 
@@ -137,7 +135,7 @@ def run_row(args: argparse.Namespace, model_name: str, setup: Setup, device: tor
     else:
         if setup.channels_last:
             model = model.to(memory_format=torch.channels_last)
-        dtype = amp_dtype(device, setup.amp, "bf16")
+        dtype = amp_dtype(device, setup.amp, "auto")
         fr = fastres_data(args, setup, device, dtype or torch.float32)
         batches = endless(fr.train)
         if setup.loader == "cpu":

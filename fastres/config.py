@@ -16,7 +16,7 @@ from fastres.data.augment import NORMALIZATIONS
 from fastres.models import SHORTCUTS, parse_model_name
 
 LOADERS = ("torch", "dali")
-AMP_DTYPES = ("bf16", "fp16")
+AMP_DTYPES = ("auto", "bf16", "fp16")
 PROGRESS = ("auto", "rich", "plain", "none")
 
 
@@ -41,7 +41,7 @@ class RunConfig:
     loader: str = "torch"
     device: str = "auto"
     amp: bool = False
-    amp_dtype: str = "bf16"
+    amp_dtype: str = "auto"  # bf16 where the device supports it, else fp16
     channels_last: bool = False
     compile: bool = False
     eval_every: int = 2000
@@ -125,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--loader", choices=LOADERS, help="input pipeline (default torch)")
     p.add_argument("--device", help="auto (cuda if present), cpu, cuda, cuda:N")
     p.add_argument("--amp", action="store_true", default=None, help="mixed precision with torch.amp")
-    p.add_argument("--amp-dtype", choices=AMP_DTYPES, help="bf16 (default) or fp16 with a GradScaler")
+    p.add_argument("--amp-dtype", choices=AMP_DTYPES,
+                   help="auto (default: bf16 where supported, else fp16), bf16, or fp16 (with a GradScaler)")
     p.add_argument("--channels-last", action="store_true", default=None)
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile the training step")
     p.add_argument("--eval-every", type=int, help="evaluate every N iterations (default 2000)")

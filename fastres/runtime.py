@@ -37,10 +37,14 @@ def configure_backends(device: torch.device) -> None:
 
 
 def amp_dtype(device: torch.device, amp: bool, name: str) -> torch.dtype | None:
-    """The autocast dtype, or None without AMP. bf16 needs hardware support on CUDA."""
+    """The autocast dtype, or None without AMP. "auto" is bf16 (fp32's range: no loss
+    scaling) where the device supports it, else fp16."""
     if not amp:
         return None
-    if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+    bf16_ok = device.type != "cuda" or torch.cuda.is_bf16_supported()
+    if name == "auto":
+        name = "bf16" if bf16_ok else "fp16"
+    if name == "bf16" and not bf16_ok:
         raise RunError("this GPU has no bf16 support: use --amp-dtype fp16")
     return torch.bfloat16 if name == "bf16" else torch.float16
 

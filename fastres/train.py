@@ -195,6 +195,7 @@ def _train(cfg: RunConfig, dist: distributed.DistInfo, resume: dict[str, Any] | 
     results = {
         "model": cfg.model, "shortcut": cfg.shortcut, "params": params, "iters": cfg.iters,
         "test_error": final.get("test_error"), "val_error": final.get("val_error"),
+        "amp_dtype": str(dtype).removeprefix("torch.") if dtype else None,
         "train_time_s": round(clock.train_time, 3), "wall_time_s": round(clock.wall(), 3),
         "mean_it_s": round(cfg.iters / clock.train_time, 3),
         "device": device_name(device), "world_size": dist.world_size, "versions": versions(),

@@ -43,7 +43,7 @@ def agreement(data: str | None, device: torch.device, model_name: str, steps: in
     eager_model = build_model(model_name).to(device, memory_format=torch.channels_last)
     compiled_model = copy.deepcopy(eager_model)
     cfg = RunConfig(model=model_name, data=data)
-    dtype = amp_dtype(device, amp, "bf16")
+    dtype = amp_dtype(device, amp, "auto")
     batches = loaders.build(cfg, loaders.Placement(device, dtype or torch.float32, True)).train.epoch(0)
     eager = TrainStep(eager_model, make_optimizer(eager_model, cfg, device), device, dtype, compile=False)
     compiled = TrainStep(compiled_model, make_optimizer(compiled_model, cfg, device), device, dtype, compile=True)

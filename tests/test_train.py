@@ -118,3 +118,11 @@ def test_cli_exit_code_without_traceback(tmp_path: Path, _private_cache: Path) -
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and proc.stderr.strip() == (
         "fastres: error: resnet21: depth must be 6n+2 with n >= 1 (20, 32, 44, 56, 110, ...)")
+
+
+def test_amp_dtypes_and_channels_last(tiny_tree: Path, tmp_path: Path) -> None:
+    for amp_dtype, expected in (("auto", "bfloat16"), ("fp16", "float16")):
+        cfg = tiny_config(tiny_tree, tmp_path / amp_dtype, iters=4, eval_every=4, amp=True, amp_dtype=amp_dtype,
+                          channels_last=True)
+        results = train(cfg)
+        assert results["amp_dtype"] == expected and 0 <= results["test_error"] <= 1
