@@ -128,7 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--amp-dtype", choices=AMP_DTYPES,
                    help="auto (default: bf16 where supported, else fp16), bf16, or fp16 (with a GradScaler)")
     p.add_argument("--channels-last", action="store_true", default=None)
-    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model (with CUDA graphs on a GPU)")
+    p.add_argument("--compile", action="store_true", default=None,
+                   help="torch.compile the model (with CUDA graphs on a GPU)")
     p.add_argument("--eval-every", type=int, help="evaluate every N iterations (default 2000)")
     p.add_argument("--log-every", type=int, help="read metrics every N iterations (default 100)")
     p.add_argument("--checkpoint-every", type=int, help="checkpoint every N iterations (default 2000)")

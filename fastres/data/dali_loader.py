@@ -103,7 +103,11 @@ def _pipeline(source: _BatchSource, *, encoded: bool, gpu: bool, mean: np.ndarra
     if encoded:
         images = fn.decoders.image(images, device="mixed" if gpu else "cpu", output_type=types.RGB)
     # Normalise first, so the padding below is zero in normalised space, as in the paper.
-    x = (fn.cast(images, dtype=types.FLOAT) * (1.0 / 255.0) - types.Constant(mean)) * types.Constant(inv_std)
+    # The constants live where the op runs: a host constant in a GPU expression would be
+    # copied to the GPU for every batch.
+    where = "gpu" if gpu else "cpu"
+    mean_t, inv_std_t = types.Constant(mean, device=where), types.Constant(inv_std, device=where)
+    x = (fn.cast(images, dtype=types.FLOAT) * (1.0 / 255.0) - mean_t) * inv_std_t
     if train:
         x = fn.slice(x, start=offsets, shape=[32, 32], axis_names="HW", out_of_bounds_policy="pad", fill_values=0.0)
     x = fn.crop_mirror_normalize(x, mirror=flips if train else False, dtype=dtype,
