@@ -34,7 +34,7 @@ from fastres.config import RunConfig  # noqa: E402
 from fastres.data import augment, loaders  # noqa: E402
 from fastres.models import build_model  # noqa: E402
 from fastres.runtime import amp_dtype, configure_backends, device_name, pick_device, versions  # noqa: E402
-from fastres.step import TrainStep, error_rate, make_optimizer  # noqa: E402
+from fastres.step import TrainStep, error_rate  # noqa: E402
 
 REAL_DATA = ROOT.parent / "shared" / "data" / "cifar10-jpeg"
 BATCH = 128
@@ -140,8 +140,7 @@ def run_row(args: argparse.Namespace, model_name: str, setup: Setup, device: tor
         batches = endless(fr.train)
         if setup.loader == "cpu":
             batches = to_device(batches, device)
-        step = TrainStep(model, make_optimizer(model, RunConfig(model=model_name), device), device, dtype,
-                         setup.compile)
+        step = TrainStep(model, RunConfig(model=model_name), device, dtype, setup.compile)
         zero = torch.zeros((), device=device)
 
         def steps(n: int) -> None:

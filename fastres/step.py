@@ -11,10 +11,13 @@ from fastres.data.loaders import Loader
 from fastres.runtime import autocast
 
 
-def make_optimizer(model: nn.Module, cfg: RunConfig, device: torch.device) -> torch.optim.SGD:
+def make_optimizer(model: nn.Module, cfg: RunConfig, device: torch.device,
+                   amp_dtype: torch.dtype | None) -> torch.optim.SGD:
     """The paper's SGD: momentum 0.9 and weight decay 1e-4 on every parameter (as in the
-    authors' code, BN included). Fused on CUDA, foreach elsewhere: one kernel per group."""
-    fused = device.type == "cuda"
+    authors' code, BN included). Fused on CUDA (one kernel for all parameters), foreach
+    elsewhere; also foreach under fp16 loss scaling, where fused SGD has been reported to
+    advance its momentum on the steps GradScaler skips (torch 2.11, LibreYOLO PR #771)."""
+    fused = device.type == "cuda" and amp_dtype != torch.float16
     return torch.optim.SGD(model.parameters(), lr=cfg.lr_at(0), momentum=cfg.momentum,
                            weight_decay=cfg.weight_decay, fused=fused or None, foreach=None if fused else True)
 
@@ -42,9 +45,10 @@ class TrainStep:
     learning rate is a plain float written into the param group each step, so a schedule
     change can never trigger a recompile."""
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device,
-                 amp_dtype: torch.dtype | None, compile: bool) -> None:
-        self.model, self.optimizer, self.device, self.amp_dtype = model, optimizer, device, amp_dtype
+    def __init__(self, model: nn.Module, cfg: RunConfig, device: torch.device, amp_dtype: torch.dtype | None,
+                 compile: bool) -> None:
+        self.model, self.device, self.amp_dtype = model, device, amp_dtype
+        self.optimizer = make_optimizer(model, cfg, device, amp_dtype)
         self.forward = compile_model(model, device) if compile else model
         self.cuda_graphs = compile and uses_cuda_graphs(model, device)
         # fp16 needs loss scaling; bf16 has fp32's range and does not.

@@ -24,7 +24,7 @@ from fastres.data import loaders
 from fastres.models import build_model, count_parameters
 from fastres.progress import Reporter
 from fastres.runtime import amp_dtype, configure_backends, device_name, git_commit, pick_device, versions
-from fastres.step import TrainStep, make_optimizer
+from fastres.step import TrainStep
 
 RESUME_OVERRIDES = ("device", "progress")  # options that may change on resume: they change no result
 
@@ -103,8 +103,8 @@ def _train(cfg: RunConfig, dist: distributed.DistInfo, resume: dict[str, Any] | 
     dtype = amp_dtype(device, cfg.amp, cfg.amp_dtype)
     where = loaders.Placement(device, dtype or torch.float32, cfg.channels_last, dist.rank, dist.world_size)
     data = loaders.build(cfg, where)
-    optimizer = make_optimizer(model, cfg, device)
-    step_fn = TrainStep(distributed.wrap(model, dist), optimizer, device, dtype, cfg.compile)
+    step_fn = TrainStep(distributed.wrap(model, dist), cfg, device, dtype, cfg.compile)
+    optimizer = step_fn.optimizer
     spe = data.train.steps_per_epoch
     log = checkpoint.MetricsLog(run_dir)
 

@@ -31,7 +31,7 @@ from fastres.config import RunConfig  # noqa: E402
 from fastres.data import loaders  # noqa: E402
 from fastres.models import build_model  # noqa: E402
 from fastres.runtime import amp_dtype, configure_backends, device_name, pick_device, versions  # noqa: E402
-from fastres.step import TrainStep, make_optimizer  # noqa: E402
+from fastres.step import TrainStep  # noqa: E402
 from fastres.train import train  # noqa: E402
 
 FULL_RUN_MIN_S = 150  # the 64k ResNet-20 run needs about this long at >= 800 it/s, with evaluations
@@ -45,8 +45,8 @@ def agreement(data: str | None, device: torch.device, model_name: str, steps: in
     cfg = RunConfig(model=model_name, data=data)
     dtype = amp_dtype(device, amp, "auto")
     batches = loaders.build(cfg, loaders.Placement(device, dtype or torch.float32, True)).train.epoch(0)
-    eager = TrainStep(eager_model, make_optimizer(eager_model, cfg, device), device, dtype, compile=False)
-    compiled = TrainStep(compiled_model, make_optimizer(compiled_model, cfg, device), device, dtype, compile=True)
+    eager = TrainStep(eager_model, cfg, device, dtype, compile=False)
+    compiled = TrainStep(compiled_model, cfg, device, dtype, compile=True)
     losses = []
     for _ in range(steps):
         x, y = next(batches)

@@ -14,8 +14,8 @@ def test_compiled_step_matches_eager() -> None:
     eager_model = build_model("resnet8")
     compiled_model = copy.deepcopy(eager_model)
     cfg = RunConfig(model="resnet8")
-    eager = TrainStep(eager_model, make_optimizer(eager_model, cfg, CPU), CPU, None, compile=False)
-    compiled = TrainStep(compiled_model, make_optimizer(compiled_model, cfg, CPU), CPU, None, compile=True)
+    eager = TrainStep(eager_model, cfg, CPU, None, compile=False)
+    compiled = TrainStep(compiled_model, cfg, CPU, None, compile=True)
     g = torch.Generator().manual_seed(1)
     for _ in range(3):
         x, y = torch.randn(32, 3, 32, 32, generator=g), torch.randint(0, 10, (32,), generator=g)
@@ -28,7 +28,7 @@ def test_compiled_step_matches_eager() -> None:
 
 def test_step_reads_nothing_back_and_lr_is_set() -> None:
     model = build_model("resnet8")
-    step = TrainStep(model, make_optimizer(model, RunConfig(model="resnet8"), CPU), CPU, torch.bfloat16, False)
+    step = TrainStep(model, RunConfig(model="resnet8"), CPU, torch.bfloat16, False)
     step.set_lr(0.001)
     loss, wrong = step(torch.randn(8, 3, 32, 32), torch.zeros(8, dtype=torch.int64))
     assert loss.shape == () and wrong.dtype == torch.int64 and 0 <= wrong.item() <= 8
@@ -51,3 +51,11 @@ def test_error_rate_counts_every_image_in_eval_mode() -> None:
     model.train()
     assert error_rate(model, _Batches(), CPU, None) == (preds != labels).sum().item() / 8
     assert model.training
+
+
+def test_optimizer_is_the_papers() -> None:
+    model = build_model("resnet8")
+    opt = make_optimizer(model, RunConfig(model="resnet8"), CPU, None)
+    group = opt.param_groups[0]
+    assert (group["lr"], group["momentum"], group["weight_decay"], group["nesterov"]) == (0.1, 0.9, 1e-4, False)
+    assert sum(p.numel() for p in group["params"]) == 75_290  # weight decay on every parameter, BN included
