@@ -57,7 +57,7 @@ def test_resume_is_bit_identical(tiny_tree: Path, tmp_path: Path) -> None:
     assert cut["test_error"] == full["test_error"]
 
 
-def test_sigint_checkpoints_and_resumes(tiny_tree: Path, tmp_path: Path, _private_cache: Path) -> None:
+def test_sigint_checkpoints_and_exits_130(tiny_tree: Path, tmp_path: Path, _private_cache: Path) -> None:
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "fastres.train", "resnet8", "--data", str(tiny_tree), "--iters", "2000",
            "--batch-size", "32", "--log-every", "1", "--eval-every", "1000", "--out", str(run), "--device", "cpu",
