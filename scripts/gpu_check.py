@@ -35,6 +35,9 @@ from fastres.step import TrainStep  # noqa: E402
 from fastres.train import train  # noqa: E402
 
 FULL_RUN_MIN_S = 150  # the 64k ResNet-20 run needs about this long at >= 800 it/s, with evaluations
+# Eager and compiled trajectories drift apart step by step (kernel choice, fusion, rounding);
+# over 20 steps their losses must stay this close (relative). On CPU: 1.4e-5 fp32, 2.5e-4 bf16.
+AGREE_REL = {False: 1e-2, True: 5e-2}
 
 
 def agreement(data: str | None, device: torch.device, model_name: str, steps: int, amp: bool) -> dict[str, Any]:
@@ -54,8 +57,10 @@ def agreement(data: str | None, device: torch.device, model_name: str, steps: in
     worst = max(abs(a - b) / max(abs(a), 1e-8) for a, b in losses)
     params = max((a - b).abs().max().item() for a, b in zip(eager_model.parameters(), compiled_model.parameters(),
                                                            strict=True))
+    if worst > AGREE_REL[amp]:
+        raise AssertionError(f"compiled and eager losses differ by {worst:.2e} (relative), over {AGREE_REL[amp]}")
     return {"model": model_name, "amp": amp, "steps": steps, "losses": losses, "max_rel_loss_diff": worst,
-            "max_abs_param_diff": params}
+            "max_abs_param_diff": params, "limit": AGREE_REL[amp]}
 
 
 def part(name: str, out: Path, fn, summary: dict[str, Any]) -> Any:
@@ -109,8 +114,8 @@ def main(argv: list[str] | None = None) -> int:
         summary["resnet20_full_run"] = {"ok": False, "skipped": f"{'no GPU' if not gpu else f'{left:.0f} s left'}"}
         (args.out / "gpu_check.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     print(f"done in {time.perf_counter() - start:.0f} s; {args.out / 'gpu_check.json'}")
-    return 0 if all(v.get("ok", True) or "skipped" in v for v in summary.values() if isinstance(v, dict)
-                    and "ok" in v) else 1
+    failed = [k for k, v in summary.items() if isinstance(v, dict) and v.get("ok") is False and "skipped" not in v]
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
