@@ -51,19 +51,22 @@ class _BatchSource:
         n = len(labels)
         self.steps = plan.steps_per_epoch(n, batch_size, num_shards) if train else -(-n // batch_size)
         self.first_epoch, self.start = 0, 0
-        self._plan: tuple[int, plan.EpochPlan] | None = None
+        self._plan: tuple[int, plan.EpochPlan, torch.Tensor | None] | None = None
         self._last: tuple[tuple[int, int], tuple] | None = None  # both external sources ask per batch
 
     def restart(self, first_epoch: int, start: int) -> None:
         """A new pipeline begins: its epoch 0 is `first_epoch`, from batch `start`."""
         self.first_epoch, self.start, self._last = first_epoch, start, None
 
-    def _epoch_plan(self, epoch: int) -> plan.EpochPlan:
+    def _epoch_plan(self, epoch: int) -> tuple[plan.EpochPlan, torch.Tensor | None]:
+        """The epoch's plan, and its order on the GPU when the images live there (copied
+        once per epoch, so a batch's gather needs nothing from the host)."""
         if self._plan is None or self._plan[0] != epoch:
             n = len(self.labels)
             p = plan.epoch_plan(n, self.seed, epoch, self.shard_id, self.num_shards) if self.train else plan.in_order(n)
-            self._plan = (epoch, p)
-        return self._plan[1]
+            on_gpu = p.order.to(self.images.device) if isinstance(self.images, torch.Tensor) else None
+            self._plan = (epoch, p, on_gpu)
+        return self._plan[1], self._plan[2]
 
     def __call__(self, info: types.BatchInfo) -> tuple:
         key = (info.epoch_idx, info.iteration)
@@ -75,13 +78,13 @@ class _BatchSource:
         k = info.iteration + (self.start if info.epoch_idx == 0 else 0)
         if k >= self.steps:
             raise StopIteration
-        p = self._epoch_plan(self.first_epoch + info.epoch_idx)
+        p, order_on_gpu = self._epoch_plan(self.first_epoch + info.epoch_idx)
         sl = slice(k * self.batch_size, (k + 1) * self.batch_size)
         idx = p.order[sl].numpy()
-        if isinstance(self.images, list):
+        if order_on_gpu is not None:  # raw arrays on the GPU: gathered there, nothing crosses PCIe
+            images = self.images[order_on_gpu[sl]]
+        elif isinstance(self.images, list):
             images = [self.images[i] for i in idx]
-        elif isinstance(self.images, torch.Tensor):  # on the GPU: gathered there, nothing crosses PCIe
-            images = self.images[torch.from_numpy(idx).to(self.images.device)]
         else:
             images = self.images[idx]
         return (images, self.labels[idx], p.offsets[sl].numpy().astype(np.int32),
