@@ -1,33 +1,62 @@
-"""torchrun with two CPU processes (gloo): each reads its shard, only rank 0 writes."""
+"""torchrun with two CPU processes (gloo): each reads its shard, only rank 0 writes, and a
+run stopped by SIGTERM resumes to the same result as one that never stopped."""
 
 import json
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import torch
 from conftest import subprocess_env
+from test_train import deterministic
 
 from fastres import checkpoint
 
+ITERS = 40
 
-def torchrun(args: list[str], cache: Path) -> subprocess.CompletedProcess:
+
+def torchrun(args: list[str], cache: Path, popen: bool = False):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "fastres.train",
            *args]
     env = subprocess_env(cache) | {"OMP_NUM_THREADS": "1"}
+    if popen:
+        return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
 
 
-def test_two_process_training_and_resume(tiny_tree: Path, tmp_path: Path, _private_cache: Path) -> None:
-    run = tmp_path / "run"
-    common = ["--data", str(tiny_tree), "--batch-size", "32", "--log-every", "2", "--eval-every", "4",
-              "--checkpoint-every", "4", "--device", "cpu", "--progress", "plain"]
-    proc = torchrun(["resnet8", "--iters", "8", "--out", str(run), *common], _private_cache)
+def run_args(tree: Path, out: Path) -> list[str]:
+    return ["resnet8", "--data", str(tree), "--iters", str(ITERS), "--milestones", "20,30", "--log-every", "1",
+            "--eval-every", "20", "--out", str(out), "--device", "cpu", "--progress", "plain"]
+
+
+def test_two_processes_stop_together_and_resume_exactly(tiny_tree: Path, tmp_path: Path,
+                                                        _private_cache: Path) -> None:
+    full = tmp_path / "full"
+    proc = torchrun(run_args(tiny_tree, full), _private_cache)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    results = json.loads((run / "results.json").read_text())
+    results = json.loads((full / "results.json").read_text())
     assert results["world_size"] == 2 and results["test_error"] is not None
-    metrics = checkpoint.MetricsLog(run).read()
-    assert [m["iter"] for m in metrics] == [2, 4, 6, 8]  # one writer: no duplicated lines
+    assert [m["iter"] for m in checkpoint.MetricsLog(full).read()] == list(range(1, ITERS + 1))  # one writer
     assert proc.stdout.count("final test error") == 1
-    # resuming a finished multi-process run is a no-op on every rank
-    again = torchrun(["--resume", str(run)], _private_cache)
+
+    cut = tmp_path / "cut"
+    proc = torchrun(run_args(tiny_tree, cut), _private_cache, popen=True)
+    deadline = time.monotonic() + 120
+    while not (cut / "metrics.jsonl").exists() or len((cut / "metrics.jsonl").read_text().splitlines()) < 3:
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)  # torchrun passes it on to both workers
+    out, _ = proc.communicate(timeout=120)
+    assert "stopped at iteration" in out
+    step = checkpoint.load(cut)["step"]
+    assert 3 <= step < ITERS
+    resumed = torchrun(["--resume", str(cut)], _private_cache)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert deterministic(checkpoint.MetricsLog(cut).read()) == deterministic(checkpoint.MetricsLog(full).read())
+    a, b = checkpoint.load(full)["model"], checkpoint.load(cut)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+    again = torchrun(["--resume", str(cut)], _private_cache)  # finished: a no-op on every rank
     assert again.returncode == 0 and "already finished" in again.stdout
