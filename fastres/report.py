@@ -173,17 +173,21 @@ def plot(runs: list[Run], out: Path) -> list[Path]:
     return written
 
 
-def write_report(runs: list[Run], out: Path) -> list[Path]:
-    """report.md, report.csv and the figures, written atomically into `out`."""
+def write_report(run_dirs: list[Path], out: Path) -> None:
+    """Find the finished runs, write report.md, report.csv, report.json and the figures
+    atomically into `out`, and print the table."""
+    runs = find_runs(run_dirs)
     out.mkdir(parents=True, exist_ok=True)
     rows = summarize(runs)
-    md = markdown(rows)
+    table = markdown(rows)
     figures = plot(runs, out)
-    md += "\n" + "".join(f"![{p.stem}]({p.name})\n" for p in figures)
+    md = table + "\n" + "".join(f"![{p.stem}]({p.name})\n" for p in figures)
     atomic.write_bytes(out / "report.md", md.encode())
     atomic.write_bytes(out / "report.csv", csv_text(rows).encode())
     atomic.write_json(out / "report.json", rows)
-    return [out / "report.md", out / "report.csv", out / "report.json", *figures]
+    written = [out / "report.md", out / "report.csv", out / "report.json", *figures]
+    print(table)
+    print("written: " + ", ".join(map(str, written)))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -191,10 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("runs", nargs="+", type=Path, help="run directories, or folders holding them")
     p.add_argument("--out", type=Path, default=Path("report"))
     args = p.parse_args(argv)
-    runs = find_runs(args.runs)
-    written = write_report(runs, args.out)
-    print(markdown(summarize(runs)))
-    print("written: " + ", ".join(map(str, written)))
+    write_report(args.runs, args.out)
     return 0
 
 

@@ -95,10 +95,7 @@ def main(argv: list[str] | None = None) -> int:
             result = train(cfg)
         if result is None:  # stopped by a signal: the checkpoint is written
             return 130
-    runs = report.find_runs([args.out / "runs"])
-    written = report.write_report(runs, args.out)
-    print(report.markdown(report.summarize(runs)))
-    print("written: " + ", ".join(map(str, written)))
+    report.write_report([args.out / "runs"], args.out)
     return 0
 
 

@@ -43,17 +43,21 @@ def normalize(images: torch.Tensor, mean: torch.Tensor, inv_std: torch.Tensor) -
     return (images.float() * (1.0 / 255.0) - mean) * inv_std
 
 
-def pad_crop_flip(x: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
-    """Shift each image of (B, H, W, C) by its (dy, dx) offset with zero fill, i.e. a crop of
-    the 4-padded image, and mirror it where `flips` is set; one gather for the batch."""
-    b = x.shape[0]
+def crop_indices(offsets: torch.Tensor, flips: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row and column indices into the 4-padded images, (N, 32) each, that crop every image
+    at its (dy, dx) offset and mirror it where `flips` is set. Made once per epoch for all
+    images, so a batch needs only one gather."""
+    i = torch.arange(CROP, device=offsets.device) + PAD
+    rows = offsets[:, 0, None] + i
+    cols = offsets[:, 1, None] + i
+    return rows, torch.where(flips[:, None], cols.flip(1), cols)
+
+
+def pad_crop_flip(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, batch_index: torch.Tensor) -> torch.Tensor:
+    """Zero-pad each image of (B, H, W, C) by 4 and gather its crop (see `crop_indices`);
+    `batch_index` is arange(B)[:, None, None], kept by the caller across batches."""
     padded = F.pad(x, (0, 0, PAD, PAD, PAD, PAD))
-    i = torch.arange(CROP, device=x.device)
-    rows = offsets[:, 0, None] + PAD + i
-    cols = offsets[:, 1, None] + PAD + i
-    cols = torch.where(flips[:, None], cols.flip(1), cols)
-    batch = torch.arange(b, device=x.device)[:, None, None]
-    return padded[batch, rows[:, :, None], cols[:, None, :]]
+    return padded[batch_index, rows[:, :, None], cols[:, None, :]]
 
 
 def to_model_layout(x: torch.Tensor, channels_last: bool, dtype: torch.dtype) -> torch.Tensor:

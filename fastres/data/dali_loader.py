@@ -49,7 +49,7 @@ class _BatchSource:
         self.images, self.labels, self.batch_size, self.train = images, labels, batch_size, train
         self.seed, self.shard_id, self.num_shards = seed, shard_id, num_shards
         n = len(labels)
-        self.steps = plan.steps_per_epoch(n, batch_size, num_shards) if train else -(-n // batch_size)
+        self.steps = plan.steps_per_epoch(n, batch_size, train, num_shards)
         self.first_epoch, self.start = 0, 0
         self._plan: tuple[int, plan.EpochPlan, torch.Tensor | None] | None = None
         self._last: tuple[tuple[int, int], tuple] | None = None  # both external sources ask per batch

@@ -38,8 +38,11 @@ def in_order(n: int) -> EpochPlan:
     return EpochPlan(torch.arange(n), torch.zeros(n, 2, dtype=torch.int64), torch.zeros(n, dtype=torch.bool))
 
 
-def steps_per_epoch(n: int, batch_size: int, num_shards: int = 1) -> int:
-    """Full batches per shard and epoch; the remainder is dropped so shapes stay static."""
+def steps_per_epoch(n: int, batch_size: int, train: bool, num_shards: int = 1) -> int:
+    """Training: full batches per shard, the remainder dropped so shapes stay static.
+    Evaluation: every image once, the last batch possibly smaller."""
+    if not train:
+        return -(-n // batch_size)
     steps = n // num_shards // batch_size
     if steps == 0:
         raise ValueError(f"{n} images make no batch of {batch_size} per shard")

@@ -34,8 +34,9 @@ class TorchLoader:
         self.batch_size, self.train, self.seed = batch_size, train, seed
         self.dtype, self.channels_last = dtype, channels_last
         self.shard_id, self.num_shards = shard_id, num_shards
+        self.batch_index = torch.arange(batch_size, device=device)[:, None, None]  # made once, not per batch
         n = len(split)
-        self.steps_per_epoch = plan.steps_per_epoch(n, batch_size, num_shards) if train else -(-n // batch_size)
+        self.steps_per_epoch = plan.steps_per_epoch(n, batch_size, train, num_shards)
 
     def __len__(self) -> int:
         return self.steps_per_epoch
@@ -47,12 +48,13 @@ class TorchLoader:
             return
         p = plan.epoch_plan(len(self.labels), self.seed, epoch, self.shard_id, self.num_shards)
         device = self.images.device  # one host-to-device copy of the plan per epoch
-        order, offsets, flips = p.order.to(device), p.offsets.to(device), p.flips.to(device)
+        order = p.order.to(device)
+        rows, cols = augment.crop_indices(p.offsets.to(device), p.flips.to(device))
         for k in range(start, self.steps_per_epoch):
             sl = slice(k * self.batch_size, (k + 1) * self.batch_size)
             idx = order[sl]
             x = augment.normalize(self.images[idx], self.mean, self.inv_std)
-            x = augment.pad_crop_flip(x, offsets[sl], flips[sl])
+            x = augment.pad_crop_flip(x, rows[sl], cols[sl], self.batch_index)
             yield augment.to_model_layout(x, self.channels_last, self.dtype), self.labels[idx]
 
     def _eval_batches(self) -> Iterator[Batch]:
