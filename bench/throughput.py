@@ -1,39 +1,56 @@
 """Training throughput of fastres against a plain PyTorch baseline, in one run.
 
-    python bench/throughput.py                      # GPU: resnet20, resnet56, resnet110
-    python bench/throughput.py --device cpu --quick  # about two minutes on 2 cores
+    python bench/throughput.py                       # GPU: resnet20, resnet56, resnet110
+    python bench/throughput.py --device cpu --quick  # ResNet-20 on a CPU (see README for its cost)
+
+Without a GPU, no arguments mean `--quick`: the full matrix on a CPU takes hours.
 
 Steady-state iterations/s at batch 128 for each configuration (warm-up, compilation and
-graph capture excluded and reported apart; the device is synchronised around every timed
-block; median and spread of several repeats), each row's speedup over the baseline of the
-same model measured in the same run; loader-only images/s; evaluation images/s; peak
-device memory. Prints a rich table and writes everything to a JSON file.
+graph capture timed apart; the device is synchronised around every timed block; median and
+spread of several repeats), each row's speedup over the baseline of the same model
+measured in the same run; loader-only images/s; evaluation images/s (warmed up first in
+every row); each row's own peak device memory over what was held before it. The baseline
+and the full fastres step of every model run first, so a run cut short keeps the headline
+figures. Each row runs on its own: a row that fails is recorded with its error and the
+others still run. The JSON is rewritten atomically after every row, and no row starts
+after `--budget-s`.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
+import gc
+import itertools
+import os
 import statistics
 import sys
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 from bench import baseline  # noqa: E402
-from fastres.config import RunConfig  # noqa: E402
-from fastres.data import augment, loaders  # noqa: E402
+from fastres.atomic import write_json  # noqa: E402
+from fastres.cli import Parser, run_main  # noqa: E402
+from fastres.data import loaders  # noqa: E402
 from fastres.models import build_model  # noqa: E402
-from fastres.runtime import amp_dtype, configure_backends, device_name, pick_device, versions  # noqa: E402
+from fastres.runtime import (  # noqa: E402
+    PRECISIONS,
+    configure_backends,
+    device_name,
+    pick_device,
+    requested_precision,
+    resolve_precision,
+    versions,
+)
 from fastres.step import TrainStep, error_rate  # noqa: E402
 
 REAL_DATA = ROOT.parent / "shared" / "data" / "cifar10-jpeg"
@@ -45,26 +62,27 @@ class Setup:
     """One row of the matrix."""
 
     name: str
-    loader: str = "torch"  # baseline | torch | dali | cpu (torch loader on the host, copied per batch)
+    loader: str = "torch"  # baseline | torch | dali | host (torch loader on the host, each batch copied over)
     channels_last: bool = False
     amp: bool = False
     compile: bool = False
+    key: bool = False  # a headline row: run first for every model
 
 
 MATRIX = (
-    Setup("baseline (DataLoader, eager fp32)", loader="baseline"),
+    Setup("baseline (DataLoader, eager fp32)", loader="baseline", key=True),
     Setup("fastres eager fp32"),
     Setup("+ channels_last", channels_last=True),
     Setup("+ amp", channels_last=True, amp=True),
-    Setup("+ compile", channels_last=True, amp=True, compile=True),
+    Setup("+ compile", channels_last=True, amp=True, compile=True, key=True),
     Setup("+ compile, DALI loader", loader="dali", channels_last=True, amp=True, compile=True),
-    Setup("+ compile, CPU loader", loader="cpu", channels_last=True, amp=True, compile=True),
+    Setup("+ compile, host loader", loader="host", channels_last=True, amp=True, compile=True),
 )
 
 LOADERS = (
     ("baseline DataLoader, per-image NumPy", MATRIX[0]),
     ("torch, NCHW fp32", MATRIX[1]),
-    ("torch, channels_last bf16", MATRIX[3]),
+    ("torch, channels_last, AMP dtype", MATRIX[3]),
     ("DALI, channels_last", MATRIX[5]),
     ("torch on the host, copied to the device", MATRIX[6]),
 )
@@ -84,104 +102,171 @@ def timed(fn: Callable[[], Any], device: torch.device) -> float:
     return time.perf_counter() - t
 
 
-def endless(loader: loaders.Loader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    epoch = 0
-    while True:
+def endless(loader: loaders.Loader) -> Iterator[loaders.Batch]:
+    for epoch in itertools.count():
         yield from loader.epoch(epoch)
-        epoch += 1
 
 
-def to_device(batches: Iterator, device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """The CPU loader: batches made on the host, pinned and copied to the device."""
-    for x, y in batches:
-        if device.type == "cuda":
-            x, y = x.pin_memory(), y.pin_memory()
-        yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+def order_rows(models: list[str], setups: list[Setup]) -> list[tuple[str, Setup]]:
+    """Every model's key rows (baseline, full fastres step) first, then the rest: a run
+    cut short still has each model's headline speedup."""
+    key = [(m, s) for m in models for s in setups if s.key]
+    return key + [(m, s) for m in models for s in setups if not s.key]
 
 
-def available(setup: Setup, device: torch.device) -> str | None:
+def available(setup: Setup) -> str | None:
     """Why a row cannot run here, or None."""
     if setup.loader == "dali":
         try:
             import nvidia.dali  # noqa: F401
         except ImportError:
             return "DALI not installed"
-    if setup.loader == "cpu" and device.type != "cuda":
-        return "same as the torch loader without a GPU"
     return None
 
 
-def fastres_data(args: argparse.Namespace, setup: Setup, device: torch.device, dtype: torch.dtype) -> loaders.Data:
-    cfg = RunConfig(model="resnet20", data=args.data, loader="torch" if setup.loader == "cpu" else setup.loader,
-                    eval_batch_size=args.eval_batch)
-    where_device = torch.device("cpu") if setup.loader == "cpu" else device
-    return loaders.build(cfg, loaders.Placement(where_device, dtype, setup.channels_last))
+class Bench:
+    """One benchmark run: its arguments, device, data, results, and the JSON they go to."""
+
+    def __init__(self, args: argparse.Namespace, on_save: Callable[[dict[str, Any]], None] | None = None) -> None:
+        self.args = args
+        self.device = pick_device(args.device)
+        configure_backends(self.device)
+        self.deadline = time.monotonic() + args.budget_s
+        self.data = loaders.prepare(args.data)
+        self.on_save = on_save
+        self.result: dict[str, Any] = {
+            "device": device_name(self.device), "versions": versions(), "batch_size": BATCH,
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "data": self.data.source.describe(),
+            "args": {k: v for k, v in vars(args).items() if k not in ("data", "out")},
+            "peak_mem_note": "peak_mem_mib: the row's own peak device memory above what was held when it started",
+            "rows": [], "loaders": {}}
+
+    def save(self) -> None:
+        if self.args.out is not None:
+            write_json(self.args.out, self.result)
+        if self.on_save is not None:
+            self.on_save(self.result)
+
+    def precision(self, setup: Setup) -> torch.dtype | None:
+        return PRECISIONS[resolve_precision(self.device, requested_precision(setup.amp, "auto"))[0]]
+
+    def fastres_data(self, setup: Setup, dtype: torch.dtype | None) -> loaders.Data:
+        where = loaders.Placement(self.device, dtype or torch.float32, setup.channels_last, host=setup.loader == "host")
+        return loaders.build(self.data, where, batch_size=BATCH, eval_batch_size=self.args.eval_batch,
+                             loader="dali" if setup.loader == "dali" else "torch")
+
+    def row(self, model_name: str, setup: Setup) -> dict[str, Any]:
+        """Measure one row; the caller records its failure, if any."""
+        device, args = self.device, self.args
+        torch.manual_seed(0)
+        held = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        model = build_model(model_name).to(device)
+        row: dict[str, Any] = {}
+        if setup.loader == "baseline":
+            split = self.data.splits.train
+            batches = baseline.batches(baseline.make_loader(split.images, split.labels, self.data.mean, BATCH, device))
+            opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+
+            def steps(n: int) -> None:
+                baseline.train_steps(model, opt, batches, device, n)
+            evaluate = None
+        else:
+            if setup.channels_last:
+                model = model.to(memory_format=torch.channels_last)
+            dtype = self.precision(setup)
+            row["precision"] = str(dtype or torch.float32).removeprefix("torch.")
+            data = self.fastres_data(setup, dtype)
+            train_batches = endless(data.train)
+            step = TrainStep(model, device, dtype, setup.compile)
+
+            def steps(n: int) -> None:
+                acc = torch.zeros((), device=device)
+                for _ in range(n):
+                    loss, _ = step(*next(train_batches))
+                    acc += loss  # accumulated on the device, as the trainer does
+
+            def evaluate() -> None:
+                error_rate(model, data.evals["test"], device, dtype, step.forward)
+        # The first steps compile, capture graphs and autotune: timed apart (cold compile time).
+        row["first_steps_s"] = round(timed(lambda: steps(args.warmup), device), 3)
+        rates = [args.steps / timed(lambda: steps(args.steps), device) for _ in range(args.repeats)]
+        row.update(it_s=statistics.median(rates), it_s_min=min(rates), it_s_max=max(rates), repeats=rates)
+        if evaluate is not None:
+            row["eval_first_s"] = round(timed(evaluate, device), 3)  # eval-mode compile, graphs, autotuning
+            row["eval_img_s"] = len(self.data.splits.test) / timed(evaluate, device)  # the whole test set
+        if device.type == "cuda":
+            row["peak_mem_mib"] = round((torch.cuda.max_memory_allocated(device) - held) / 2**20, 1)
+        return row
+
+    def loader_rate(self, setup: Setup) -> float:
+        """Images/s of a loader alone (decode where it decodes, augment, lay out; no model)."""
+        device = self.device
+        if setup.loader == "baseline":
+            split = self.data.splits.train
+            batches = baseline.batches(baseline.make_loader(split.images, split.labels, self.data.mean, BATCH, device))
+            batches = (loaders.to_device(b, device) for b in batches)
+        else:
+            batches = endless(self.fastres_data(setup, self.precision(setup)).train)
+        n = self.args.loader_batches
+
+        def pull(k: int) -> None:
+            for _ in range(k):
+                next(batches)
+        pull(2)
+        return n * BATCH / timed(lambda: pull(n), device)
+
+    def out_of_time(self) -> bool:
+        return time.monotonic() > self.deadline
+
+    def run(self, matrix: list[Setup]) -> dict[str, Any]:
+        base: dict[str, float] = {}
+        for model_name, setup in order_rows(self.args.models.split(","), matrix):
+            row: dict[str, Any] = {"model": model_name, **dataclasses.asdict(setup)}
+            reason = available(setup) or ("budget spent" if self.out_of_time() else None)
+            if reason:
+                row["skipped"] = reason
+            else:
+                try:
+                    row.update(self.row(model_name, setup))
+                except Exception as e:  # one broken row must not lose the others' measurements
+                    row.update(error=f"{type(e).__name__}: {e}".splitlines()[0], traceback=traceback.format_exc())
+                finally:
+                    release(self.device)
+            if "it_s" in row:
+                if setup.loader == "baseline":
+                    base[model_name] = row["it_s"]
+                row["speedup"] = row["it_s"] / base[model_name] if model_name in base else None
+            self.result["rows"].append(row)
+            self.save()
+            print(f"{model_name:10s} {setup.name:36s} {describe(row)}", flush=True)
+        for label, setup in LOADERS:
+            if available(setup) or self.out_of_time():
+                rate: float | str = available(setup) or "budget spent"
+            else:
+                try:
+                    rate = self.loader_rate(setup)
+                except Exception as e:
+                    rate = f"error: {type(e).__name__}: {e}".splitlines()[0]
+                finally:
+                    release(self.device)
+            self.result["loaders"][label] = rate
+            self.save()
+        return self.result
 
 
-def run_row(args: argparse.Namespace, model_name: str, setup: Setup, device: torch.device,
-            splits: Any, mean: np.ndarray) -> dict[str, Any]:
-    torch.manual_seed(0)
-    model = build_model(model_name).to(device)
+def release(device: torch.device) -> None:
+    """Free what a row left behind (its model, loaders, DataLoader workers)."""
+    gc.collect()
     if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    row: dict[str, Any] = {"model": model_name, **dataclasses.asdict(setup)}
-    if setup.loader == "baseline":
-        data = baseline.batches(baseline.make_loader(splits.train.images, splits.train.labels, mean, BATCH, device))
-        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
-
-        def steps(n: int) -> None:
-            baseline.train_steps(model, opt, data, device, n)
-        evaluate = None
-    else:
-        if setup.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        dtype = amp_dtype(device, setup.amp, "auto")
-        fr = fastres_data(args, setup, device, dtype or torch.float32)
-        batches = endless(fr.train)
-        if setup.loader == "cpu":
-            batches = to_device(batches, device)
-        step = TrainStep(model, RunConfig(model=model_name), device, dtype, setup.compile)
-        zero = torch.zeros((), device=device)
-
-        def steps(n: int) -> None:
-            acc = zero.clone()
-            for _ in range(n):
-                x, y = next(batches)
-                loss, _ = step(x, y)
-                acc += loss  # accumulated on the device, as the trainer does
-
-        def evaluate() -> None:
-            error_rate(model, fr.evals["test"], device, dtype, step.forward)
-    row["first_steps_s"] = round(timed(lambda: steps(args.warmup), device), 3)  # compile, capture, autotune
-    rates = [args.steps / timed(lambda: steps(args.steps), device) for _ in range(args.repeats)]
-    row.update(it_s=statistics.median(rates), it_s_min=min(rates), it_s_max=max(rates), repeats=rates)
-    if device.type == "cuda":
-        row["peak_mem_mib"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
-    if evaluate is not None:
-        if setup.compile:
-            evaluate()  # warm-up: eval-mode compilation and graphs
-        row["eval_img_s"] = len(splits.test) / timed(evaluate, device)  # the whole test set, single view
-    return row
+        torch.cuda.empty_cache()
 
 
-def loader_rate(args: argparse.Namespace, setup: Setup, device: torch.device, splits: Any,
-                mean: np.ndarray) -> float:
-    """Images/s of a loader alone (decode where it decodes, augment, lay out; no model)."""
-    if setup.loader == "baseline":
-        batches = baseline.batches(baseline.make_loader(splits.train.images, splits.train.labels, mean, BATCH, device))
-        batches = ((x.to(device, non_blocking=True), y) for x, y in batches)
-    else:
-        dtype = torch.bfloat16 if setup.amp else torch.float32
-        batches = endless(fastres_data(args, setup, device, dtype).train)
-        if setup.loader == "cpu":
-            batches = to_device(batches, device)
-    n = args.loader_batches
-
-    def pull(k: int) -> None:
-        for _ in range(k):
-            next(batches)
-    pull(2)
-    return n * BATCH / timed(lambda: pull(n), device)
+def describe(row: dict[str, Any]) -> str:
+    if "it_s" in row:
+        return f"{row['it_s']:8.2f} it/s"
+    return f"skipped: {row['skipped']}" if "skipped" in row else f"FAILED: {row['error']}"
 
 
 def print_table(result: dict[str, Any]) -> None:
@@ -193,12 +278,12 @@ def print_table(result: dict[str, Any]) -> None:
                 "eval img/s"):
         table.add_column(col, justify="left" if col in ("model", "configuration") else "right")
     for r in result["rows"]:
-        if "skipped" in r:
-            table.add_row(r["model"], r["name"], "-", r["skipped"], "", "", "", "")
+        if "it_s" not in r:
+            table.add_row(r["model"], r["name"], "-", describe(r).strip(), "", "", "", "")
             continue
         table.add_row(r["model"], r["name"], f"{r['it_s']:.1f}", f"{r['it_s_min']:.1f}-{r['it_s_max']:.1f}",
-                      f"{r['speedup']:.2f}x", f"{r['first_steps_s']:.1f}", str(r.get("peak_mem_mib", "-")),
-                      f"{r['eval_img_s']:.0f}" if "eval_img_s" in r else "-")
+                      f"{r['speedup']:.2f}x" if r["speedup"] else "-", f"{r['first_steps_s']:.1f}",
+                      str(r.get("peak_mem_mib", "-")), f"{r['eval_img_s']:.0f}" if "eval_img_s" in r else "-")
     loaders_table = Table(title="loaders alone (images/s)")
     loaders_table.add_column("loader")
     loaders_table.add_column("images/s", justify="right")
@@ -210,10 +295,10 @@ def print_table(result: dict[str, Any]) -> None:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = Parser(prog="python bench/throughput.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="auto")
-    p.add_argument("--models", default="resnet20,resnet56,resnet110")
-    p.add_argument("--data", default=str(REAL_DATA) if REAL_DATA.is_dir() else None,
+    p.add_argument("--models", help="comma-separated (default resnet20,resnet56,resnet110; --quick: resnet20)")
+    p.add_argument("--data", default=os.path.relpath(REAL_DATA) if REAL_DATA.is_dir() else None,
                    help="CIFAR-10 source (default: the shared JPEG copy if present, else the official archive)")
     p.add_argument("--warmup", type=int, default=30, help="untimed steps first (compilation, graph capture)")
     p.add_argument("--steps", type=int, default=100, help="steps per timed repeat")
@@ -221,46 +306,37 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--loader-batches", type=int, default=100)
     p.add_argument("--eval-batch", type=int, default=1000)
     p.add_argument("--setups", help="comma-separated row numbers of the matrix to run (default all)")
-    p.add_argument("--quick", action="store_true", help="resnet20 only, few steps: about two minutes on 2 CPU cores")
+    p.add_argument("--quick", action="store_true", help="ResNet-20 only, few steps: the CPU-sized matrix")
+    p.add_argument("--budget-s", type=float, default=float("inf"), help="start no row after this many seconds")
     p.add_argument("--out", type=Path, help="JSON output (default bench/out/throughput-<device>-<time>.json)")
     args = p.parse_args(argv)
+    if not args.quick and args.device == "auto" and not torch.cuda.is_available():
+        print("bench: no GPU here: running the CPU-sized matrix (--quick); the full matrix on a CPU takes hours "
+              "(ask for it with --device cpu)", flush=True)
+        args.quick = True
     if args.quick:
-        args.models, args.warmup, args.steps, args.repeats, args.loader_batches = "resnet20", 2, 5, 3, 5
+        args.warmup, args.steps, args.repeats, args.loader_batches = 2, 5, 3, 5
+    args.models = args.models or ("resnet20" if args.quick else "resnet20,resnet56,resnet110")
     return args
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def main(argv: list[str] | None = None, on_save: Callable[[dict[str, Any]], None] | None = None) -> int:
     args = parse_args(argv)
-    device = pick_device(args.device)
-    configure_backends(device)
-    _, splits = loaders.load_splits(RunConfig(model="resnet20", data=args.data))
-    mean, _ = augment.normalization_stats(splits.train.images)
+    if args.out is None and on_save is None:
+        args.out = ROOT / "bench" / "out" / f"throughput-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
     matrix = [MATRIX[int(i)] for i in args.setups.split(",")] if args.setups else list(MATRIX)
-    result: dict[str, Any] = {
-        "device": device_name(device), "versions": versions(), "batch_size": BATCH,
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "args": {k: str(v) for k, v in vars(args).items()},
-        "rows": [], "loaders": {}}
-    for model_name in args.models.split(","):
-        base = None
-        for setup in matrix:
-            reason = available(setup, device)
-            if reason:
-                result["rows"].append({"model": model_name, "name": setup.name, "skipped": reason})
-                continue
-            row = run_row(args, model_name, setup, device, splits, mean)
-            base = row["it_s"] if setup.loader == "baseline" else base
-            row["speedup"] = row["it_s"] / base if base else float("nan")
-            result["rows"].append(row)
-            print(f"{model_name:10s} {setup.name:36s} {row['it_s']:8.2f} it/s", flush=True)
-    for label, setup in LOADERS:
-        result["loaders"][label] = available(setup, device) or loader_rate(args, setup, device, splits, mean)
-    out = args.out or ROOT / "bench" / "out" / f"throughput-{device.type}-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    started = time.perf_counter()
+    bench = Bench(args, on_save)
+    result = bench.run(matrix)
+    result["seconds"] = round(time.perf_counter() - started, 1)
+    bench.save()
     print_table(result)
-    print(f"written {out}")
-    return result
+    if args.out is not None:
+        print(f"written {args.out}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main))

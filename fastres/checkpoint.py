@@ -10,8 +10,8 @@ from typing import Any
 import torch
 
 from fastres import atomic
-from fastres.cli import RunError
 from fastres.config import RunConfig
+from fastres.errors import RunError
 
 CONFIG = "config.json"
 CHECKPOINT = "checkpoint.pt"

@@ -7,13 +7,7 @@ import argparse
 import sys
 from collections.abc import Callable
 
-from fastres.data.dataset import DataError
-
-EXIT_USAGE = 2
-
-
-class UsageError(Exception):
-    """A bad argument or option; the message is one line for the user."""
+from fastres.errors import EXIT_USAGE, EXPECTED, UsageError
 
 
 class Parser(argparse.ArgumentParser):
@@ -23,14 +17,10 @@ class Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
-class RunError(Exception):
-    """A run cannot start or continue (e.g. unwritable run directory, no checkpoint)."""
-
-
 def run_main(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:
     """Call `main`, turning the expected errors into `fastres: error: ...` and exit 2."""
     try:
         return main(argv)
-    except (UsageError, DataError, RunError) as e:
+    except EXPECTED as e:
         print(f"fastres: error: {e}", file=sys.stderr)
         return EXIT_USAGE

@@ -11,9 +11,12 @@ from pathlib import Path
 from typing import Any
 
 from fastres import schedule
-from fastres.cli import Parser, UsageError
+from fastres.cli import Parser
 from fastres.data.augment import NORMALIZATIONS
+from fastres.errors import UsageError
 from fastres.models import SHORTCUTS, parse_model_name
+from fastres.runtime import PRECISIONS
+from fastres.step import PAPER_MOMENTUM, PAPER_WEIGHT_DECAY
 
 LOADERS = ("torch", "dali")
 AMP_DTYPES = ("auto", "bf16", "fp16")
@@ -31,8 +34,8 @@ class RunConfig:
     lr: float = schedule.PAPER_LR
     warmup_iters: int = 0
     warmup_lr: float = schedule.WARMUP_LR
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
+    momentum: float = PAPER_MOMENTUM
+    weight_decay: float = PAPER_WEIGHT_DECAY
     batch_size: int = 128
     seed: int = 0
     data: str | None = None
@@ -41,7 +44,8 @@ class RunConfig:
     loader: str = "torch"
     device: str = "auto"
     amp: bool = False
-    amp_dtype: str = "auto"  # bf16 where the device supports it, else fp16
+    amp_dtype: str = "auto"  # bf16 where the device computes it natively; else fp16 on a GPU, fp32 on a CPU
+    precision: str | None = None  # fp32, bf16 or fp16: resolved from the two above at the start, then kept
     channels_last: bool = False
     compile: bool = False
     eval_every: int = 2000
@@ -91,6 +95,8 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise UsageError("--lr and the warm-up lr must be positive and --warmup-iters not negative")
     if not 0 <= cfg.momentum < 1 or cfg.weight_decay < 0:
         raise UsageError("--momentum must be in [0, 1) and --wd not negative")
+    if cfg.precision is not None and cfg.precision not in PRECISIONS:
+        raise UsageError(f"precision {cfg.precision!r}: expected one of {', '.join(PRECISIONS)}")
     if cfg.val_split < 0:
         raise UsageError(f"--val-split must be 0 or more, got {cfg.val_split}")
     return cfg
@@ -126,7 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="auto (cuda if present), cpu, cuda, cuda:N")
     p.add_argument("--amp", action="store_true", default=None, help="mixed precision with torch.amp")
     p.add_argument("--amp-dtype", choices=AMP_DTYPES,
-                   help="auto (default: bf16 where supported, else fp16), bf16, or fp16 (with a GradScaler)")
+                   help="auto (default: bf16 where the device computes it natively, else fp16 on a GPU and "
+                   "fp32 on a CPU), bf16, or fp16 (with a GradScaler)")
     p.add_argument("--channels-last", action="store_true", default=None)
     p.add_argument("--compile", action="store_true", default=None,
                    help="torch.compile the model (with CUDA graphs on a GPU)")

@@ -12,7 +12,7 @@ from fastres.cli import Parser, run_main
 from fastres.config import LOADERS
 from fastres.data import loaders
 from fastres.models import build_model
-from fastres.runtime import amp_dtype, pick_device
+from fastres.runtime import PRECISIONS, pick_device, requested_precision, resolve_precision
 from fastres.step import error_rate
 
 
@@ -31,8 +31,11 @@ def main(argv: list[str] | None = None) -> int:
     model.load_state_dict(state["model"])
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    dtype = amp_dtype(device, cfg.amp, cfg.amp_dtype)
-    data = loaders.build(cfg, loaders.Placement(device, dtype or torch.float32, cfg.channels_last))
+    precision, _ = resolve_precision(device, cfg.precision or requested_precision(cfg.amp, cfg.amp_dtype))
+    dtype = PRECISIONS[precision]
+    prepared = loaders.prepare(cfg.data, cfg.val_split, cfg.seed, cfg.normalize)
+    data = loaders.build(prepared, loaders.Placement(device, dtype or torch.float32, cfg.channels_last),
+                         eval_batch_size=cfg.eval_batch_size, loader=cfg.loader)
     for name, loader in data.evals.items():
         error = error_rate(model, loader, device, dtype)
         print(f"{cfg.model} at iteration {state['step']}: {name} error {100 * error:.2f}%")

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from fastres import atomic, checkpoint
-from fastres.cli import Parser, RunError, run_main
+from fastres.cli import Parser, run_main
+from fastres.errors import RunError
 from fastres.models import parse_model_name
 
 # He et al. 2016, Table 6: CIFAR-10 test error (%), option A. Plain nets and option B appear

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import platform
 import subprocess
 from pathlib import Path
@@ -11,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fastres.cli import RunError
+from fastres.errors import RunError
 
 
 def pick_device(name: str) -> torch.device:
@@ -36,17 +37,49 @@ def configure_backends(device: torch.device) -> None:
         torch.backends.cudnn.benchmark = True
 
 
-def amp_dtype(device: torch.device, amp: bool, name: str) -> torch.dtype | None:
-    """The autocast dtype, or None without AMP. "auto" is bf16 (fp32's range: no loss
-    scaling) where the device supports it, else fp16."""
-    if not amp:
-        return None
-    bf16_ok = device.type != "cuda" or torch.cuda.is_bf16_supported()
-    if name == "auto":
-        name = "bf16" if bf16_ok else "fp16"
-    if name == "bf16" and not bf16_ok:
-        raise RunError("this GPU has no bf16 support: use --amp-dtype fp16")
-    return torch.bfloat16 if name == "bf16" else torch.float16
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# oneDNN ISA caps (ONEDNN_MAX_CPU_ISA) below which it has no bf16 instructions to use.
+_NO_BF16_ISAS = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI"}
+
+
+def cpu_bf16_native() -> bool:
+    """Whether this CPU computes bf16 in hardware (AVX-512 BF16 or AMX), as torch's own CPU
+    probe reports it. Elsewhere oneDNN emulates bf16: measured 10x slower than fp32 for a
+    ResNet-20 step on an AVX2-only machine of this project. A cap set with
+    ONEDNN_MAX_CPU_ISA below those instruction sets counts as no native bf16."""
+    if os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper() in _NO_BF16_ISAS:
+        return False
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(probe() for probe in probes if probe is not None)
+
+
+def requested_precision(amp: bool, amp_dtype: str) -> str:
+    """What the command line asks for: fp32 without --amp, else auto, bf16 or fp16."""
+    return amp_dtype if amp else "fp32"
+
+
+def resolve_precision(device: torch.device, requested: str) -> tuple[str, str | None]:
+    """The precision a run trains in (fp32, bf16 or fp16) and, when it differs from what a
+    user may expect, one line saying why. "auto" is bf16 (fp32's range: no loss scaling)
+    where the device computes it natively; else fp16 on a GPU, and fp32 on a CPU, where
+    fp16 autocast brings no speed. A resolved precision is saved in the config, so a run
+    resumed on another processor keeps it."""
+    if device.type == "cuda":
+        bf16_ok = torch.cuda.is_bf16_supported()
+        if requested == "auto":
+            return ("bf16" if bf16_ok else "fp16"), None
+        if requested == "bf16" and not bf16_ok:
+            raise RunError("this GPU has no bf16 support: use --amp-dtype fp16")
+        return requested, None
+    native = cpu_bf16_native()
+    if requested == "auto":
+        if native:
+            return "bf16", None
+        return "fp32", ("note: AMP is off on this CPU: it has no native bf16 (AVX-512 BF16 or AMX), where bf16 "
+                        "is emulated and about 10x slower; training in fp32 (--amp-dtype bf16 forces bf16)")
+    if requested == "bf16" and not native:
+        return "bf16", "warning: bf16 is emulated on this CPU (no AVX-512 BF16 or AMX) and about 10x slower than fp32"
+    return requested, None
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:

@@ -2,24 +2,31 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastres.config import RunConfig
-from fastres.data.loaders import Loader
 from fastres.runtime import autocast
+from fastres.schedule import PAPER_LR
+
+if TYPE_CHECKING:
+    from fastres.data.loaders import Loader
+
+PAPER_MOMENTUM = 0.9
+PAPER_WEIGHT_DECAY = 1e-4
 
 
-def make_optimizer(model: nn.Module, cfg: RunConfig, device: torch.device,
-                   amp_dtype: torch.dtype | None) -> torch.optim.SGD:
+def make_optimizer(model: nn.Module, device: torch.device, amp_dtype: torch.dtype | None,
+                   momentum: float = PAPER_MOMENTUM, weight_decay: float = PAPER_WEIGHT_DECAY) -> torch.optim.SGD:
     """The paper's SGD: momentum 0.9 and weight decay 1e-4 on every parameter (as in the
     authors' code, BN included). Fused on CUDA (one kernel for all parameters), foreach
     elsewhere; also foreach under fp16 loss scaling, where fused SGD has been reported to
     advance its momentum on the steps GradScaler skips (torch 2.11, LibreYOLO PR #771)."""
     fused = device.type == "cuda" and amp_dtype != torch.float16
-    return torch.optim.SGD(model.parameters(), lr=cfg.lr_at(0), momentum=cfg.momentum,
-                           weight_decay=cfg.weight_decay, fused=fused or None, foreach=None if fused else True)
+    return torch.optim.SGD(model.parameters(), lr=PAPER_LR, momentum=momentum, weight_decay=weight_decay,
+                           fused=fused or None, foreach=None if fused else True)
 
 
 def compile_model(model: nn.Module, device: torch.device) -> nn.Module:
@@ -28,8 +35,12 @@ def compile_model(model: nn.Module, device: torch.device) -> nn.Module:
     gradients) become two graph replays. Shapes are
     static (the loaders drop partial training batches), so the graphs are captured once
     per mode (train, eval) and replayed; BN's running statistics are buffers updated in
-    place inside the graph."""
-    return torch.compile(model, mode="reduce-overhead" if uses_cuda_graphs(model, device) else None)
+    place inside the graph. `dynamic=False`: without it, the first evaluation batch of
+    another size makes Dynamo mark the batch dimension dynamic, and every later compile of
+    the same code (the next model in a benchmark, the train graph after an evaluation)
+    becomes a different, dynamic graph. The training loop, the benchmark and the GPU check
+    all compile through this one function."""
+    return torch.compile(model, mode="reduce-overhead" if uses_cuda_graphs(model, device) else None, dynamic=False)
 
 
 def uses_cuda_graphs(model: nn.Module, device: torch.device) -> bool:
@@ -43,12 +54,12 @@ class TrainStep:
 
     The optimizer stays eager: fused SGD on CUDA is one kernel for all parameters, and the
     learning rate is a plain float written into the param group each step, so a schedule
-    change can never trigger a recompile."""
+    change can never trigger a recompile; it is set by the caller before each step."""
 
-    def __init__(self, model: nn.Module, cfg: RunConfig, device: torch.device, amp_dtype: torch.dtype | None,
-                 compile: bool) -> None:
+    def __init__(self, model: nn.Module, device: torch.device, amp_dtype: torch.dtype | None, compile: bool, *,
+                 momentum: float = PAPER_MOMENTUM, weight_decay: float = PAPER_WEIGHT_DECAY) -> None:
         self.model, self.device, self.amp_dtype = model, device, amp_dtype
-        self.optimizer = make_optimizer(model, cfg, device, amp_dtype)
+        self.optimizer = make_optimizer(model, device, amp_dtype, momentum, weight_decay)
         self.forward = compile_model(model, device) if compile else model
         self.cuda_graphs = compile and uses_cuda_graphs(model, device)
         # fp16 needs loss scaling; bf16 has fp32's range and does not.

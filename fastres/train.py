@@ -19,11 +19,21 @@ import torch
 from fastres import checkpoint, distributed
 from fastres.atomic import write_json
 from fastres.cli import run_main
-from fastres.config import RunConfig, UsageError, build_parser, config_from_args, validate
+from fastres.config import RunConfig, build_parser, config_from_args, validate
 from fastres.data import loaders
+from fastres.errors import UsageError
 from fastres.models import build_model, count_parameters
 from fastres.progress import Reporter
-from fastres.runtime import amp_dtype, configure_backends, device_name, git_commit, pick_device, versions
+from fastres.runtime import (
+    PRECISIONS,
+    configure_backends,
+    device_name,
+    git_commit,
+    pick_device,
+    requested_precision,
+    resolve_precision,
+    versions,
+)
 from fastres.step import TrainStep
 
 RESUME_OVERRIDES = ("device", "progress")  # options that may change on resume: they change no result
@@ -96,14 +106,19 @@ def _train(cfg: RunConfig, dist: distributed.DistInfo, resume: dict[str, Any] | 
     if cfg.batch_size % dist.world_size:
         raise UsageError(f"--batch-size {cfg.batch_size} does not split over {dist.world_size} processes")
     configure_backends(device)
+    precision, note = resolve_precision(device, cfg.precision or requested_precision(cfg.amp, cfg.amp_dtype))
+    cfg = dataclasses.replace(cfg, precision=precision)
+    dtype = PRECISIONS[precision]
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, cfg.shortcut).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    dtype = amp_dtype(device, cfg.amp, cfg.amp_dtype)
     where = loaders.Placement(device, dtype or torch.float32, cfg.channels_last, dist.rank, dist.world_size)
-    data = loaders.build(cfg, where)
-    step_fn = TrainStep(distributed.wrap(model, dist), cfg, device, dtype, cfg.compile)
+    data = loaders.build(loaders.prepare(cfg.data, cfg.val_split, cfg.seed, cfg.normalize), where,
+                         batch_size=cfg.batch_size, eval_batch_size=cfg.eval_batch_size, seed=cfg.seed,
+                         loader=cfg.loader)
+    step_fn = TrainStep(distributed.wrap(model, dist), device, dtype, cfg.compile, momentum=cfg.momentum,
+                        weight_decay=cfg.weight_decay)
     optimizer = step_fn.optimizer
     spe = data.train.steps_per_epoch
     log = checkpoint.MetricsLog(run_dir)
@@ -130,6 +145,8 @@ def _train(cfg: RunConfig, dist: distributed.DistInfo, resume: dict[str, Any] | 
     reporter.message(f"fastres: {cfg.model} ({params:,} parameters) on {device_name(device)}; "
                      f"data {data.source}; {data.train_size} training images, {spe} steps/epoch")
     reporter.message(f"config: {cfg}")
+    if note and dist.is_main:
+        print(f"fastres: {note}", file=sys.stderr)
 
     def save(step: int, clock: Clock) -> None:
         if not dist.is_main:
@@ -195,7 +212,7 @@ def _train(cfg: RunConfig, dist: distributed.DistInfo, resume: dict[str, Any] | 
     results = {
         "model": cfg.model, "shortcut": cfg.shortcut, "params": params, "iters": cfg.iters,
         "test_error": final.get("test_error"), "val_error": final.get("val_error"),
-        "amp_dtype": str(dtype).removeprefix("torch.") if dtype else None,
+        "precision": precision,
         "train_time_s": round(clock.train_time, 3), "wall_time_s": round(clock.wall(), 3),
         "mean_it_s": round(cfg.iters / clock.train_time, 3),
         "device": device_name(device), "world_size": dist.world_size, "versions": versions(),

@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         if (run_dir / checkpoint.CHECKPOINT).exists():
             state = checkpoint.load(run_dir)
             saved = checkpoint.config_of(state)
-            keep = ("device", "progress")
+            keep = ("device", "progress", "precision")  # precision: resolved at the start, then kept
             if dataclasses.replace(saved, **{k: getattr(cfg, k) for k in keep}) != cfg:
                 p.error(f"{run_dir} holds a run with another configuration; move it away or choose another --out")
             print(f"resuming: {run_dir} at iteration {state['step']}")

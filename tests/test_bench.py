@@ -4,21 +4,75 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench import throughput  # noqa: E402
+from fastres.data import loaders  # noqa: E402
 
 
 def test_throughput_harness_smoke(tiny_tree: Path, tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
-    result = throughput.main(["--device", "cpu", "--models", "resnet8", "--data", str(tiny_tree), "--warmup", "1",
-                              "--steps", "1", "--repeats", "2", "--loader-batches", "1", "--eval-batch", "20",
-                              "--setups", "0,1,3,6", "--out", str(out)])
-    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    saved = []
+    assert throughput.main(["--device", "cpu", "--models", "resnet8", "--data", str(tiny_tree), "--warmup", "1",
+                            "--steps", "1", "--repeats", "2", "--loader-batches", "1", "--eval-batch", "20",
+                            "--setups", "0,1,3,6", "--out", str(out)], on_save=lambda r: saved.append(len(r["rows"]))) == 0
+    result = json.loads(out.read_text())
+    assert saved[:4] == [1, 2, 3, 4]  # the JSON is rewritten after every row, not only at the end
     rows = {r["name"]: r for r in result["rows"]}
-    assert rows["baseline (DataLoader, eager fp32)"]["speedup"] == 1.0
-    for name in ("fastres eager fp32", "+ amp"):
-        assert rows[name]["it_s"] > 0 and len(rows[name]["repeats"]) == 2 and rows[name]["eval_img_s"] > 0
-    assert "skipped" in rows["+ compile, CPU loader"]  # no GPU: the host loader is the torch loader
-    assert result["versions"]["torch"] and result["device"]
-    assert all(isinstance(v, str) or v > 0 for v in result["loaders"].values())
+    assert [r["name"] for r in result["rows"]][0] == "baseline (DataLoader, eager fp32)"
+    for name in ("fastres eager fp32", "+ amp", "+ compile, host loader"):
+        row = rows[name]
+        assert row["it_s"] > 0 and len(row["repeats"]) == 2 and row["eval_img_s"] > 0 and row["eval_first_s"] > 0
+        assert row["speedup"] == pytest.approx(row["it_s"] / rows["baseline (DataLoader, eager fp32)"]["it_s"])
+    assert str(tiny_tree) in result["data"] and "data" not in result["args"]
+    assert all(isinstance(v, float) and v > 0 for v in result["loaders"].values())
 
+
+def test_a_failing_row_is_recorded_and_the_others_still_run(tiny_tree: Path, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    real_row = throughput.Bench.row
+
+    def row(self, model_name, setup):
+        if setup.name == "fastres eager fp32":
+            raise RuntimeError("Expected all tensors to be on the same device")
+        return real_row(self, model_name, setup)
+    monkeypatch.setattr(throughput.Bench, "row", row)
+    out = tmp_path / "bench.json"
+    throughput.main(["--device", "cpu", "--models", "resnet8", "--data", str(tiny_tree), "--warmup", "1", "--steps",
+                     "1", "--repeats", "1", "--loader-batches", "1", "--setups", "0,1,3", "--out", str(out)])
+    rows = {r["name"]: r for r in json.loads(out.read_text())["rows"]}
+    assert rows["fastres eager fp32"]["error"] == "RuntimeError: Expected all tensors to be on the same device"
+    assert rows["+ amp"]["it_s"] > 0
+
+
+def test_no_row_starts_after_the_budget(tiny_tree: Path, tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    throughput.main(["--device", "cpu", "--models", "resnet8,resnet14", "--data", str(tiny_tree), "--warmup", "1",
+                     "--steps", "1", "--repeats", "1", "--setups", "0,1", "--budget-s", "0", "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert [r.get("skipped") for r in result["rows"]] == ["budget spent"] * 4
+    assert set(result["loaders"].values()) <= {"budget spent", "DALI not installed"}
+
+
+def test_key_rows_of_every_model_come_first() -> None:
+    order = throughput.order_rows(["resnet20", "resnet56"], list(throughput.MATRIX))
+    assert [(m, s.name) for m, s in order[:4]] == [
+        ("resnet20", "baseline (DataLoader, eager fp32)"), ("resnet20", "+ compile"),
+        ("resnet56", "baseline (DataLoader, eager fp32)"), ("resnet56", "+ compile")]
+    assert len(order) == 2 * len(throughput.MATRIX)
+
+
+def test_host_batches_reach_the_device_in_training_and_evaluation(tiny_tree: Path) -> None:
+    """The host loader sends every batch, training and evaluation, through one hop (the
+    'meta' device stands in for a GPU: a batch that skipped the hop would stay on the CPU)."""
+    meta = torch.device("meta")
+    data = loaders.build(loaders.prepare(str(tiny_tree)), loaders.Placement(meta, host=True), batch_size=32,
+                         eval_batch_size=16)
+    for loader in (data.train, data.evals["test"]):
+        for x, y in loader.epoch(0):
+            assert x.device == meta and y.device == meta
+    x, y = next(loaders.build(loaders.prepare(str(tiny_tree)), loaders.Placement(torch.device("cpu"), host=True),
+                              batch_size=32).train.epoch(0))
+    assert x.device.type == "cpu" and x.shape == (32, 3, 32, 32)

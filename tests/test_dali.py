@@ -98,7 +98,15 @@ def test_resume_mid_epoch(tiny) -> None:
     assert all(torch.equal(a[0], b[0]) for a, b in zip(again[len(part):], ref.epoch(3), strict=True))
 
 
-def test_training_with_dali_learns_and_matches_torch(tiny_tree: Path, tmp_path: Path) -> None:
+def test_training_with_dali_learns_and_matches_torch(tiny_tree: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    builds = {True: 0, False: 0}
+    real_build = dali_loader.DaliLoader._build
+
+    def counting_build(self, first_epoch: int, start: int) -> None:
+        builds[self.train] += 1
+        real_build(self, first_epoch, start)
+    monkeypatch.setattr(dali_loader.DaliLoader, "_build", counting_build)
     runs = {loader: train(tiny_config(tiny_tree, tmp_path / loader, loader=loader, iters=40, milestones=(30,)))
             for loader in ("dali", "torch")}
     losses = {k: [m["train_loss"] for m in checkpoint.MetricsLog(tmp_path / k).read() if "train_loss" in m]
@@ -106,6 +114,9 @@ def test_training_with_dali_learns_and_matches_torch(tiny_tree: Path, tmp_path: 
     assert losses["dali"][-1] < 0.5 * losses["dali"][0]
     assert losses["dali"] == losses["torch"]  # same batches, same model: the same run
     assert runs["dali"]["test_error"] == runs["torch"]["test_error"]
+    # 8 epochs of 5 batches and 4 evaluations, yet one training and one evaluation pipeline:
+    # the trainer takes exactly steps_per_epoch batches and never drains the epoch itself.
+    assert builds == {True: 1, False: 1}
 
 
 def test_missing_dali_is_one_line(tiny_tree: Path, monkeypatch: pytest.MonkeyPatch, capsys, tmp_path: Path) -> None:

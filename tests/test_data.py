@@ -10,7 +10,8 @@ from conftest import class_images, write_official, write_tree
 from PIL import Image
 
 from fastres.data import images, official, sources
-from fastres.data.dataset import CLASSES, DataError, hold_out
+from fastres.data.dataset import CLASSES, hold_out
+from fastres.errors import DataError
 
 
 def test_official_reader_keeps_batch_order_and_pixels(tmp_path: Path) -> None:

@@ -2,7 +2,6 @@ import copy
 
 import torch
 
-from fastres.config import RunConfig
 from fastres.models import build_model
 from fastres.step import TrainStep, error_rate, make_optimizer
 
@@ -13,9 +12,8 @@ def test_compiled_step_matches_eager() -> None:
     torch.manual_seed(0)
     eager_model = build_model("resnet8")
     compiled_model = copy.deepcopy(eager_model)
-    cfg = RunConfig(model="resnet8")
-    eager = TrainStep(eager_model, cfg, CPU, None, compile=False)
-    compiled = TrainStep(compiled_model, cfg, CPU, None, compile=True)
+    eager = TrainStep(eager_model, CPU, None, compile=False)
+    compiled = TrainStep(compiled_model, CPU, None, compile=True)
     g = torch.Generator().manual_seed(1)
     for _ in range(3):
         x, y = torch.randn(32, 3, 32, 32, generator=g), torch.randint(0, 10, (32,), generator=g)
@@ -28,7 +26,7 @@ def test_compiled_step_matches_eager() -> None:
 
 def test_step_reads_nothing_back_and_lr_is_set() -> None:
     model = build_model("resnet8")
-    step = TrainStep(model, RunConfig(model="resnet8"), CPU, torch.bfloat16, False)
+    step = TrainStep(model, CPU, torch.bfloat16, False)
     step.set_lr(0.001)
     loss, wrong = step(torch.randn(8, 3, 32, 32), torch.zeros(8, dtype=torch.int64))
     assert loss.shape == () and wrong.dtype == torch.int64 and 0 <= wrong.item() <= 8
@@ -55,7 +53,7 @@ def test_error_rate_counts_every_image_in_eval_mode() -> None:
 
 def test_optimizer_is_the_papers() -> None:
     model = build_model("resnet8")
-    opt = make_optimizer(model, RunConfig(model="resnet8"), CPU, None)
+    opt = make_optimizer(model, CPU, None)
     group = opt.param_groups[0]
     assert (group["lr"], group["momentum"], group["weight_decay"], group["nesterov"]) == (0.1, 0.9, 1e-4, False)
     assert sum(p.numel() for p in group["params"]) == 75_290  # weight decay on every parameter, BN included

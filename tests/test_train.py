@@ -9,13 +9,15 @@ import pytest
 import torch
 from conftest import subprocess_env
 
-from fastres import checkpoint
+from fastres import checkpoint, runtime
 from fastres.cli import run_main
 from fastres.config import RunConfig
 from fastres.evaluate import main as evaluate_main
+from fastres.models import CifarResNet
 from fastres.train import main as train_main
 from fastres.train import train
 
+real_forward = CifarResNet.forward
 DETERMINISTIC = ("iter", "epoch", "lr", "train_loss", "train_error", "test_error", "val_error")
 
 
@@ -129,9 +131,41 @@ def test_cli_exit_code_without_traceback(tmp_path: Path, _private_cache: Path) -
         "fastres: error: resnet21: depth must be 6n+2 with n >= 1 (20, 32, 44, 56, 110, ...)")
 
 
-def test_amp_dtypes_and_channels_last(tiny_tree: Path, tmp_path: Path) -> None:
-    for amp_dtype, expected in (("auto", "bfloat16"), ("fp16", "float16")):
-        cfg = tiny_config(tiny_tree, tmp_path / amp_dtype, iters=4, eval_every=4, amp=True, amp_dtype=amp_dtype,
-                          channels_last=True)
-        results = train(cfg)
-        assert results["amp_dtype"] == expected and 0 <= results["test_error"] <= 1
+@pytest.mark.parametrize("native", [True, False])
+def test_amp_precision_follows_the_cpu(tiny_tree: Path, tmp_path: Path, native: bool,
+                                       monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    """--amp trains in bf16 only where the CPU computes it natively; elsewhere it says so
+    once and trains in fp32. A forced bf16 still works, with a warning. The precision used
+    is in the config and the results."""
+    monkeypatch.setattr(runtime, "cpu_bf16_native", lambda: native)
+    seen = []
+    monkeypatch.setattr(CifarResNet, "forward", lambda self, x: seen.append(x.dtype) or real_forward(self, x))
+    results = train(tiny_config(tiny_tree, tmp_path / "auto", iters=2, eval_every=2, amp=True, channels_last=True))
+    err = capsys.readouterr().err
+    expected = "bf16" if native else "fp32"
+    assert results["precision"] == expected and results["config"]["precision"] == expected
+    assert json.loads((tmp_path / "auto" / "config.json").read_text())["precision"] == expected
+    assert ("AMP is off on this CPU" in err) == (not native) and err.count("fastres: note") == (0 if native else 1)
+    assert set(seen) == {torch.bfloat16 if native else torch.float32}  # what the model really receives
+
+    forced = train(tiny_config(tiny_tree, tmp_path / "forced", iters=2, eval_every=2, amp=True, amp_dtype="bf16"))
+    assert forced["precision"] == "bf16"
+    assert ("bf16 is emulated on this CPU" in capsys.readouterr().err) == (not native)
+
+
+def test_fp16_trains_with_a_scaler(tiny_tree: Path, tmp_path: Path) -> None:
+    results = train(tiny_config(tiny_tree, tmp_path / "fp16", iters=4, eval_every=4, amp=True, amp_dtype="fp16",
+                                channels_last=True))
+    assert results["precision"] == "fp16"
+    assert checkpoint.load(tmp_path / "fp16")["scaler"]["scale"] > 0  # a live GradScaler state was saved
+
+
+def test_resume_keeps_the_precision_on_another_cpu(tiny_tree: Path, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    run = tmp_path / "run"
+    monkeypatch.setattr(runtime, "cpu_bf16_native", lambda: True)
+    assert train(tiny_config(tiny_tree, run, iters=10, amp=True), stop_at=5) is None
+    monkeypatch.setattr(runtime, "cpu_bf16_native", lambda: False)  # resumed on an AVX2-only machine
+    assert run_main(train_main, ["--resume", str(run)]) == 0
+    assert json.loads((run / "results.json").read_text())["precision"] == "bf16"
+

@@ -15,9 +15,9 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from fastres.cli import UsageError
 from fastres.data import plan
 from fastres.data.dataset import EncodedSplit, Split
+from fastres.errors import UsageError
 
 try:
     from nvidia.dali import fn, pipeline_def, types
@@ -144,8 +144,10 @@ class DaliLoader:
         self.seed = seed
         self._iterator: DALIGenericIterator | None = None
         self._next: tuple[int, int] | None = None
+        self.builds = 0  # pipelines built: one per run unless it jumps (resume) or stops mid-epoch
 
     def _build(self, first_epoch: int, start: int) -> None:
+        self.builds += 1
         self.source.restart(first_epoch, start)
         build = pipeline_def(_pipeline, batch_size=self.batch_size, num_threads=NUM_THREADS,
                              device_id=self.device_id, seed=self.seed)
@@ -157,15 +159,28 @@ class DaliLoader:
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[Batch]:
         """The batches of one epoch from batch `start` on. Consecutive epochs reuse the
-        pipeline; a jump (resume, or a new evaluation pass) rebuilds it."""
+        pipeline; a jump (resume, or an epoch left unfinished) rebuilds it."""
         if not self.train:
             epoch = start = 0
         if self._iterator is None or (epoch, start) != self._next:
             self._build(epoch, start)
         self._next = None  # an epoch left unfinished cannot be continued: rebuild next time
-        for out in self._iterator:
-            x, y = out[0]["images"], out[0]["labels"]
+        iterator, last = self._iterator, self.steps_per_epoch - 1
+        for k in range(start, self.steps_per_epoch):
+            out = next(iterator)[0]
+            x, y = out["images"], out["labels"]
+            if k == last:
+                # The trainer takes exactly steps_per_epoch batches and never resumes this
+                # generator after the last one, so the epoch is closed before handing it out.
+                self._close_epoch(epoch)
             yield (x.permute(0, 3, 1, 2) if self.channels_last else x), y.view(-1)
-        self._iterator.reset()
-        self._next = (epoch + 1, 0) if self.train else (0, 0)
 
+    def _close_epoch(self, epoch: int) -> None:
+        """Reach the end the external source signals, and rearm the pipeline for the next epoch."""
+        try:  # next(), not a for loop: DALI's __iter__ resets an iterator that was consumed
+            next(self._iterator)
+        except StopIteration:
+            self._iterator.reset()
+        else:
+            raise RuntimeError("DALI pipeline yielded more batches than the epoch plan holds")
+        self._next = (epoch + 1, 0) if self.train else (0, 0)

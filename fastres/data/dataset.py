@@ -6,14 +6,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fastres.errors import DataError
+
 # CIFAR-10 label order, which is also alphabetical order.
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 NUM_CLASSES = len(CLASSES)
 IMAGE_SHAPE = (32, 32, 3)
-
-
-class DataError(Exception):
-    """Bad or missing data; the message is one line for the user."""
 
 
 @dataclass(frozen=True)

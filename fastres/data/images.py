@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from fastres.data.dataset import CLASSES, IMAGE_SHAPE, DataError, EncodedSplit, Split, Splits
+from fastres.data.dataset import CLASSES, IMAGE_SHAPE, EncodedSplit, Split, Splits
+from fastres.errors import DataError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 SPLIT_NAMES = ("train", "test")

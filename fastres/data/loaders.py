@@ -1,17 +1,21 @@
-"""Build the training and evaluation loaders a run asks for (`--loader torch|dali`)."""
+"""Build the training and evaluation loaders of a run (`--loader torch|dali`) from plain
+arguments: the data once prepared, batch sizes, a seed and where batches are made."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
+import numpy as np
 import torch
 
-from fastres.config import RunConfig
 from fastres.data import augment, sources
 from fastres.data.dataset import Splits, hold_out
 from fastres.data.torch_loader import TorchLoader
+
+Batch = tuple[torch.Tensor, torch.Tensor]
 
 
 class Loader(Protocol):
@@ -19,7 +23,35 @@ class Loader(Protocol):
 
     steps_per_epoch: int
 
-    def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[Batch]: ...
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A run's data: where it came from, its splits, and the normalisation of its training
+    split (the per-pixel mean is a float64 pass over 50k images: computed once here)."""
+
+    source: sources.Source
+    splits: Splits
+    mean: np.ndarray
+    std: np.ndarray
+    val_split: int = 0
+    split_seed: int = 0
+
+
+def prepare(data: str | None, val_split: int = 0, seed: int = 0, normalize: str = "pixel") -> Prepared:
+    """Resolve, load (from the decoded cache when possible), split and normalise, once per
+    process for the same files and arguments: a benchmark or GPU check building many
+    loaders pays for it once."""
+    source = sources.resolve(data)
+    return _prepare(source, sources.fingerprint(source), val_split, seed, normalize)
+
+
+@functools.lru_cache(maxsize=2)
+def _prepare(source: sources.Source, fingerprint: str, val_split: int, seed: int, normalize: str) -> Prepared:
+    splits = hold_out(sources.load(source, key=fingerprint), val_split, seed)
+    mean, std = augment.normalization_stats(splits.train.images, normalize)
+    return Prepared(source, splits, mean, std, val_split, seed)
 
 
 @dataclass
@@ -32,37 +64,64 @@ class Data:
 
 @dataclass(frozen=True)
 class Placement:
-    """Where and how batches are produced: device, dtype, layout and shard of this process."""
+    """Where and how batches are produced: device, dtype, layout and shard of this process.
+    `host=True` makes the batches on the CPU and copies each one to `device` (the host
+    loader the benchmark compares against the device-resident one)."""
 
     device: torch.device
     dtype: torch.dtype = torch.float32
     channels_last: bool = False
     shard_id: int = 0
     num_shards: int = 1
+    host: bool = False
 
 
-def load_splits(cfg: RunConfig) -> tuple[sources.Source, Splits]:
-    source = sources.resolve(cfg.data)
-    return source, hold_out(sources.load(source), cfg.val_split, cfg.seed)
+def to_device(batch: Batch, device: torch.device) -> Batch:
+    """The one host-to-device hop for batches made on the host: pinned and asynchronous
+    on a GPU (the copy overlaps the previous step), a no-op where they already are."""
+    x, y = batch
+    if x.device == device:
+        return x, y
+    if device.type == "cuda":
+        x, y = x.pin_memory(), y.pin_memory()
+    return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
 
 
-def build(cfg: RunConfig, where: Placement) -> Data:
+class HostToDevice:
+    """A loader whose batches are made on the host, each sent through `to_device`:
+    training and evaluation alike, so no host batch ever meets a device model."""
+
+    def __init__(self, loader: Loader, device: torch.device) -> None:
+        self.loader, self.device = loader, device
+        self.steps_per_epoch = loader.steps_per_epoch
+
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[Batch]:
+        for batch in self.loader.epoch(epoch, start):
+            yield to_device(batch, self.device)
+
+
+def build(data: Prepared, where: Placement, *, batch_size: int = 128, eval_batch_size: int = 1000,
+          seed: int = 0, loader: str = "torch") -> Data:
     """Loaders for a run: training batches are `batch_size / num_shards` per process."""
-    source, splits = load_splits(cfg)
-    mean, std = augment.normalization_stats(splits.train.images, cfg.normalize)
+    splits = data.splits
     loader_cls: type = TorchLoader
-    if cfg.loader == "dali":
+    if loader == "dali":
         from fastres.data.dali_loader import DaliLoader, require_dali
 
         require_dali()
         loader_cls = DaliLoader
-        encoded = sources.load_encoded(source)
+        encoded = sources.load_encoded(data.source)
         if encoded is not None:  # DALI decodes the files: same files, order and split as the arrays
-            splits = hold_out(encoded, cfg.val_split, cfg.seed)
-    common = dict(mean=mean, std=std, device=where.device, dtype=where.dtype, channels_last=where.channels_last)
-    train = loader_cls(splits.train, cfg.batch_size // where.num_shards, train=True, seed=cfg.seed,
+            splits = hold_out(encoded, data.val_split, data.split_seed)
+    made_on = torch.device("cpu") if where.host else where.device
+    common = dict(mean=data.mean, std=data.std, device=made_on, dtype=where.dtype, channels_last=where.channels_last)
+    train = loader_cls(splits.train, batch_size // where.num_shards, train=True, seed=seed,
                        shard_id=where.shard_id, num_shards=where.num_shards, **common)
-    evals = {"test": loader_cls(splits.test, cfg.eval_batch_size, train=False, **common)}
+    evals = {"test": loader_cls(splits.test, eval_batch_size, train=False, **common)}
     if splits.val is not None:
-        evals["val"] = loader_cls(splits.val, cfg.eval_batch_size, train=False, **common)
-    return Data(train, evals, f"{source.describe()} ({cfg.loader} loader)", len(splits.train))
+        evals["val"] = loader_cls(splits.val, eval_batch_size, train=False, **common)
+    if where.host:
+        train = HostToDevice(train, where.device)
+        evals = {name: HostToDevice(ev, where.device) for name, ev in evals.items()}
+    described = f"{data.source.describe()} ({loader} loader{', on the host' if where.host else ''})"
+    return Data(train, evals, described, len(splits.train))

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from fastres.data.dataset import NUM_CLASSES, DataError, Split, Splits
+from fastres.data.dataset import NUM_CLASSES, Split, Splits
+from fastres.errors import DataError
 
 ARCHIVE_NAME = "cifar-10-python.tar.gz"
 ARCHIVE_MD5 = "c58f30108f718f92721af3b95e74349a"

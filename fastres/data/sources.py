@@ -13,7 +13,8 @@ import numpy as np
 
 from fastres import atomic
 from fastres.data import images, official
-from fastres.data.dataset import DataError, Split, Splits, check_split
+from fastres.data.dataset import Split, Splits, check_split
+from fastres.errors import DataError
 
 CACHE_FORMAT = 1  # bump when the cached arrays' layout changes
 
@@ -31,9 +32,10 @@ class Source:
 
     kind: str  # "official" or "images"
     paths: tuple[Path, ...]
+    named: str = ""  # `--data` as the user wrote it: what result files record, never a resolved path
 
     def describe(self) -> str:
-        return f"{self.kind}: {', '.join(map(str, self.paths))}"
+        return f"{self.kind}: {self.named or ', '.join(p.name for p in self.paths)}"
 
 
 def _archive_holds_batches(path: Path) -> bool:
@@ -53,7 +55,7 @@ def resolve(data: str | Path | None, cache_dir: Path | None = None, url: str = o
         archive = cache_dir / official.ARCHIVE_NAME
         if not archive.is_file():
             official.download(url, archive)
-        return Source("official", (archive,))
+        return Source("official", (archive,), "official archive in the fastres cache")
     path = Path(data).expanduser()
     if not path.exists():
         raise DataError(f"--data {path}: no such file or folder")
@@ -62,20 +64,20 @@ def resolve(data: str | Path | None, cache_dir: Path | None = None, url: str = o
             raise DataError(f"--data {path}: expected {official.ARCHIVE_NAME}, a .tar/.tar.gz of "
                             "train/<class>/ and test/<class>/ images, or a folder")
         if path.name == official.ARCHIVE_NAME or _archive_holds_batches(path):
-            return Source("official", (path,))
-        return Source("images", (path,))
+            return Source("official", (path,), str(data))
+        return Source("images", (path,), str(data))
     if (path / official.ARCHIVE_NAME).is_file():
-        return Source("official", (path / official.ARCHIVE_NAME,))
+        return Source("official", (path / official.ARCHIVE_NAME,), str(data))
     if (path / "train").is_dir() and (path / "test").is_dir():
-        return Source("images", (path,))
+        return Source("images", (path,), str(data))
     archives = images.split_archives(path)
     if len(archives) == 2:
-        return Source("images", (archives["train"], archives["test"]))
+        return Source("images", (archives["train"], archives["test"]), str(data))
     raise DataError(f"--data {path}: no CIFAR-10 there; expected {official.ARCHIVE_NAME}, train/ and "
                     "test/ image folders, or train.tar.gz and test.tar.gz")
 
 
-def _fingerprint(source: Source) -> str:
+def fingerprint(source: Source) -> str:
     """Identify a source by its files' paths, sizes and modification times."""
     h = hashlib.sha256(f"{CACHE_FORMAT} {source.kind}".encode())
     for root in source.paths:
@@ -97,9 +99,10 @@ def _read(source: Source) -> Splits:
     return Splits(images.decode(encoded.train, "train"), images.decode(encoded.test, "test"))
 
 
-def load(source: Source, cache_dir: Path | None = None) -> Splits:
-    """Decoded uint8 splits, from the cache when this source was decoded before."""
-    cache = (cache_dir or default_cache_dir()) / "decoded" / f"{_fingerprint(source)}.npz"
+def load(source: Source, cache_dir: Path | None = None, key: str | None = None) -> Splits:
+    """Decoded uint8 splits, from the cache when this source was decoded before; `key` is
+    the source's fingerprint when the caller has it already."""
+    cache = (cache_dir or default_cache_dir()) / "decoded" / f"{key or fingerprint(source)}.npz"
     if cache.is_file():
         try:
             with np.load(cache) as z:
