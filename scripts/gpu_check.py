@@ -51,7 +51,7 @@ from fastres.schedule import PAPER_ITERS  # noqa: E402
 from fastres.step import TrainStep  # noqa: E402
 from fastres.train import train  # noqa: E402
 
-JSON, LOG, CHECKPOINT = "gpu_check.json", "gpu_check.log", "resnet20-checkpoint.pt"
+JSON, LOG = "gpu_check.json", "gpu_check.log"
 # Eager and compiled trajectories drift apart step by step (kernel choice, fusion, rounding);
 # over the steps compared their losses must stay this close (relative). Measured on CPU
 # (3 steps of ResNet-8): 1.4e-5 in fp32, 2.5e-4 in bf16.
@@ -149,7 +149,7 @@ def agreement(data: str, device: torch.device, model_name: str, steps: int, prec
     precision, _ = resolve_precision(device, precision)
     dtype = PRECISIONS[precision]
     where = loaders.Placement(device, dtype or torch.float32, channels_last=True)
-    batches = loaders.build(loaders.prepare(data), where).train.epoch(0)
+    batches = throughput.endless(loaders.build(loaders.prepare(data), where).train)
     eager = TrainStep(eager_model, device, dtype, compile=False)
     compiled = TrainStep(compiled_model, device, dtype, compile=True)
     losses = []
@@ -203,11 +203,13 @@ def full_run(check: Check, data: str, model_name: str, run_dir: Path) -> dict[st
     finally:
         timer.cancel()
     metrics = checkpoint.MetricsLog(run_dir).read()
-    done = metrics[-1]["iter"] if metrics else 0
-    if results is None and (run_dir / checkpoint.CHECKPOINT).is_file():
-        shutil.copyfile(run_dir / checkpoint.CHECKPOINT, check.out / CHECKPOINT)  # to resume it elsewhere
-    return {**plan, "finished": results is not None, "iters_done": done, "results": results, "metrics": metrics,
-            "checkpoint": None if results is not None else CHECKPOINT}
+    kept = None
+    if results is None and (run_dir / checkpoint.CHECKPOINT).is_file():  # unfinished: keep it to resume elsewhere
+        kept = f"{model_name}-{checkpoint.CHECKPOINT}"
+        shutil.copyfile(run_dir / checkpoint.CHECKPOINT, check.out / kept)
+    step = checkpoint.load(run_dir)["step"] if (run_dir / checkpoint.CHECKPOINT).is_file() else 0
+    return {**plan, "finished": results is not None, "iters_done": step, "results": results, "metrics": metrics,
+            "checkpoint": kept}
 
 
 def driver_version() -> str | None:
