@@ -281,7 +281,8 @@ def print_table(result: dict[str, Any]) -> None:
         if "it_s" not in r:
             table.add_row(r["model"], r["name"], "", "-", describe(r).strip(), "", "", "", "")
             continue
-        table.add_row(r["model"], r["name"], r.get("precision", "float32"), f"{r['it_s']:.1f}", f"{r['it_s_min']:.1f}-{r['it_s_max']:.1f}",
+        table.add_row(r["model"], r["name"], r.get("precision", "float32"), f"{r['it_s']:.1f}",
+                      f"{r['it_s_min']:.1f}-{r['it_s_max']:.1f}",
                       f"{r['speedup']:.2f}x" if r["speedup"] else "-", f"{r['first_steps_s']:.1f}",
                       str(r.get("peak_mem_mib", "-")), f"{r['eval_img_s']:.0f}" if "eval_img_s" in r else "-")
     loaders_table = Table(title="loaders alone (images/s)")
@@ -311,8 +312,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, help="JSON output (default bench/out/throughput-<device>-<time>.json)")
     args = p.parse_args(argv)
     if not args.quick and args.device == "auto" and not torch.cuda.is_available():
-        print("bench: no GPU here: running the CPU-sized matrix (--quick); the full matrix on a CPU takes hours "
-              "(ask for it with --device cpu)", flush=True)
+        print("bench: no GPU here: running the CPU-sized matrix (--quick); the full matrix on a CPU takes "
+              "hours (ask for it with --device cpu)", flush=True)
         args.quick = True
     if args.quick:
         args.warmup, args.steps, args.repeats, args.loader_batches = 2, 5, 3, 5

@@ -13,7 +13,6 @@ alone (no index) into a target folder to put on PYTHONPATH.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import io
 import json
@@ -78,7 +77,8 @@ def split(wheels_dir: Path, parts_dir: Path, part_mib: float) -> dict:
     size = int(part_mib * 2**20)
     pieces = [blob[i:i + size] for i in range(0, len(blob), size)]
     manifest = {"wheels": [w.name for w in wheels], "bytes": len(blob), "sha256": sha256(blob),
-                "parts": [{"name": f"part-{k:03d}", "bytes": len(p), "sha256": sha256(p)} for k, p in enumerate(pieces)]}
+                "parts": [{"name": f"part-{k:03d}", "bytes": len(p), "sha256": sha256(p)}
+                          for k, p in enumerate(pieces)]}
     for part, piece in zip(manifest["parts"], pieces, strict=True):
         folder = parts_dir / part["name"]
         folder.mkdir(parents=True, exist_ok=True)

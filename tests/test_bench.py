@@ -17,7 +17,8 @@ def test_throughput_harness_smoke(tiny_tree: Path, tmp_path: Path) -> None:
     saved = []
     assert throughput.main(["--device", "cpu", "--models", "resnet8", "--data", str(tiny_tree), "--warmup", "1",
                             "--steps", "1", "--repeats", "2", "--loader-batches", "1", "--eval-batch", "20",
-                            "--setups", "0,1,3,6", "--out", str(out)], on_save=lambda r: saved.append(len(r["rows"]))) == 0
+                            "--setups", "0,1,3,6", "--out", str(out)],
+                           on_save=lambda r: saved.append(len(r["rows"]))) == 0
     result = json.loads(out.read_text())
     assert saved[:4] == [1, 2, 3, 4]  # the JSON is rewritten after every row, not only at the end
     rows = {r["name"]: r for r in result["rows"]}

@@ -19,7 +19,8 @@ def make_wheel(folder: Path, name: str, payload_bytes: int) -> Path:
     """A minimal pure-Python wheel whose module holds `payload_bytes` of incompressible data."""
     files = {f"{name}/__init__.py": f"DATA = {bytes(range(256)) * (payload_bytes // 256)!r}\n".encode(),
              f"{name}-0.1.dist-info/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.1\n".encode(),
-             f"{name}-0.1.dist-info/WHEEL": b"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
+             f"{name}-0.1.dist-info/WHEEL":
+                 b"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
     record = "".join(f"{path},sha256={base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b'=').decode()},"
                      f"{len(data)}\n" for path, data in files.items()) + f"{name}-0.1.dist-info/RECORD,,\n"
     files[f"{name}-0.1.dist-info/RECORD"] = record.encode()
