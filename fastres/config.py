@@ -12,7 +12,7 @@ from typing import Any
 
 from fastres import schedule
 from fastres.cli import Parser
-from fastres.data.augment import NORMALIZATIONS
+from fastres.data.pixels import NORMALIZATIONS
 from fastres.errors import UsageError
 from fastres.models import SHORTCUTS, parse_model_name
 from fastres.runtime import PRECISIONS

@@ -11,7 +11,7 @@ from test_train import tiny_config
 
 from fastres import checkpoint
 from fastres.cli import run_main
-from fastres.data import augment, dali_loader, plan, sources
+from fastres.data import augmentation, dali_loader, pixels, sources
 from fastres.data.torch_loader import TorchLoader
 from fastres.train import main as train_main
 from fastres.train import train
@@ -24,7 +24,7 @@ CPU = torch.device("cpu")
 def tiny(tiny_tree: Path):
     source = sources.resolve(tiny_tree)
     decoded, encoded = sources.load(source), sources.load_encoded(source)
-    mean, std = augment.normalization_stats(decoded.train.images)
+    mean, std = pixels.normalization_stats(decoded.train.images)
     return decoded, encoded, mean, std
 
 
@@ -55,7 +55,7 @@ def test_augmentation_offsets_flips_and_zero_padding() -> None:
     loader = dali_loader.DaliLoader(split, 4096, zero, one, device=CPU, train=True, seed=11)
     x, y = next(loader.epoch(0))
     dy, dx, flip = decode(x)
-    p = plan.epoch_plan(4096, 11, 0)
+    p = augmentation.epoch_plan(4096, 11, 0)
     assert np.array_equal(y.numpy(), p.order.numpy())
     assert np.array_equal(dy, p.offsets[:, 0].numpy()) and np.array_equal(dx, p.offsets[:, 1].numpy())
     assert np.array_equal(flip, p.flips.numpy())

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from fastres.data import augment
+from fastres.data import pixels
 from fastres.data.dataset import Split
 from fastres.data.torch_loader import TorchLoader
 
@@ -95,7 +95,7 @@ def test_layout_and_dtype(channels_last: bool, dtype: torch.dtype) -> None:
 
 def test_channel_normalisation() -> None:
     split = Split(np.random.default_rng(0).integers(0, 256, (64, 32, 32, 3), dtype=np.uint8), np.zeros(64, np.int64))
-    mean, std = augment.normalization_stats(split.images, "channel")
+    mean, std = pixels.normalization_stats(split.images, "channel")
     x = torch.cat([b for b, _ in TorchLoader(split, 64, mean, std, device=CPU, train=False).epoch(0)])
     assert torch.allclose(x.mean((0, 2, 3)), torch.zeros(3), atol=1e-5)
     assert torch.allclose(x.std((0, 2, 3), unbiased=False), torch.ones(3), atol=1e-4)

@@ -3,7 +3,7 @@ DALI, on the GPU when there is one (`device="mixed"` decoding, GPU ops after it)
 CPU otherwise (`device_id=None`).
 
 The pipeline does the pixel work; the host only says which images form a batch and how
-each is cropped and flipped. That plan is `fastres.data.plan`, shared with the torch
+each is cropped and flipped. That plan is `fastres.data.augmentation`, shared with the torch
 loader, so both loaders feed the same batches: a full seeded reshuffle every epoch (not
 DALI's local shuffle buffer), disjoint shards per process, exact resume mid-epoch.
 """
@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from fastres.data import plan
+from fastres.data import augmentation
 from fastres.data.dataset import EncodedSplit, Split
 from fastres.errors import UsageError
 
@@ -49,21 +49,22 @@ class _BatchSource:
         self.images, self.labels, self.batch_size, self.train = images, labels, batch_size, train
         self.seed, self.shard_id, self.num_shards = seed, shard_id, num_shards
         n = len(labels)
-        self.steps = plan.steps_per_epoch(n, batch_size, train, num_shards)
+        self.steps = augmentation.steps_per_epoch(n, batch_size, train, num_shards)
         self.first_epoch, self.start = 0, 0
-        self._plan: tuple[int, plan.EpochPlan, torch.Tensor | None] | None = None
+        self._plan: tuple[int, augmentation.EpochPlan, torch.Tensor | None] | None = None
         self._last: tuple[tuple[int, int], tuple] | None = None  # both external sources ask per batch
 
     def restart(self, first_epoch: int, start: int) -> None:
         """A new pipeline begins: its epoch 0 is `first_epoch`, from batch `start`."""
         self.first_epoch, self.start, self._last = first_epoch, start, None
 
-    def _epoch_plan(self, epoch: int) -> tuple[plan.EpochPlan, torch.Tensor | None]:
+    def _epoch_plan(self, epoch: int) -> tuple[augmentation.EpochPlan, torch.Tensor | None]:
         """The epoch's plan, and its order on the GPU when the images live there (copied
         once per epoch, so a batch's gather needs nothing from the host)."""
         if self._plan is None or self._plan[0] != epoch:
             n = len(self.labels)
-            p = plan.epoch_plan(n, self.seed, epoch, self.shard_id, self.num_shards) if self.train else plan.in_order(n)
+            p = (augmentation.epoch_plan(n, self.seed, epoch, self.shard_id, self.num_shards) if self.train
+                 else augmentation.in_order(n))
             on_gpu = p.order.to(self.images.device) if isinstance(self.images, torch.Tensor) else None
             self._plan = (epoch, p, on_gpu)
         return self._plan[1], self._plan[2]
@@ -112,7 +113,8 @@ def _pipeline(source: _BatchSource, *, encoded: bool, gpu: bool, mean: np.ndarra
     mean_t, inv_std_t = types.Constant(mean, device=where), types.Constant(inv_std, device=where)
     x = (fn.cast(images, dtype=types.FLOAT) * (1.0 / 255.0) - mean_t) * inv_std_t
     if train:
-        x = fn.slice(x, start=offsets, shape=[32, 32], axis_names="HW", out_of_bounds_policy="pad", fill_values=0.0)
+        x = fn.slice(x, start=offsets, shape=[augmentation.CROP, augmentation.CROP], axis_names="HW",
+                     out_of_bounds_policy="pad", fill_values=0.0)
     x = fn.crop_mirror_normalize(x, mirror=flips if train else False, dtype=dtype,
                                  output_layout="HWC" if channels_last else "CHW")
     return x, labels.gpu() if gpu else labels

@@ -11,7 +11,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from fastres.data import augment, sources
+from fastres.data import pixels, sources
 from fastres.data.dataset import Splits, hold_out
 from fastres.data.torch_loader import TorchLoader
 
@@ -50,7 +50,7 @@ def prepare(data: str | None, val_split: int = 0, seed: int = 0, normalize: str 
 @functools.lru_cache(maxsize=2)
 def _prepare(source: sources.Source, fingerprint: str, val_split: int, seed: int, normalize: str) -> Prepared:
     splits = hold_out(sources.load(source, key=fingerprint), val_split, seed)
-    mean, std = augment.normalization_stats(splits.train.images, normalize)
+    mean, std = pixels.normalization_stats(splits.train.images, normalize)
     return Prepared(source, splits, mean, std, val_split, seed)
 
 

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from fastres.data import augment, plan
+from fastres.data import augmentation, pixels
 from fastres.data.dataset import Split
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -36,7 +36,7 @@ class TorchLoader:
         self.shard_id, self.num_shards = shard_id, num_shards
         self.batch_index = torch.arange(batch_size, device=device)[:, None, None]  # made once, not per batch
         n = len(split)
-        self.steps_per_epoch = plan.steps_per_epoch(n, batch_size, train, num_shards)
+        self.steps_per_epoch = augmentation.steps_per_epoch(n, batch_size, train, num_shards)
 
     def __len__(self) -> int:
         return self.steps_per_epoch
@@ -46,19 +46,19 @@ class TorchLoader:
         if not self.train:
             yield from self._eval_batches()
             return
-        p = plan.epoch_plan(len(self.labels), self.seed, epoch, self.shard_id, self.num_shards)
+        p = augmentation.epoch_plan(len(self.labels), self.seed, epoch, self.shard_id, self.num_shards)
         device = self.images.device  # one host-to-device copy of the plan per epoch
         order = p.order.to(device)
-        rows, cols = augment.crop_indices(p.offsets.to(device), p.flips.to(device))
+        rows, cols = pixels.crop_indices(p.offsets.to(device), p.flips.to(device))
         for k in range(start, self.steps_per_epoch):
             sl = slice(k * self.batch_size, (k + 1) * self.batch_size)
             idx = order[sl]
-            x = augment.normalize(self.images[idx], self.mean, self.inv_std)
-            x = augment.pad_crop_flip(x, rows[sl], cols[sl], self.batch_index)
-            yield augment.to_model_layout(x, self.channels_last, self.dtype), self.labels[idx]
+            x = pixels.normalize(self.images[idx], self.mean, self.inv_std)
+            x = pixels.pad_crop_flip(x, rows[sl], cols[sl], self.batch_index)
+            yield pixels.to_model_layout(x, self.channels_last, self.dtype), self.labels[idx]
 
     def _eval_batches(self) -> Iterator[Batch]:
         for k in range(self.steps_per_epoch):
             sl = slice(k * self.batch_size, (k + 1) * self.batch_size)
-            x = augment.normalize(self.images[sl], self.mean, self.inv_std)
-            yield augment.to_model_layout(x, self.channels_last, self.dtype), self.labels[sl]
+            x = pixels.normalize(self.images[sl], self.mean, self.inv_std)
+            yield pixels.to_model_layout(x, self.channels_last, self.dtype), self.labels[sl]

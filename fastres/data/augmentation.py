@@ -1,6 +1,8 @@
-"""What an epoch feeds: a seeded order of the training set and each image's crop offset
-and flip. Every loader (torch, DALI) follows the same plan, so they train on the same
-batches, and any epoch can be replayed exactly on resume."""
+"""The paper's augmentation, its geometry and its randomness in one place: 4-pixel zero
+padding, a random 32x32 crop and a horizontal flip with p = 0.5 per image, and a seeded full
+reshuffle every epoch. A plan holds what an epoch feeds (order, offsets, flips); the torch
+pixel ops (`pixels.py`) and the DALI graph (`dali_loader.py`) both carry it out, so the two
+loaders train on the same batches and any epoch can be replayed exactly on resume."""
 
 from __future__ import annotations
 
@@ -8,13 +10,17 @@ from dataclasses import dataclass
 
 import torch
 
-from fastres.data import augment
+from fastres.data.dataset import IMAGE_SHAPE
+from fastres.errors import DataError
+
+PAD = 4  # pixels of zero padding on each side (He et al. 2016, Sec. 4.2)
+CROP = IMAGE_SHAPE[0]  # the crop is the original image size: 32x32
 
 
 @dataclass(frozen=True)
 class EpochPlan:
     order: torch.Tensor  # (n,) int64 image indices, this shard's share of the permutation
-    offsets: torch.Tensor  # (n, 2) int64 (dy, dx) in [-4, 4]
+    offsets: torch.Tensor  # (n, 2) int64 (dy, dx) in [-PAD, PAD]
     flips: torch.Tensor  # (n,) bool
 
 
@@ -23,12 +29,20 @@ def epoch_generator(seed: int, epoch: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
 
 
+def draw(n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-image crop offsets, uniform integers in [-PAD, PAD] on each axis, and flips
+    with probability 0.5."""
+    offsets = torch.randint(-PAD, PAD + 1, (n, 2), generator=generator)
+    flips = torch.rand(n, generator=generator) < 0.5
+    return offsets, flips
+
+
 def epoch_plan(n: int, seed: int, epoch: int, shard_id: int = 0, num_shards: int = 1) -> EpochPlan:
     """A full reshuffle of all `n` images; shard k takes every `num_shards`-th image of
     the same global permutation, so shards are disjoint and together cover the epoch."""
     g = epoch_generator(seed, epoch)
     order = torch.randperm(n, generator=g)
-    offsets, flips = augment.draw_augmentation(n, g)
+    offsets, flips = draw(n, g)
     take = slice(shard_id, None, num_shards)
     return EpochPlan(order[take], offsets[take], flips[take])
 
@@ -45,5 +59,7 @@ def steps_per_epoch(n: int, batch_size: int, train: bool, num_shards: int = 1) -
         return -(-n // batch_size)
     steps = n // num_shards // batch_size
     if steps == 0:
-        raise ValueError(f"{n} images make no batch of {batch_size} per shard")
+        raise DataError(f"{n} training images make no batch of {batch_size}"
+                        + (f" per process ({num_shards} processes)" if num_shards > 1 else "")
+                        + ": use a smaller --batch-size")
     return steps

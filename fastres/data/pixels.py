@@ -1,4 +1,5 @@
-"""The paper's preprocessing as batched tensor ops: normalise, zero-pad 4, crop, flip.
+"""The pixel work of the paper's preprocessing as batched torch ops: normalise, then the
+zero-pad, crop and flip that an epoch plan (`augmentation.py`) prescribes.
 
 Images stay uint8 HWC until a batch is taken. Normalisation comes first, so the padding
 is zero in normalised space, as in the paper ("4 pixels are padded on each side" of the
@@ -11,8 +12,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-PAD = 4
-CROP = 32
+from fastres.data.augmentation import CROP, PAD
+
 NORMALIZATIONS = ("pixel", "channel")
 
 
@@ -28,14 +29,6 @@ def normalization_stats(train_images: np.ndarray, mode: str = "pixel") -> tuple[
         return (x.mean(axis=(0, 1, 2)).reshape(1, 1, 3).astype(np.float32),
                 np.maximum(x.std(axis=(0, 1, 2)), 1e-3).reshape(1, 1, 3).astype(np.float32))  # no 0-division
     raise ValueError(f"unknown normalization {mode!r}: choose one of {', '.join(NORMALIZATIONS)}")
-
-
-def draw_augmentation(n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-image crop offsets, uniform integers in [-PAD, PAD] on each axis, and flips
-    with probability 0.5."""
-    offsets = torch.randint(-PAD, PAD + 1, (n, 2), generator=generator)
-    flips = torch.rand(n, generator=generator) < 0.5
-    return offsets, flips
 
 
 def normalize(images: torch.Tensor, mean: torch.Tensor, inv_std: torch.Tensor) -> torch.Tensor:
