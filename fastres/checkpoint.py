@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -17,19 +18,31 @@ CONFIG = "config.json"
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
 RESULTS = "results.json"
+# What a checkpoint holds. 0: before it had a version; 1: adds "normalization" (mean, std).
+FORMAT = 1
+
+
+def refuse_overwrite(out: str, resuming: bool) -> None:
+    """A new run never writes into a directory that holds another run's checkpoint."""
+    if not resuming and (Path(out) / CHECKPOINT).exists():
+        raise RunError(f"{out} already holds a run: pass --resume {out}, or choose another --out")
 
 
 def prepare_run_dir(out: str, resuming: bool) -> Path:
-    """Create the run directory and prove it writable; never overwrite another run."""
+    """Create the run directory and prove it writable; if it is not, remove the folders
+    this call made, so a refused run leaves no trace."""
+    refuse_overwrite(out, resuming)
     path = Path(out)
-    if not resuming and (path / CHECKPOINT).exists():
-        raise RunError(f"{path} already holds a run: pass --resume {path}, or choose another --out")
+    made = [p for p in (path, *path.parents) if not p.exists()]
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / ".write-test"
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
+        for folder in made:  # deepest first
+            with contextlib.suppress(OSError):
+                folder.rmdir()
         raise RunError(f"cannot write to run directory {path} ({e.strerror})") from None
     return path
 
@@ -44,7 +57,7 @@ def checkpoint_path(path: str | Path) -> Path:
 
 
 def save(run_dir: Path, state: dict[str, Any]) -> None:
-    atomic.torch_save(run_dir / CHECKPOINT, state)
+    atomic.torch_save(run_dir / CHECKPOINT, {"format": FORMAT, **state})
 
 
 def load(path: str | Path) -> dict[str, Any]:
@@ -55,6 +68,9 @@ def load(path: str | Path) -> dict[str, Any]:
         raise RunError(f"{ckpt}: unreadable checkpoint ({type(e).__name__})") from None
     if not isinstance(state, dict) or "config" not in state or "model" not in state:
         raise RunError(f"{ckpt}: not a fastres checkpoint")
+    if state.get("format", 0) > FORMAT:
+        raise RunError(f"{ckpt}: written by a newer fastres (checkpoint format {state['format']}; this one reads "
+                       f"formats up to {FORMAT}): update fastres")
     return state
 
 

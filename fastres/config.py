@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,11 +15,15 @@ from fastres import schedule
 from fastres.cli import Parser
 from fastres.data.pixels import NORMALIZATIONS
 from fastres.errors import UsageError
-from fastres.models import SHORTCUTS, parse_model_name
+from fastres.models import SHORTCUTS, ModelSpec
 from fastres.runtime import PRECISIONS
 from fastres.step import PAPER_MOMENTUM, PAPER_WEIGHT_DECAY
 
 LOADERS = ("torch", "dali")
+# Config fields and the options that set them, for error messages.
+FLAGS = {"iters": "--iters", "batch_size": "--batch-size", "eval_every": "--eval-every",
+         "eval_batch_size": "--eval-batch-size", "log_every": "--log-every", "checkpoint_every": "--checkpoint-every",
+         "lr": "--lr", "warmup_lr": "the warm-up lr", "momentum": "--momentum", "weight_decay": "--wd"}
 AMP_DTYPES = ("auto", "bf16", "fp16")
 PROGRESS = ("auto", "rich", "plain", "none")
 
@@ -54,7 +59,11 @@ class RunConfig:
     checkpoint_every: int = 2000
     out: str = ""
     progress: str = "auto"
-    extra: dict[str, Any] = field(default_factory=dict)  # free-form tags (e.g. reproduce.py's run id)
+    extra: dict[str, Any] = field(default_factory=dict)  # free-form labels (e.g. reproduce.py's schedule scale)
+
+    @property
+    def spec(self) -> ModelSpec:
+        return parse_spec(self.model, self.shortcut)
 
     def lr_at(self, step: int) -> float:
         return schedule.lr_at(step, self.lr, self.milestones, self.warmup_iters, self.warmup_lr)
@@ -77,17 +86,16 @@ class RunConfig:
 
 def validate(cfg: RunConfig) -> RunConfig:
     """Raise UsageError on anything a run cannot use; return the config unchanged."""
-    try:
-        family, _ = parse_model_name(cfg.model)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    if family == "plain" and cfg.shortcut is not None:
-        raise UsageError(f"{cfg.model} is a plain net: --shortcut does not apply")
-    if family == "resnet" and cfg.shortcut not in SHORTCUTS:
-        raise UsageError(f"unknown shortcut {cfg.shortcut!r}: choose one of {', '.join(SHORTCUTS)}")
+    spec = cfg.spec
+    if (spec.name, spec.shortcut) != (cfg.model, cfg.shortcut):
+        raise UsageError(f"the config names {cfg.model} with shortcut {cfg.shortcut}: expected "
+                         f"model={spec.name}, shortcut={spec.shortcut}")
+    for name in ("lr", "warmup_lr", "momentum", "weight_decay"):
+        if not math.isfinite(getattr(cfg, name)):
+            raise UsageError(f"{FLAGS.get(name, name)} must be a finite number, got {getattr(cfg, name)}")
     for name in ("iters", "batch_size", "eval_every", "eval_batch_size", "log_every", "checkpoint_every"):
         if getattr(cfg, name) <= 0:
-            raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+            raise UsageError(f"{FLAGS.get(name, name)} must be positive, got {getattr(cfg, name)}")
     ms = cfg.milestones
     if any(m <= 0 for m in ms) or any(b <= a for a, b in zip(ms, ms[1:], strict=False)):
         raise UsageError(f"--milestones must be positive and strictly increasing, got {list(ms)}")
@@ -112,7 +120,8 @@ def _int_list(text: str) -> tuple[int, ...]:
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="python -m fastres.train", description="Train a CIFAR-10 ResNet or plain net "
                 "with the recipe of He et al. 2016 (defaults are the paper's).")
-    p.add_argument("model", nargs="?", help="resnet20/32/44/56/110/1202, plain20/32/44/56/110, or any depth 6n+2")
+    p.add_argument("model", nargs="?", help="resnet20/32/44/56/110/1202, plain20/32/44/56/110, or any depth 6n+2; "
+                   "resnet56:B names the shortcut option too")
     p.add_argument("--shortcut", choices=SHORTCUTS, help="ResNet shortcut option (default A)")
     p.add_argument("--iters", type=int, help=f"training iterations (default {schedule.PAPER_ITERS})")
     p.add_argument("--milestones", type=_int_list, help="iterations where lr is divided by 10 (default 32000,48000)")
@@ -138,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true", default=None,
                    help="torch.compile the model (with CUDA graphs on a GPU)")
     p.add_argument("--eval-every", type=int, help="evaluate every N iterations (default 2000)")
+    p.add_argument("--eval-batch-size", type=int, help="evaluation batch (default 1000; changes no result)")
     p.add_argument("--log-every", type=int, help="read metrics every N iterations (default 100)")
     p.add_argument("--checkpoint-every", type=int, help="checkpoint every N iterations (default 2000)")
     p.add_argument("--out", help="run directory (default runs/<model>[-<shortcut>]-seed<seed>)")
@@ -151,14 +161,16 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     if not args.model:
         raise UsageError("a model is required (e.g. resnet56), or --resume RUN_DIR")
     given = {k: v for k, v in vars(args).items() if v is not None and k not in ("model", "resume")}
+    spec = parse_spec(args.model, given.get("shortcut"))
+    given.update(model=spec.name, shortcut=spec.shortcut)
+    given.setdefault("warmup_iters", schedule.default_warmup_iters(spec.depth))
+    given.setdefault("out", str(Path("runs") / f"{spec.tag}-seed{given.get('seed', 0)}"))
+    return validate(RunConfig(**given))
+
+
+def parse_spec(text: str, shortcut: str | None = None) -> ModelSpec:
+    """ModelSpec.parse, with its message as a usage error."""
     try:
-        family, depth = parse_model_name(args.model)
+        return ModelSpec.parse(text, shortcut)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    if family == "resnet":
-        given.setdefault("shortcut", "A")
-    given.setdefault("warmup_iters", schedule.default_warmup_iters(depth))
-    seed = given.get("seed", 0)
-    tag = f"{args.model}-{given['shortcut']}" if family == "resnet" else args.model
-    given.setdefault("out", str(Path("runs") / f"{tag}-seed{seed}"))
-    return validate(RunConfig(model=args.model, **given))

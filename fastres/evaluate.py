@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+from typing import Any
 
+import numpy as np
 import torch
 
 from fastres import checkpoint
@@ -14,6 +16,18 @@ from fastres.data import loaders
 from fastres.models import build_model
 from fastres.runtime import PRECISIONS, pick_device, requested_precision, resolve_precision
 from fastres.step import error_rate
+
+
+def normalization_of(state: dict[str, Any], prepared: loaders.Prepared) -> tuple[np.ndarray, np.ndarray]:
+    """The mean and std the model was trained with: the checkpoint's own, so evaluating on
+    other data never normalises with that data's statistics. A checkpoint from before they
+    were saved (format 0) falls back to the run's training split, and says so."""
+    norm = state.get("normalization")
+    if norm is not None:
+        return norm["mean"].numpy(), norm["std"].numpy()
+    print("fastres: note: this checkpoint predates saved normalisation: using the training split of the data",
+          file=sys.stderr)
+    return prepared.mean, prepared.std
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,9 +48,10 @@ def main(argv: list[str] | None = None) -> int:
     precision, _ = resolve_precision(device, cfg.precision or requested_precision(cfg.amp, cfg.amp_dtype))
     dtype = PRECISIONS[precision]
     prepared = loaders.prepare(cfg.data, cfg.val_split, cfg.seed, cfg.normalize)
-    data = loaders.build(prepared, loaders.Placement(device, dtype or torch.float32, cfg.channels_last),
-                         eval_batch_size=cfg.eval_batch_size, loader=cfg.loader)
-    for name, loader in data.evals.items():
+    mean, std = normalization_of(state, prepared)
+    evals = loaders.build_evals(prepared, loaders.Placement(device, dtype or torch.float32, cfg.channels_last),
+                                mean=mean, std=std, eval_batch_size=cfg.eval_batch_size, loader=cfg.loader)
+    for name, loader in evals.items():
         error = error_rate(model, loader, device, dtype)
         print(f"{cfg.model} at iteration {state['step']}: {name} error {100 * error:.2f}%")
     return 0

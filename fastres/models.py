@@ -24,6 +24,8 @@ Parameters (tested to the unit in tests/test_models.py):
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -152,26 +154,55 @@ def list_models() -> list[str]:
     return [f"{family}{d}" for family, depths in PAPER_DEPTHS.items() for d in depths]
 
 
-def parse_model_name(name: str) -> tuple[str, int]:
-    """Split 'resnet56' into ('resnet', 56); raise ValueError on anything else."""
-    for family in PAPER_DEPTHS:
-        digits = name[len(family):]
-        if name.startswith(family) and digits.isdigit():
-            depth = int(digits)
-            if depth < 8 or (depth - 2) % 6:
-                raise ValueError(f"{name}: depth must be 6n+2 with n >= 1 (20, 32, 44, 56, 110, ...)")
-            return family, depth
-    raise ValueError(f"unknown model {name!r}: choose one of {', '.join(list_models())} (or any depth 6n+2)")
+@dataclass(frozen=True, order=True)
+class ModelSpec:
+    """A model as the paper names it: family, depth and shortcut option. The one place that
+    parses `resnet56`, `resnet56:B` and `plain20`, checks them, and names their runs."""
+
+    family: str  # "plain" sorts before "resnet", as in the paper's tables
+    depth: int
+    shortcut: str | None  # A, B or C for ResNets; None for plain nets
+
+    @classmethod
+    def parse(cls, text: str, shortcut: str | None = None) -> ModelSpec:
+        """`resnet56` (option A unless `shortcut` says otherwise), `resnet56:B`, `plain20`;
+        ValueError with a one-line message on anything else."""
+        name, _, option = text.partition(":")
+        if option and shortcut and option != shortcut:
+            raise ValueError(f"{text} names shortcut {option}, but --shortcut says {shortcut}")
+        shortcut = option or shortcut
+        for family in PAPER_DEPTHS:
+            digits = name[len(family):]
+            if name.startswith(family) and digits.isdigit():
+                depth = int(digits)
+                if depth < 8 or (depth - 2) % 6:
+                    raise ValueError(f"{name}: depth must be 6n+2 with n >= 1 (20, 32, 44, 56, 110, ...)")
+                if family == "plain":
+                    if shortcut not in (None, "none"):
+                        raise ValueError(f"{name} is a plain net: it has no shortcuts to set to {shortcut!r}")
+                    return cls(family, depth, None)
+                if (shortcut or "A") not in SHORTCUTS:
+                    raise ValueError(f"unknown shortcut {shortcut!r}: choose one of {', '.join(SHORTCUTS)}")
+                return cls(family, depth, shortcut or "A")
+        raise ValueError(f"unknown model {name!r}: choose one of {', '.join(list_models())} (or any depth 6n+2)")
+
+    @property
+    def name(self) -> str:
+        return f"{self.family}{self.depth}"
+
+    @property
+    def tag(self) -> str:
+        """How runs of this model are named: `resnet56-A`, `plain20`."""
+        return f"{self.name}-{self.shortcut}" if self.shortcut else self.name
+
+    def build(self, num_classes: int = 10) -> CifarResNet:
+        return CifarResNet(self.depth, self.shortcut, num_classes)
 
 
 def build_model(name: str, shortcut: str | None = None, num_classes: int = 10) -> CifarResNet:
-    """Build a model by name; `shortcut` (A, B or C) applies to ResNets only, default A."""
-    family, depth = parse_model_name(name)
-    if family == "plain":
-        if shortcut not in (None, "none"):
-            raise ValueError(f"{name} is a plain net: it has no shortcuts to set to {shortcut!r}")
-        return plain(depth, num_classes)
-    return resnet(depth, shortcut or "A", num_classes)
+    """Build a model by name (`resnet56`, `resnet56:B`, `plain20`); `shortcut` (A, B or C)
+    applies to ResNets only, default A."""
+    return ModelSpec.parse(name, shortcut).build(num_classes)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -14,37 +14,53 @@ import statistics
 import sys
 from collections import defaultdict
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from fastres import atomic, checkpoint
 from fastres.cli import Parser, run_main
 from fastres.errors import RunError
-from fastres.models import parse_model_name
+from fastres.models import ModelSpec
 
-# He et al. 2016, Table 6: CIFAR-10 test error (%), option A. Plain nets and option B appear
-# only in figures there; ResNet-110 is the best of 5 runs (mean 6.61 +- 0.16).
-PAPER_ERROR = {"resnet20-A": 8.75, "resnet32-A": 7.51, "resnet44-A": 7.17, "resnet56-A": 6.97,
-               "resnet110-A": 6.43, "resnet1202-A": 7.93}
-# The seed implementation this project started from, as its issue reports them (%).
-SEED_IMPL_ERROR = {"resnet20-A": 27.9, "resnet56-A": 28.5, "resnet56-B": 25.9, "plain20": 32.5, "plain56": 32.6}
+# Every config field that changes what a run computes: runs are averaged only when they
+# agree on all of these (and on the data and the commit).
+COMPARABLE = ("iters", "milestones", "lr", "warmup_iters", "warmup_lr", "batch_size", "momentum", "weight_decay",
+              "normalize", "val_split")
+
+
+def reference() -> dict[str, dict[str, float]]:
+    """The reference columns (the paper's Table 6, the seed implementation's numbers), from
+    `reference.csv`, where each figure has its source."""
+    text = (resources.files("fastres") / "reference.csv").read_text()
+    table: dict[str, dict[str, float]] = defaultdict(dict)
+    for row in csv.DictReader(io.StringIO(text)):
+        table[row["column"]][row["run"]] = float(row["test_error_pct"])
+    return table
 
 
 @dataclass
 class Run:
-    path: Path
     results: dict[str, Any]
     metrics: list[dict[str, Any]]
 
     @property
-    def key(self) -> str:
-        r = self.results
-        return f"{r['model']}-{r['shortcut']}" if r.get("shortcut") else r["model"]
+    def spec(self) -> ModelSpec:
+        return ModelSpec.parse(self.results["model"], self.results.get("shortcut"))
 
     @property
     def schedule(self) -> str:
         c = self.results["config"]
         return f"{c['iters']} iterations, lr /10 at {', '.join(map(str, c['milestones']))}"
+
+    @property
+    def conditions(self) -> tuple[tuple[str, str], ...]:
+        """What besides the model decides its result: data, schedule and optimiser, precision, code."""
+        r, c = self.results, self.results["config"]
+        values = {k: c.get(k) for k in COMPARABLE}
+        values.update(data=r.get("data"), precision=r.get("precision") or r.get("amp_dtype") or "fp32",
+                      commit=(r.get("commit") or "unknown")[:10])
+        return tuple(sorted((k, json.dumps(v)) for k, v in values.items()))
 
 
 def find_runs(paths: list[Path]) -> list[Run]:
@@ -54,82 +70,85 @@ def find_runs(paths: list[Path]) -> list[Run]:
         if not root.exists():
             raise RunError(f"{root}: no such folder")
         for res in sorted(root.rglob(checkpoint.RESULTS)):
-            runs.append(Run(res.parent, json.loads(res.read_text()), checkpoint.MetricsLog(res.parent).read()))
+            runs.append(Run(json.loads(res.read_text()), checkpoint.MetricsLog(res.parent).read()))
     if not runs:
         raise RunError(f"no finished runs ({checkpoint.RESULTS}) under {', '.join(map(str, paths))}")
     return runs
 
 
-def _sort_key(key: str) -> tuple[int, int, str]:
-    family, depth = parse_model_name(key.split("-")[0])
-    return (0 if family == "plain" else 1, depth, key)
-
-
 def summarize(runs: list[Run]) -> list[dict[str, Any]]:
-    """One row per model and shortcut: mean and std of the final test error over seeds."""
-    groups: dict[str, list[Run]] = defaultdict(list)
+    """One row per model and set of conditions: mean and std of the final test error over
+    seeds. Runs that differ in data, schedule, precision or commit are never averaged; the
+    row says what sets it apart from the report's other runs."""
+    groups: dict[tuple, list[Run]] = defaultdict(list)
     for run in runs:
-        groups[run.key].append(run)
+        groups[(run.spec, run.conditions)].append(run)
+    varying = {k for k, _ in runs[0].conditions if len({dict(r.conditions)[k] for r in runs}) > 1}
+    ref = reference()
     rows = []
-    for key in sorted(groups, key=_sort_key):
-        group = groups[key]
+    for spec, conditions in sorted(groups):
+        group = groups[(spec, conditions)]
         errors = [100 * r.results["test_error"] for r in group]
-        r0 = group[0].results
         rows.append({
-            "model": key, "layers": parse_model_name(r0["model"])[1], "params": r0["params"],
+            "model": spec.tag, "layers": spec.depth, "params": group[0].results["params"],
             "seeds": len(group), "error_mean": statistics.mean(errors),
             "error_std": statistics.stdev(errors) if len(errors) > 1 else 0.0,
-            "errors": errors, "paper": PAPER_ERROR.get(key), "seed_impl": SEED_IMPL_ERROR.get(key),
+            "errors": errors, "paper": ref["paper"].get(spec.tag), "seed_impl": ref["seed_impl"].get(spec.tag),
             "wall_time_s": statistics.mean(r.results["wall_time_s"] for r in group),
             "schedule": sorted({r.schedule for r in group}), "device": sorted({r.results["device"] for r in group}),
+            "conditions": ", ".join(f"{k}={json.loads(v)}" for k, v in conditions if k in varying),
         })
     return rows
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
+    differ = any(r["conditions"] for r in rows)  # runs under different conditions: say which row is which
     schedules = sorted({s for r in rows for s in r["schedule"]})
     lines = ["# CIFAR-10 test error at the final iteration", "",
              f"Schedule used: {'; '.join(schedules)} (the paper: 64000 iterations, lr /10 at 32000, 48000).",
              f"Device: {'; '.join(sorted({d for r in rows for d in r['device']}))}.", "",
              "| model | layers | params | seeds | test error % (mean ± std) | paper (Table 6) | seed impl. "
-             "| wall time / run |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| wall time / run |" + (" conditions |" if differ else ""),
+             "|---|---:|---:|---:|---:|---:|---:|---:|" + ("---|" if differ else "")]
     for r in rows:
         paper = f"{r['paper']:.2f}" if r["paper"] is not None else "-"
         seed = f"{r['seed_impl']:.1f}" if r["seed_impl"] is not None else "-"
         lines.append(f"| {r['model']} | {r['layers']} | {r['params']:,} | {r['seeds']} | "
-                     f"{r['error_mean']:.2f} ± {r['error_std']:.2f} | {paper} | {seed} | {r['wall_time_s']:.0f} s |")
+                     f"{r['error_mean']:.2f} ± {r['error_std']:.2f} | {paper} | {seed} | {r['wall_time_s']:.0f} s |"
+                     + (f" {r['conditions']} |" if differ else ""))
     return "\n".join(lines) + "\n"
 
 
 def csv_text(rows: list[dict[str, Any]]) -> str:
     buf = io.StringIO()
-    cols = ["model", "layers", "params", "seeds", "error_mean", "error_std", "paper", "seed_impl", "wall_time_s"]
+    cols = ["model", "layers", "params", "seeds", "error_mean", "error_std", "paper", "seed_impl", "wall_time_s",
+            "conditions"]
     writer = csv.DictWriter(buf, cols, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
     return buf.getvalue()
 
 
-def figure_groups(keys: list[str]) -> dict[str, tuple[str, list[str]]]:
+def figure_groups(specs: list[ModelSpec]) -> dict[str, tuple[str, list[ModelSpec]]]:
     """Which runs go in which figure, as in the paper's Fig. 6: the plain nets, the ResNets,
     the shallowest against the deepest of both, and shortcut options at equal depth."""
-    keys = sorted(keys, key=_sort_key)
-    plain = [k for k in keys if k.startswith("plain")]
-    res_a = [k for k in keys if k.startswith("resnet") and k.endswith("-A")]
+    specs = sorted(set(specs))
+    plain = [s for s in specs if s.family == "plain"]
+    res_a = [s for s in specs if s.family == "resnet" and s.shortcut == "A"]
     groups = {"plain_nets.png": ("Plain networks", plain), "resnets.png": ("ResNets (option A)", res_a)}
-    common = sorted({parse_model_name(k)[1] for k in plain} & {parse_model_name(k.split("-")[0])[1] for k in res_a})
+    common = sorted({s.depth for s in plain} & {s.depth for s in res_a})
     if len(common) >= 2:
         lo, hi = common[0], common[-1]
-        groups[f"depth_{lo}_vs_{hi}.png"] = (f"{lo} vs {hi} layers", [f"plain{lo}", f"plain{hi}",
-                                                                      f"resnet{lo}-A", f"resnet{hi}-A"])
-    by_depth: dict[str, list[str]] = defaultdict(list)
-    for k in keys:
-        if k.startswith("resnet"):
-            by_depth[k.split("-")[0]].append(k)
-    for model, options in by_depth.items():
+        groups[f"depth_{lo}_vs_{hi}.png"] = (f"{lo} vs {hi} layers", [
+            ModelSpec("plain", lo, None), ModelSpec("plain", hi, None),
+            ModelSpec("resnet", lo, "A"), ModelSpec("resnet", hi, "A")])
+    by_depth: dict[int, list[ModelSpec]] = defaultdict(list)
+    for s in specs:
+        if s.family == "resnet":
+            by_depth[s.depth].append(s)
+    for depth, options in by_depth.items():
         if len(options) > 1:
-            groups[f"{model}_shortcuts.png"] = (f"{model}: shortcut options", options)
+            groups[f"resnet{depth}_shortcuts.png"] = (f"resnet{depth}: shortcut options", options)
     return {name: group for name, group in groups.items() if group[1]}
 
 
@@ -146,20 +165,21 @@ def plot(runs: list[Run], out: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    first: dict[str, Run] = {}
+    first: dict[ModelSpec, Run] = {}
     for run in runs:
-        first.setdefault(run.key, run)
+        first.setdefault(run.spec, run)
     written = []
     for name, (title, present) in figure_groups(list(first)).items():
         fig, (ax_err, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
-        for i, key in enumerate(present):
-            colour = f"C{i}"
-            it, err = _curve(first[key], "train_error")
-            ax_err.plot(it, [100 * e for e in err], color=colour, linewidth=2, label=f"{key} train")
-            it, err = _curve(first[key], "test_error")
-            ax_err.plot(it, [100 * e for e in err], color=colour, linestyle="--", linewidth=1, label=f"{key} test")
-            it, loss = _curve(first[key], "train_loss")
-            ax_loss.plot(it, loss, color=colour, label=key)
+        for i, spec in enumerate(present):
+            colour, run = f"C{i}", first[spec]
+            it, err = _curve(run, "train_error")
+            ax_err.plot(it, [100 * e for e in err], color=colour, linewidth=2, label=f"{spec.tag} train")
+            it, err = _curve(run, "test_error")
+            ax_err.plot(it, [100 * e for e in err], color=colour, linestyle="--", linewidth=1,
+                        label=f"{spec.tag} test")
+            it, loss = _curve(run, "train_loss")
+            ax_loss.plot(it, loss, color=colour, label=spec.tag)
         ax_err.set(xlabel="iteration", ylabel="error (%)", title=f"{title}: error (bold train, dashed test)")
         ax_loss.set(xlabel="iteration", ylabel="training loss", title=f"{title}: training loss", yscale="log")
         ax_err.legend(fontsize=7)

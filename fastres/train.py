@@ -7,14 +7,18 @@ state a run needs and a resumed run continues bit for bit (on CPU).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import signal
 import sys
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from fastres import checkpoint, distributed
 from fastres.atomic import write_json
@@ -22,7 +26,8 @@ from fastres.cli import run_main
 from fastres.config import RunConfig, build_parser, config_from_args, validate
 from fastres.data import loaders
 from fastres.errors import UsageError
-from fastres.models import build_model, count_parameters
+from fastres.metrics import Window
+from fastres.models import count_parameters
 from fastres.progress import Reporter
 from fastres.runtime import (
     PRECISIONS,
@@ -61,7 +66,7 @@ class Clock:
     """Training time (evaluation and checkpoints excluded) and wall time, both carried
     across resumes; `lap_window` gives the training seconds since the last metrics read."""
 
-    def __init__(self, train_time: float, wall_time: float) -> None:
+    def __init__(self, train_time: float = 0.0, wall_time: float = 0.0) -> None:
         self.train_time, self._wall0, self._start = train_time, wall_time, time.perf_counter()
         self._mark, self._window, self._running = self._start, 0.0, True
 
@@ -72,13 +77,16 @@ class Clock:
             self._window += now - self._mark
         self._mark = now
 
-    def pause(self) -> None:
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Time spent inside (evaluation, checkpoints) is not training time."""
         self._lap()
         self._running = False
-
-    def resume(self) -> None:
-        self._lap()
-        self._running = True
+        try:
+            yield
+        finally:
+            self._lap()
+            self._running = True
 
     def lap_window(self) -> float:
         self._lap()
@@ -89,107 +97,80 @@ class Clock:
         return self._wall0 + time.perf_counter() - self._start
 
 
-def train(cfg: RunConfig, resume: dict[str, Any] | None = None, stop_at: int | None = None) -> dict[str, Any] | None:
-    """Run (or continue) training. Returns the results, or None when stopped early by a
-    signal or by `stop_at` (the same path: checkpoint, then return)."""
-    dist = distributed.setup()
-    try:
-        return _train(cfg, dist, resume, stop_at)
-    finally:
-        distributed.teardown(dist)
+@dataclass
+class Session:
+    """Everything a run trains with, built from its config before anything is written."""
+
+    cfg: RunConfig
+    dist: distributed.DistInfo
+    device: torch.device
+    model: nn.Module
+    step: TrainStep
+    data: loaders.Data
+    prepared: loaders.Prepared
+    note: str | None  # what the precision choice says, once
 
 
-def _train(cfg: RunConfig, dist: distributed.DistInfo, resume: dict[str, Any] | None,
-           stop_at: int | None) -> dict[str, Any] | None:
+def setup(cfg: RunConfig, dist: distributed.DistInfo) -> Session:
+    """Device, precision, data, model and step. Every error found here (bad batch size,
+    bad data) comes before the run directory exists, so it leaves no trace on disk."""
     device = pick_device(cfg.device) if dist.world_size == 1 else dist.device
-    run_dir = checkpoint.prepare_run_dir(cfg.out, resuming=resume is not None) if dist.is_main else Path(cfg.out)
     if cfg.batch_size % dist.world_size:
         raise UsageError(f"--batch-size {cfg.batch_size} does not split over {dist.world_size} processes")
     configure_backends(device)
     precision, note = resolve_precision(device, cfg.precision or requested_precision(cfg.amp, cfg.amp_dtype))
     cfg = dataclasses.replace(cfg, precision=precision)
     dtype = PRECISIONS[precision]
+    prepared = loaders.prepare(cfg.data, cfg.val_split, cfg.seed, cfg.normalize)
+    where = loaders.Placement(device, dtype or torch.float32, cfg.channels_last, dist.rank, dist.world_size)
+    data = loaders.build(prepared, where, batch_size=cfg.batch_size, eval_batch_size=cfg.eval_batch_size,
+                         seed=cfg.seed, loader=cfg.loader)
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model, cfg.shortcut).to(device)
+    model = cfg.spec.build().to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    where = loaders.Placement(device, dtype or torch.float32, cfg.channels_last, dist.rank, dist.world_size)
-    data = loaders.build(loaders.prepare(cfg.data, cfg.val_split, cfg.seed, cfg.normalize), where,
-                         batch_size=cfg.batch_size, eval_batch_size=cfg.eval_batch_size, seed=cfg.seed,
-                         loader=cfg.loader)
-    step_fn = TrainStep(distributed.wrap(model, dist), device, dtype, cfg.compile, momentum=cfg.momentum,
-                        weight_decay=cfg.weight_decay)
-    optimizer = step_fn.optimizer
-    spe = data.train.steps_per_epoch
-    log = checkpoint.MetricsLog(run_dir)
+    step = TrainStep(distributed.wrap(model, dist), device, dtype, cfg.compile, momentum=cfg.momentum,
+                     weight_decay=cfg.weight_decay)
+    return Session(cfg, dist, device, model, step, data, prepared, note)
 
-    start, train_time, wall_time = 0, 0.0, 0.0
-    loss_sum = torch.zeros((), device=device)
-    wrong_sum = torch.zeros((), dtype=torch.int64, device=device)
-    window = 0  # steps accumulated since the last metrics read
-    if resume is not None:
-        model.load_state_dict(resume["model"])
-        optimizer.load_state_dict(resume["optimizer"])
-        step_fn.scaler.load_state_dict(resume["scaler"])
-        start, train_time, wall_time = resume["step"], resume["train_time"], resume["wall_time"]
-        window = resume["window"]
-        if dist.is_main:  # the saved window sums are rank 0's (summed over ranks at the next read)
-            loss_sum.copy_(resume["loss_sum"])
-            wrong_sum.copy_(resume["wrong_sum"])
-        if dist.is_main:
-            log.truncate_after(start)
-    if dist.is_main:
-        write_json(run_dir / checkpoint.CONFIG, cfg.to_dict())
-    params = count_parameters(model)
-    reporter = Reporter(cfg.progress if dist.is_main else "none", cfg.iters, start, cfg.model)
-    reporter.message(f"fastres: {cfg.model} ({params:,} parameters) on {device_name(device)}; "
-                     f"data {data.source}; {data.train_size} training images, {spe} steps/epoch")
-    reporter.message(f"config: {cfg}")
-    if note and dist.is_main:
-        print(f"fastres: {note}", file=sys.stderr)
 
-    def save(step: int, clock: Clock) -> None:
-        if not dist.is_main:
-            return
-        checkpoint.save(run_dir, {
-            "config": cfg.to_dict(), "step": step, "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(), "scaler": step_fn.scaler.state_dict(),
-            "loss_sum": loss_sum.cpu(), "wrong_sum": wrong_sum.cpu(), "window": window,
-            "train_time": clock.train_time, "wall_time": clock.wall()})
+def train(cfg: RunConfig, resume: dict[str, Any] | None = None, stop_at: int | None = None) -> dict[str, Any] | None:
+    """Run (or continue) training. Returns the results, or None when stopped early by a
+    signal or by `stop_at` (the same path: checkpoint, then return)."""
+    checkpoint.refuse_overwrite(cfg.out, resuming=resume is not None)
+    dist = distributed.setup()
+    try:
+        return _train(setup(cfg, dist), resume, stop_at)
+    finally:
+        distributed.teardown(dist)
 
-    final: dict[str, float] = {}
-    clock = Clock(train_time, wall_time)
+
+def _train(s: Session, resume: dict[str, Any] | None, stop_at: int | None) -> dict[str, Any] | None:
+    cfg, dist = s.cfg, s.dist
+    run_dir = checkpoint.prepare_run_dir(cfg.out, resuming=resume is not None) if dist.is_main else Path(cfg.out)
+    window, log = Window(s.device, cfg.batch_size), checkpoint.MetricsLog(run_dir)
+    start, clock = restore(s, resume, window, log) if resume is not None else (0, Clock())
+    reporter = start_reporting(s, run_dir, start)
+    spe, final = s.data.train.steps_per_epoch, {}
     with StopFlag() as stop:
-        batches = data.train.epoch(start // spe, start % spe)
+        batches = s.data.train.epoch(start // spe, start % spe)
         for step in range(start, cfg.iters):
             if step % spe == 0 and step != start:
-                batches = data.train.epoch(step // spe)
-            x, y = next(batches)
+                batches = s.data.train.epoch(step // spe)
             lr = cfg.lr_at(step)
-            step_fn.set_lr(lr)
-            loss, wrong = step_fn(x, y)
-            loss_sum += loss
-            wrong_sum += wrong
-            window += 1
+            s.step.set_lr(lr)
+            window.add(*s.step(*next(batches)))
             reporter.advance()
             done = step + 1
             record: dict[str, Any] = {}
-            if done % cfg.log_every == 0 or done == cfg.iters:
-                # note: reading the accumulators is the CPU-GPU sync point, once per log_every steps
-                distributed.all_sum(loss_sum, dist)
-                distributed.all_sum(wrong_sum, dist)
-                record = {"train_loss": loss_sum.item() / (window * dist.world_size),
-                          "train_error": wrong_sum.item() / (window * cfg.batch_size),
-                          "it_s": window / clock.lap_window()}
-                loss_sum.zero_()
-                wrong_sum.zero_()
-                window = 0
+            logged = done % cfg.log_every == 0 or done == cfg.iters
+            if logged:
+                steps, seconds = window.steps, clock.lap_window()
+                record.update(window.read(dist)[0], it_s=steps / seconds)
             if done % cfg.eval_every == 0 or done == cfg.iters:
-                clock.pause()
-                for name, loader in data.evals.items():
-                    record[f"{name}_error"] = step_fn.error(loader)
-                final.update({k: v for k, v in record.items() if k.endswith("_error")})
-                clock.resume()
+                with clock.paused():
+                    final = {f"{name}_error": s.step.error(loader) for name, loader in s.data.evals.items()}
+                record.update(final)
             if record:
                 record = {"iter": done, "epoch": round(done / spe, 4), "lr": lr, **record,
                           "wall_s": round(clock.wall(), 3)}
@@ -198,27 +179,70 @@ def _train(cfg: RunConfig, dist: distributed.DistInfo, resume: dict[str, Any] | 
                 reporter.log(record)
             stopping = stop.signum is not None or done == stop_at
             if dist.world_size > 1:  # agree at the log points (a sync there anyway), so all stop together
-                stopping = bool(record) and distributed.any_rank(stopping, dist)
+                stopping = logged and distributed.any_rank(stopping, dist)
             if done % cfg.checkpoint_every == 0 or done == cfg.iters or stopping:
-                clock.pause()
-                save(done, clock)
-                clock.resume()
+                with clock.paused():
+                    save(s, run_dir, done, window, clock)
             if stopping and done < cfg.iters:
                 reporter.close()
                 reporter.message(f"stopped at iteration {done}; checkpoint saved. Continue with: "
                                  f"python -m fastres.train --resume {run_dir}")
                 return None
     reporter.close()
+    return finish(s, run_dir, final, clock, reporter)
+
+
+def restore(s: Session, state: dict[str, Any], window: Window, log: checkpoint.MetricsLog) -> tuple[int, Clock]:
+    """Put a checkpoint's model, optimiser, scaler and metric window back; drop the logged
+    iterations past it (they are recomputed). Returns the step to go on from and the clock."""
+    s.model.load_state_dict(state["model"])
+    s.step.optimizer.load_state_dict(state["optimizer"])
+    s.step.scaler.load_state_dict(state["scaler"])
+    window.load(state, s.dist)
+    if s.dist.is_main:
+        log.truncate_after(state["step"])
+    return state["step"], Clock(state["train_time"], state["wall_time"])
+
+
+def start_reporting(s: Session, run_dir: Path, start: int) -> Reporter:
+    """Write the config, say what is about to run, and return the progress display."""
+    cfg = s.cfg
+    if s.dist.is_main:
+        write_json(run_dir / checkpoint.CONFIG, cfg.to_dict())
+        if s.note:
+            print(f"fastres: {s.note}", file=sys.stderr)
+    reporter = Reporter(cfg.progress if s.dist.is_main else "none", cfg.iters, start, cfg.model)
+    reporter.message(f"fastres: {cfg.model} ({count_parameters(s.model):,} parameters) on {device_name(s.device)}; "
+                     f"data {s.data.source}; {s.data.train_size} training images, "
+                     f"{s.data.train.steps_per_epoch} steps/epoch")
+    reporter.message(f"config: {cfg}")
+    return reporter
+
+
+def save(s: Session, run_dir: Path, step: int, window: Window, clock: Clock) -> None:
+    """The checkpoint: config, weights, optimiser, position, metric window (summed over
+    processes: every process takes part), clocks, and the normalisation evaluation needs."""
+    state = window.state(s.dist)
+    if s.dist.is_main:
+        checkpoint.save(run_dir, {
+            "config": s.cfg.to_dict(), "step": step, "model": s.model.state_dict(),
+            "optimizer": s.step.optimizer.state_dict(), "scaler": s.step.scaler.state_dict(), **state,
+            "train_time": clock.train_time, "wall_time": clock.wall(),
+            "normalization": {"mean": torch.from_numpy(s.prepared.mean), "std": torch.from_numpy(s.prepared.std)}})
+
+
+def finish(s: Session, run_dir: Path, final: dict[str, float], clock: Clock, reporter: Reporter) -> dict[str, Any]:
+    """The results of a finished run: the final-iteration errors and what produced them."""
+    cfg = s.cfg
     results = {
-        "model": cfg.model, "shortcut": cfg.shortcut, "params": params, "iters": cfg.iters,
-        "test_error": final.get("test_error"), "val_error": final.get("val_error"),
-        "precision": precision,
+        "model": cfg.model, "shortcut": cfg.shortcut, "params": count_parameters(s.model), "iters": cfg.iters,
+        "test_error": final.get("test_error"), "val_error": final.get("val_error"), "precision": cfg.precision,
         "train_time_s": round(clock.train_time, 3), "wall_time_s": round(clock.wall(), 3),
         "mean_it_s": round(cfg.iters / clock.train_time, 3),
-        "device": device_name(device), "world_size": dist.world_size, "versions": versions(),
-        "commit": git_commit(), "seed": cfg.seed, "data": data.source, "config": cfg.to_dict(),
+        "device": device_name(s.device), "world_size": s.dist.world_size, "versions": versions(),
+        "commit": git_commit(), "seed": cfg.seed, "data": s.data.source, "config": cfg.to_dict(),
     }
-    if dist.is_main:
+    if s.dist.is_main:
         write_json(run_dir / checkpoint.RESULTS, results)
         reporter.message(f"final test error {100 * results['test_error']:.2f}% after {cfg.iters} iterations "
                          f"({results['mean_it_s']} it/s); results in {run_dir / checkpoint.RESULTS}")

@@ -20,9 +20,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from fastres import checkpoint, report, schedule  # noqa: E402
-from fastres.cli import Parser, UsageError, run_main  # noqa: E402
+from fastres.cli import Parser, run_main  # noqa: E402
+from fastres.errors import UsageError  # noqa: E402
 from fastres.config import RunConfig, validate  # noqa: E402
-from fastres.models import parse_model_name  # noqa: E402
+from fastres.models import ModelSpec  # noqa: E402
 from fastres.train import train  # noqa: E402
 
 DEFAULT_RUNS = "resnet20,resnet32,resnet44,resnet56,resnet110,resnet56:B,plain20,plain32,plain44,plain56"
@@ -36,21 +37,18 @@ def run_configs(args: argparse.Namespace) -> list[RunConfig]:
     iters = scaled(schedule.PAPER_ITERS)
     milestones = tuple(scaled(m) for m in schedule.PAPER_MILESTONES)
     configs = []
-    for spec in args.runs.split(","):
-        name, _, shortcut = spec.partition(":")
+    for text in args.runs.split(","):
         try:
-            family, depth = parse_model_name(name)
+            spec = ModelSpec.parse(text)
         except ValueError as e:
             raise UsageError(f"--runs: {e}") from None
-        shortcut = (shortcut or "A") if family == "resnet" else None
         for seed in range(args.seeds):
-            tag = f"{name}-{shortcut}" if shortcut else name
             cfg = RunConfig(
-                model=name, shortcut=shortcut, iters=iters, milestones=milestones,
-                warmup_iters=round(schedule.default_warmup_iters(depth) * args.scale), seed=seed, data=args.data,
+                model=spec.name, shortcut=spec.shortcut, iters=iters, milestones=milestones,
+                warmup_iters=round(schedule.default_warmup_iters(spec.depth) * args.scale), seed=seed, data=args.data,
                 loader=args.loader, device=args.device, amp=args.amp, channels_last=args.channels_last,
                 compile=args.compile, eval_every=max(1, iters // args.curve_points), log_every=max(1, iters // 200),
-                checkpoint_every=max(1, iters // 20), out=str(args.out / "runs" / f"{tag}-seed{seed}"),
+                checkpoint_every=max(1, iters // 20), out=str(args.out / "runs" / f"{spec.tag}-seed{seed}"),
                 progress=args.progress, extra={"reproduce_scale": args.scale})
             configs.append(validate(cfg))
     return configs

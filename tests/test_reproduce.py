@@ -10,6 +10,7 @@ import reproduce  # noqa: E402
 
 from fastres import checkpoint, report  # noqa: E402
 from fastres.cli import run_main  # noqa: E402
+from fastres.models import ModelSpec  # noqa: E402
 from fastres.train import train  # noqa: E402
 
 
@@ -54,11 +55,37 @@ def test_report_cli_on_run_dirs(tiny_tree: Path, tmp_path: Path, capsys: pytest.
 
 
 def test_figure_groups_follow_fig6() -> None:
-    keys = ["resnet20-A", "resnet56-A", "resnet56-B", "plain20", "plain32", "plain56"]
-    groups = report.figure_groups(keys)
-    assert groups["plain_nets.png"][1] == ["plain20", "plain32", "plain56"]
-    assert groups["depth_20_vs_56.png"][1] == ["plain20", "plain56", "resnet20-A", "resnet56-A"]
-    assert groups["resnet56_shortcuts.png"][1] == ["resnet56-A", "resnet56-B"]
+    specs = [ModelSpec.parse(t) for t in ("resnet20", "resnet56", "resnet56:B", "plain20", "plain32", "plain56")]
+    groups = {name: [s.tag for s in members] for name, (_, members) in report.figure_groups(specs).items()}
+    assert groups["plain_nets.png"] == ["plain20", "plain32", "plain56"]
+    assert groups["depth_20_vs_56.png"] == ["plain20", "plain56", "resnet20-A", "resnet56-A"]
+    assert groups["resnet56_shortcuts.png"] == ["resnet56-A", "resnet56-B"]
+
+
+def fake_run(error: float, **changes) -> report.Run:
+    config = {"iters": 64000, "milestones": [32000, 48000], "lr": 0.1, "warmup_iters": 0, "warmup_lr": 0.01,
+              "batch_size": 128, "momentum": 0.9, "weight_decay": 1e-4, "normalize": "pixel", "val_split": 0}
+    results = {"model": "resnet20", "shortcut": "A", "params": 269_722, "test_error": error, "wall_time_s": 1.0,
+               "device": "cpu", "data": "images: d", "precision": "bf16", "commit": "abc", "config": config}
+    for k, v in changes.items():
+        (config if k in config else results)[k] = v
+    return report.Run(results, [])
+
+
+def test_report_averages_only_comparable_runs() -> None:
+    rows = report.summarize([fake_run(0.10), fake_run(0.12), fake_run(0.30, precision="fp32"),
+                             fake_run(0.20, iters=32000)])
+    assert [(r["seeds"], round(r["error_mean"], 6)) for r in rows] == [(1, 20.0), (2, 11.0), (1, 30.0)]
+    assert [r["conditions"] for r in rows] == ["iters=32000, precision=bf16", "iters=64000, precision=bf16",
+                                               "iters=64000, precision=fp32"]
+    assert "| conditions |" in report.markdown(rows)
+    same = report.summarize([fake_run(0.10), fake_run(0.12)])
+    assert len(same) == 1 and same[0]["conditions"] == "" and "conditions" not in report.markdown(same)
+
+
+def test_reference_figures_come_from_the_table_with_sources() -> None:
+    ref = report.reference()
+    assert ref["paper"]["resnet110-A"] == 6.43 and ref["seed_impl"]["resnet56-B"] == 25.9
 
 
 

@@ -29,14 +29,26 @@ class Loader(Protocol):
 @dataclass(frozen=True)
 class Prepared:
     """A run's data: where it came from, its splits, and the normalisation of its training
-    split (the per-pixel mean is a float64 pass over 50k images: computed once here)."""
+    split (the per-pixel mean is a float64 pass over 50k images: computed once, when first
+    asked for; evaluation with a checkpoint's own normalisation never asks)."""
 
     source: sources.Source
     splits: Splits
-    mean: np.ndarray
-    std: np.ndarray
+    normalize: str = "pixel"
     val_split: int = 0
     split_seed: int = 0
+
+    @functools.cached_property
+    def stats(self) -> tuple[np.ndarray, np.ndarray]:
+        return pixels.normalization_stats(self.splits.train.images, self.normalize)
+
+    @property
+    def mean(self) -> np.ndarray:
+        return self.stats[0]
+
+    @property
+    def std(self) -> np.ndarray:
+        return self.stats[1]
 
 
 def prepare(data: str | None, val_split: int = 0, seed: int = 0, normalize: str = "pixel") -> Prepared:
@@ -50,8 +62,9 @@ def prepare(data: str | None, val_split: int = 0, seed: int = 0, normalize: str 
 @functools.lru_cache(maxsize=2)
 def _prepare(source: sources.Source, fingerprint: str, val_split: int, seed: int, normalize: str) -> Prepared:
     splits = hold_out(sources.load(source, key=fingerprint), val_split, seed)
-    mean, std = pixels.normalization_stats(splits.train.images, normalize)
-    return Prepared(source, splits, mean, std, val_split, seed)
+    if normalize not in pixels.NORMALIZATIONS:
+        raise ValueError(f"unknown normalization {normalize!r}")
+    return Prepared(source, splits, normalize, val_split, seed)
 
 
 @dataclass
@@ -100,28 +113,41 @@ class HostToDevice:
             yield to_device(batch, self.device)
 
 
+def _source_splits(data: Prepared, loader: str, seed: int) -> tuple[Splits, type]:
+    """The splits a loader reads (DALI decodes the encoded files itself: same files, order
+    and split as the arrays) and the loader class."""
+    if loader != "dali":
+        return data.splits, TorchLoader
+    from fastres.data.dali_loader import DaliLoader, require_dali
+
+    require_dali()
+    encoded = sources.load_encoded(data.source)
+    return (data.splits if encoded is None else hold_out(encoded, data.val_split, data.split_seed)), DaliLoader
+
+
+def _placed(loader: Loader, where: Placement) -> Loader:
+    return HostToDevice(loader, where.device) if where.host else loader
+
+
+def build_evals(data: Prepared, where: Placement, *, mean: np.ndarray, std: np.ndarray,
+                eval_batch_size: int = 1000, loader: str = "torch") -> dict[str, Loader]:
+    """Evaluation loaders alone ("test", and "val" with a validation split), normalised with
+    the given mean and std (a checkpoint's own): evaluation needs no training loader."""
+    splits, loader_cls = _source_splits(data, loader, data.split_seed)
+    common = dict(mean=mean, std=std, device=torch.device("cpu") if where.host else where.device, dtype=where.dtype,
+                  channels_last=where.channels_last)
+    held = {"test": splits.test, "val": splits.val}
+    return {name: _placed(loader_cls(split, eval_batch_size, train=False, **common), where)
+            for name, split in held.items() if split is not None}
+
+
 def build(data: Prepared, where: Placement, *, batch_size: int = 128, eval_batch_size: int = 1000,
           seed: int = 0, loader: str = "torch") -> Data:
     """Loaders for a run: training batches are `batch_size / num_shards` per process."""
-    splits = data.splits
-    loader_cls: type = TorchLoader
-    if loader == "dali":
-        from fastres.data.dali_loader import DaliLoader, require_dali
-
-        require_dali()
-        loader_cls = DaliLoader
-        encoded = sources.load_encoded(data.source)
-        if encoded is not None:  # DALI decodes the files: same files, order and split as the arrays
-            splits = hold_out(encoded, data.val_split, data.split_seed)
-    made_on = torch.device("cpu") if where.host else where.device
-    common = dict(mean=data.mean, std=data.std, device=made_on, dtype=where.dtype, channels_last=where.channels_last)
-    train = loader_cls(splits.train, batch_size // where.num_shards, train=True, seed=seed,
-                       shard_id=where.shard_id, num_shards=where.num_shards, **common)
-    evals = {"test": loader_cls(splits.test, eval_batch_size, train=False, **common)}
-    if splits.val is not None:
-        evals["val"] = loader_cls(splits.val, eval_batch_size, train=False, **common)
-    if where.host:
-        train = HostToDevice(train, where.device)
-        evals = {name: HostToDevice(ev, where.device) for name, ev in evals.items()}
+    splits, loader_cls = _source_splits(data, loader, seed)
+    train = loader_cls(splits.train, batch_size // where.num_shards, train=True, seed=seed, mean=data.mean,
+                       std=data.std, device=torch.device("cpu") if where.host else where.device, dtype=where.dtype,
+                       channels_last=where.channels_last, shard_id=where.shard_id, num_shards=where.num_shards)
+    evals = build_evals(data, where, mean=data.mean, std=data.std, eval_batch_size=eval_batch_size, loader=loader)
     described = f"{data.source.describe()} ({loader} loader{', on the host' if where.host else ''})"
-    return Data(train, evals, described, len(splits.train))
+    return Data(_placed(train, where), evals, described, len(splits.train))
