@@ -63,6 +63,7 @@ LOG_EVERY = 100
 # Seconds the benchmark leaves for agreement and the full run: at ResNet-20's target of
 # 800 it/s the 64k run needs 80 s of steps, plus compilation and 32 evaluations.
 RESERVE_GPU_S, RESERVE_CPU_S = 200.0, 60.0
+REHEARSAL_RUN_S = 15.0  # the rehearsal's full run: long enough to cross log points and a deadline check
 
 
 
@@ -166,29 +167,34 @@ def agreement(data: str, device: torch.device, model_name: str, steps: int, prec
             "max_rel_loss_diff": worst, "max_abs_param_diff": params, "limit": limit}
 
 
-def full_run_length(it_s: float | None, first_s: float, eval_s: float, left_s: float) -> int:
+def full_run_length(it_s: float | None, first_s: float, eval_s: float, left_s: float,
+                    margin_s: float = FULL_RUN_OVERHEAD_S) -> int:
     """Iterations of the ResNet-20 run that fit in `left_s`: the whole 64k schedule when
     the measured rate says so, else the longest prefix that ends on a log point (0: none)."""
     if not it_s:
         return 0
     evals = PAPER_ITERS // 2000
-    overhead = first_s + evals * eval_s + FULL_RUN_OVERHEAD_S
+    overhead = first_s + evals * eval_s + margin_s
     if overhead + PAPER_ITERS / it_s <= left_s:
         return PAPER_ITERS
     fits = int(0.9 * (left_s - overhead) * it_s)  # 10% slack: the rate was measured, not promised
     return max(fits // LOG_EVERY * LOG_EVERY, 0)
 
 
-def full_run(check: Check, data: str, model_name: str, run_dir: Path) -> dict[str, Any]:
-    """The paper's 64k-iteration run, or its longest prefix that fits the budget. A timer
-    sends SIGTERM at the deadline: the trainer then checkpoints and returns, as on Ctrl-C."""
+def full_run(check: Check, data: str, model_name: str, run_dir: Path, cap_s: float | None = None,
+             margin_s: float = FULL_RUN_OVERHEAD_S) -> dict[str, Any]:
+    """The paper's 64k-iteration run, or its longest prefix that fits the budget (and `cap_s`,
+    the rehearsal's bound). A timer sends SIGTERM at the deadline: the trainer then
+    checkpoints and returns, as on Ctrl-C."""
     rows = check.summary.get("throughput", {}).get("result") or check.summary.get("throughput", {}).get("partial")
     fast = next((r for r in (rows or {}).get("rows", []) if r["model"] == model_name and r["name"] == "+ compile"
                  and "it_s" in r), None)
     it_s = fast["it_s"] if fast else None
     first_s = (fast["first_steps_s"] + fast.get("eval_first_s", 0.0)) if fast else 0.0
-    eval_s = 10_000 / fast["eval_img_s"] if fast and fast.get("eval_img_s") else 1.0
-    iters = full_run_length(it_s, first_s, eval_s, check.left())
+    test_images = len(loaders.prepare(data).splits.test)
+    eval_s = test_images / fast["eval_img_s"] if fast and fast.get("eval_img_s") else 1.0
+    seconds = min(check.left(), cap_s or float("inf"))
+    iters = full_run_length(it_s, first_s, eval_s, seconds, margin_s)
     plan = {"model": model_name, "measured_it_s": it_s, "planned_iters": iters, "full": iters == PAPER_ITERS,
             "budget_left_s": round(check.left(), 1)}
     print(f"full run plan: {plan}", flush=True)
@@ -196,7 +202,7 @@ def full_run(check: Check, data: str, model_name: str, run_dir: Path) -> dict[st
         return {**plan, "skipped": "no measured rate, or no time left for a single log interval"}
     cfg = RunConfig(model=model_name, shortcut="A", data=data, amp=True, channels_last=True, compile=True,
                     log_every=LOG_EVERY, out=str(run_dir), progress="plain")
-    timer = threading.Timer(max(check.left(), 1.0), os.kill, (os.getpid(), signal.SIGTERM))
+    timer = threading.Timer(max(seconds, 1.0), os.kill, (os.getpid(), signal.SIGTERM))
     timer.start()
     try:
         results = train(cfg, stop_at=None if iters == PAPER_ITERS else iters)
@@ -254,7 +260,9 @@ def main(argv: list[str] | None = None) -> int:
             check.part(f"agreement_{precision}",
                        lambda p=precision: agreement(args.data, device, model, 20 if gpu else 3, p))
         with tempfile.TemporaryDirectory(prefix="fastres-gpu-check-") as tmp:
-            check.part("full_run", lambda: full_run(check, args.data, model, Path(tmp) / "run"))
+            check.part("full_run", lambda: full_run(check, args.data, model, Path(tmp) / "run",
+                                                    cap_s=None if gpu else REHEARSAL_RUN_S,
+                                                    margin_s=FULL_RUN_OVERHEAD_S if gpu else 2.0))
         failed = [k for k, v in summary.items() if isinstance(v, dict) and v.get("ok") is False and "skipped" not in v]
         print(f"done in {time.monotonic() - check.start:.0f} s; {args.out / JSON}"
               + (f"; FAILED: {', '.join(failed)}" if failed else ""), flush=True)

@@ -21,8 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from fastres import checkpoint, report, schedule  # noqa: E402
 from fastres.cli import Parser, run_main  # noqa: E402
-from fastres.errors import UsageError  # noqa: E402
 from fastres.config import RunConfig, validate  # noqa: E402
+from fastres.errors import UsageError  # noqa: E402
 from fastres.models import ModelSpec  # noqa: E402
 from fastres.train import train  # noqa: E402
 

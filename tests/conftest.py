@@ -10,9 +10,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
-from fastres.data.dataset import CLASSES
+from fastres.config import RunConfig
+from fastres.data.dataset import CLASSES, Split
 
 REAL_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg"
 
@@ -98,3 +100,35 @@ def subprocess_env(cache: Path) -> dict[str, str]:
     env = dict(os.environ, FASTRES_CACHE=str(cache))
     env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
     return env
+
+
+def coordinate_images(n: int) -> Split:
+    """Channel 0 holds each pixel's row, channel 1 its column (both + 100); the label is the
+    image's index, so batches can be traced back to images."""
+    rows, cols = np.meshgrid(np.arange(32), np.arange(32), indexing="ij")
+    img = np.zeros((n, 32, 32, 3), np.uint8)
+    img[..., 0] = rows + 100
+    img[..., 1] = cols + 100
+    return Split(img, np.arange(n))
+
+
+def decode(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Recover (dy, dx, flip) of each output image from the coordinates at its centre."""
+    px = torch.round(x * 255).to(torch.int64)
+    r, c0, c1 = px[:, 0, 16, 16] - 100, px[:, 1, 16, 16] - 100, px[:, 1, 16, 17] - 100
+    flip = c1 < c0
+    dx = torch.where(flip, c0 - 15, c0 - 16)
+    return (r - 16).numpy(), dx.numpy(), flip.numpy()
+
+
+DETERMINISTIC = ("iter", "epoch", "lr", "train_loss", "train_error", "test_error", "val_error")
+
+
+def tiny_config(data: Path, out: Path, **kw) -> RunConfig:
+    base = dict(model="resnet8", shortcut="A", iters=30, milestones=(15, 25), batch_size=32, data=str(data),
+                log_every=5, eval_every=10, checkpoint_every=10, out=str(out), progress="none", device="cpu")
+    return RunConfig(**{**base, **kw})
+
+
+def deterministic(metrics: list[dict]) -> list[dict]:
+    return [{k: v for k, v in m.items() if k in DETERMINISTIC} for m in metrics]

@@ -6,8 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_loader import coordinate_images, decode
-from test_train import tiny_config
+from conftest import coordinate_images, decode, tiny_config
 
 from fastres import checkpoint
 from fastres.cli import run_main

@@ -9,8 +9,7 @@ import time
 from pathlib import Path
 
 import torch
-from conftest import subprocess_env
-from test_train import deterministic
+from conftest import deterministic, subprocess_env
 
 from fastres import checkpoint
 
@@ -60,3 +59,32 @@ def test_two_processes_stop_together_and_resume_exactly(tiny_tree: Path, tmp_pat
 
     again = torchrun(["--resume", str(cut)], _private_cache)  # finished: a no-op on every rank
     assert again.returncode == 0 and "already finished" in again.stdout
+
+
+def _window_worker(rank: int, world: int, init_file: str, out: str) -> None:
+    import torch.distributed as tdist
+
+    from fastres.distributed import DistInfo
+    from fastres.metrics import Window
+
+    tdist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    dist, cpu = DistInfo(rank, world, torch.device("cpu")), torch.device("cpu")
+    losses = torch.tensor([[1.0, 2.0, 3.0], [10.0, 20.0, 30.0]])[rank]
+    wrongs = torch.tensor([[1, 2, 3], [4, 5, 6]])[rank]
+    unbroken = Window(cpu, batch_size=8)
+    for k in range(2):
+        unbroken.add(losses[k], wrongs[k])
+    saved = unbroken.state(dist)  # a periodic checkpoint between two log points
+    unbroken.add(losses[2], wrongs[2])
+    resumed = Window(cpu, batch_size=8)  # a new process group after a crash, from that checkpoint
+    resumed.load(saved, dist)
+    resumed.add(losses[2], wrongs[2])
+    Path(out, f"{rank}.json").write_text(json.dumps([unbroken.read(dist), resumed.read(dist)]))
+    tdist.destroy_process_group()
+
+
+def test_a_checkpoint_between_log_points_keeps_every_ranks_sums(tmp_path: Path) -> None:
+    torch.multiprocessing.spawn(_window_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    for rank in (0, 1):
+        unbroken, resumed = json.loads((tmp_path / f"{rank}.json").read_text())
+        assert unbroken == resumed == [{"train_loss": 66.0 / 6, "train_error": 21 / 24}]

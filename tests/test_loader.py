@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 import torch
+from conftest import coordinate_images, decode
 
 from fastres.data import pixels
 from fastres.data.dataset import Split
@@ -9,28 +10,9 @@ from fastres.data.torch_loader import TorchLoader
 CPU = torch.device("cpu")
 
 
-def coordinate_images(n: int) -> Split:
-    """Channel 0 holds each pixel's row, channel 1 its column (both + 100); the label is the
-    image's index, so batches can be traced back to images."""
-    rows, cols = np.meshgrid(np.arange(32), np.arange(32), indexing="ij")
-    img = np.zeros((n, 32, 32, 3), np.uint8)
-    img[..., 0] = rows + 100
-    img[..., 1] = cols + 100
-    return Split(img, np.arange(n))
-
-
 def loader(split: Split, batch: int, **kw) -> TorchLoader:
     zero, one = np.zeros((1, 1, 3), np.float32), np.ones((1, 1, 3), np.float32)
     return TorchLoader(split, batch, zero, one, device=CPU, **kw)
-
-
-def decode(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Recover (dy, dx, flip) of each output image from the coordinates at its centre."""
-    px = torch.round(x * 255).to(torch.int64)
-    r, c0, c1 = px[:, 0, 16, 16] - 100, px[:, 1, 16, 16] - 100, px[:, 1, 16, 17] - 100
-    flip = c1 < c0
-    dx = torch.where(flip, c0 - 15, c0 - 16)
-    return (r - 16).numpy(), dx.numpy(), flip.numpy()
 
 
 def test_offsets_cover_all_81_positions_and_half_flip() -> None:

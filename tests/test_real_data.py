@@ -4,8 +4,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REAL_DATA
-from test_train import tiny_config
+from conftest import REAL_DATA, tiny_config
 
 from fastres.data import sources
 from fastres.train import train

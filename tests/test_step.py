@@ -24,13 +24,22 @@ def test_compiled_step_matches_eager() -> None:
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4, msg=name)
 
 
-def test_step_reads_nothing_back_and_lr_is_set() -> None:
-    model = build_model("resnet8")
-    step = TrainStep(model, CPU, torch.bfloat16, False)
-    step.set_lr(0.001)
-    loss, wrong = step(torch.randn(8, 3, 32, 32), torch.zeros(8, dtype=torch.int64))
-    assert loss.shape == () and wrong.dtype == torch.int64 and 0 <= wrong.item() <= 8
-    assert step.optimizer.param_groups[0]["lr"] == 0.001
+def test_step_returns_device_tensors_and_the_set_lr_drives_the_update() -> None:
+    """The first SGD step moves every weight by lr * (grad + wd * w) (no momentum yet), so
+    the same step at twice the learning rate moves each weight twice as far."""
+    torch.manual_seed(0)
+    base = build_model("resnet8")
+    x, y = torch.randn(8, 3, 32, 32), torch.arange(8) % 10
+    moved = {}
+    for lr in (0.01, 0.02):
+        model = copy.deepcopy(base)
+        step = TrainStep(model, CPU, None, False)
+        step.set_lr(lr)
+        loss, wrong = step(x, y)
+        assert loss.shape == () and loss.requires_grad is False and wrong.dtype == torch.int64
+        moved[lr] = model.conv1.weight.detach() - base.conv1.weight.detach()
+    assert moved[0.01].abs().max() > 0
+    torch.testing.assert_close(moved[0.02], 2 * moved[0.01], rtol=1e-4, atol=1e-7)
 
 
 class _Batches:

@@ -7,30 +7,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import subprocess_env
+from conftest import deterministic, subprocess_env, tiny_config
 
 from fastres import checkpoint, runtime
 from fastres.cli import run_main
-from fastres.config import RunConfig
 from fastres.evaluate import main as evaluate_main
 from fastres.models import CifarResNet
 from fastres.train import main as train_main
 from fastres.train import train
 
 real_forward = CifarResNet.forward
-DETERMINISTIC = ("iter", "epoch", "lr", "train_loss", "train_error", "test_error", "val_error")
-
-
-def tiny_config(data: Path, out: Path, **kw) -> RunConfig:
-    base = dict(model="resnet8", shortcut="A", iters=30, milestones=(15, 25), batch_size=32, data=str(data),
-                log_every=5, eval_every=10, checkpoint_every=10, out=str(out), progress="none", device="cpu")
-    return RunConfig(**{**base, **kw})
-
-
-def deterministic(metrics: list[dict]) -> list[dict]:
-    return [{k: v for k, v in m.items() if k in DETERMINISTIC} for m in metrics]
-
-
 def test_tiny_run_learns_and_writes_run_dir(tiny_tree: Path, tmp_path: Path) -> None:
     results = train(tiny_config(tiny_tree, tmp_path / "run", iters=60, milestones=(40, 50)))
     run = tmp_path / "run"
@@ -169,3 +155,70 @@ def test_resume_keeps_the_precision_on_another_cpu(tiny_tree: Path, tmp_path: Pa
     assert run_main(train_main, ["--resume", str(run)]) == 0
     assert json.loads((run / "results.json").read_text())["precision"] == "bf16"
 
+
+
+def test_a_batch_larger_than_the_data_is_one_line_and_leaves_nothing(tiny_tree: Path, tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "nested" / "run"
+    argv = ["resnet8", "--data", str(tiny_tree), "--batch-size", "256", "--out", str(out), "--device", "cpu"]
+    assert run_main(train_main, argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "160 training images make no batch of 256" in err
+    assert not (tmp_path / "nested").exists()
+
+
+def test_the_trainer_takes_the_shortcut_in_the_model_name(tiny_tree: Path, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture) -> None:
+    argv = ["resnet8:B", "--data", str(tiny_tree), "--iters", "2", "--eval-every", "2", "--out", str(tmp_path / "b"),
+            "--device", "cpu", "--progress", "none"]
+    assert run_main(train_main, argv) == 0
+    saved = json.loads((tmp_path / "b" / "results.json").read_text())
+    assert (saved["model"], saved["shortcut"], saved["params"]) == ("resnet8", "B", 78_042)
+    assert run_main(train_main, ["resnet8:B", "--shortcut", "C", "--data", str(tiny_tree)]) == 2
+    assert "names shortcut B, but --shortcut says C" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bad", [["--lr", "nan"], ["--lr", "inf"], ["--wd", "nan"], ["--wd", "-1"],
+                                 ["--momentum", "1.5"], ["--eval-every", "0"], ["--eval-batch-size", "0"]])
+def test_bad_numbers_are_one_line(bad: list[str], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert run_main(train_main, ["resnet8", "--out", str(tmp_path / "r"), *bad]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fastres: error: ") and err.count("\n") == 1 and bad[0] in err
+    assert not (tmp_path / "r").exists()
+
+
+def test_checkpoint_format_newer_is_refused_older_is_read(tiny_tree: Path, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture) -> None:
+    run = tmp_path / "run"
+    assert train(tiny_config(tiny_tree, run, iters=10), stop_at=5) is None
+    state = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert state["format"] == checkpoint.FORMAT == 1 and state["normalization"]["mean"].shape == (32, 32, 3)
+    torch.save({**state, "format": checkpoint.FORMAT + 1}, run / "checkpoint.pt")
+    assert run_main(train_main, ["--resume", str(run)]) == 2
+    assert "written by a newer fastres (checkpoint format 2" in capsys.readouterr().err
+    old = {k: v for k, v in state.items() if k not in ("format", "normalization")}  # as written before versions
+    torch.save(old, run / "checkpoint.pt")
+    assert run_main(evaluate_main, [str(run)]) == 0
+    assert "predates saved normalisation" in capsys.readouterr().err
+    assert run_main(train_main, ["--resume", str(run)]) == 0
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["format"] == checkpoint.FORMAT
+
+
+def test_evaluation_needs_no_training_set(tiny_tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                          capsys: pytest.CaptureFixture) -> None:
+    """Evaluation normalises with the checkpoint's own statistics and builds no training
+    loader: on other data it never takes that data's mean."""
+    run = tmp_path / "run"
+    results = train(tiny_config(tiny_tree, run, iters=10, eval_every=10))
+    capsys.readouterr()
+    from fastres.data import pixels, torch_loader
+
+    monkeypatch.setattr(pixels, "normalization_stats", lambda *a, **k: pytest.fail("computed training statistics"))
+    real_init = torch_loader.TorchLoader.__init__
+
+    def no_training_loader(self, *args, train: bool, **kw) -> None:
+        assert not train, "built a training loader"
+        real_init(self, *args, train=train, **kw)
+    monkeypatch.setattr(torch_loader.TorchLoader, "__init__", no_training_loader)
+    assert run_main(evaluate_main, [str(run)]) == 0
+    assert f"test error {100 * results['test_error']:.2f}%" in capsys.readouterr().out
