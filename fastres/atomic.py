@@ -12,20 +12,38 @@ from typing import Any
 import numpy as np
 import torch
 
+from fastres.errors import RunError
+
 
 def write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary file in the same folder, fsync it, then rename over `path`."""
+    """Write to a temporary file in the same folder, fsync it, rename it over `path`, then
+    fsync the folder, so a file reported written survives a power loss. A failed write
+    (full disk, read-only filesystem) is one RunError line and leaves the old file as it was."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp: str | None = None
     try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        tmp = None
+        fsync_dir(path.parent)
+    except OSError as e:
+        raise RunError(f"cannot write {path} ({e.strerror or e}); the previous version, if any, is intact") from None
+    finally:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make a rename in `folder` durable: the folder's entry is what points at the new file."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_json(path: Path, obj: Any) -> None:

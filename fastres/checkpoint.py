@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import socket
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,7 @@ CONFIG = "config.json"
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
 RESULTS = "results.json"
+LOCK = ".lock"
 # What a checkpoint holds. 0: before it had a version; 1: adds "normalization" (mean, std).
 FORMAT = 1
 
@@ -30,7 +33,9 @@ def refuse_overwrite(out: str, resuming: bool) -> None:
 
 def prepare_run_dir(out: str, resuming: bool) -> Path:
     """Create the run directory and prove it writable; if it is not, remove the folders
-    this call made, so a refused run leaves no trace."""
+    this call made, so a refused run leaves no trace. A new run in a directory left by a
+    run killed before its first checkpoint starts clean (its stale metrics are removed,
+    with a note), never appending to them."""
     refuse_overwrite(out, resuming)
     path = Path(out)
     made = [p for p in (path, *path.parents) if not p.exists()]
@@ -44,7 +49,67 @@ def prepare_run_dir(out: str, resuming: bool) -> Path:
             with contextlib.suppress(OSError):
                 folder.rmdir()
         raise RunError(f"cannot write to run directory {path} ({e.strerror})") from None
+    stale = [path / name for name in (METRICS, RESULTS, CONFIG) if (path / name).exists()]
+    if not resuming and stale:
+        for file in stale:
+            file.unlink()
+        print(f"fastres: note: {path} held a run stopped before its first checkpoint: starting it again from "
+              "iteration 0", file=sys.stderr)
     return path
+
+
+class RunLock:
+    """One process per run directory: a lock file naming the owner's host and pid. A second
+    process is refused in one line; a lock left by a dead process on this host (kill -9) is
+    taken over, with a note. Disabled (a no-op) on the ranks that do not write."""
+
+    def __init__(self, run_dir: Path, enabled: bool = True) -> None:
+        self.path, self.enabled = run_dir / LOCK, enabled
+        self.me = {"host": socket.gethostname(), "pid": os.getpid()}
+
+    def __enter__(self) -> RunLock:
+        if self.enabled:
+            self._acquire()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.enabled and self._owner() == self.me:
+            self.path.unlink(missing_ok=True)
+
+    def _owner(self) -> dict[str, Any] | None:
+        try:
+            owner = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return None  # gone, or cut short by a kill while it was written
+        return owner if isinstance(owner, dict) and {"host", "pid"} <= owner.keys() else None
+
+    def _acquire(self) -> None:
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                owner = self._owner()
+                if owner is not None and (owner["host"] != self.me["host"] or _alive(owner["pid"])):
+                    raise RunError(f"{self.path.parent} is in use by pid {owner['pid']} on {owner['host']}; "
+                                   f"wait for it to finish (or, if it is gone, remove {self.path})") from None
+                who = f"pid {owner['pid']}, no longer running" if owner else "an unreadable lock"
+                print(f"fastres: note: taking over {self.path} from {who}", file=sys.stderr)
+                self.path.unlink(missing_ok=True)
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump(self.me, f)
+            return
+        raise RunError(f"{self.path}: could not take the lock")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    return True
 
 
 def checkpoint_path(path: str | Path) -> Path:
@@ -79,26 +144,37 @@ def config_of(state: dict[str, Any]) -> RunConfig:
 
 
 class MetricsLog:
-    """`metrics.jsonl`, one JSON object per logged iteration."""
+    """`metrics.jsonl`, one JSON object per logged iteration. A kill during an append can
+    leave a partial last line: reading skips it, and a resume rewrites the file without it."""
 
     def __init__(self, run_dir: Path) -> None:
         self.path = run_dir / METRICS
 
-    def truncate_after(self, step: int) -> None:
-        """Drop lines past `step`: those iterations are recomputed after a resume."""
-        if not self.path.exists():
-            return
-        keep = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line)["iter"] <= step]
-        atomic.write_bytes(self.path, "".join(f"{line}\n" for line in keep).encode())
-
-    def append(self, record: dict[str, Any]) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-
-    def read(self) -> list[dict[str, Any]]:
+    def _records(self) -> list[tuple[str, dict[str, Any]]]:
         if not self.path.exists():
             return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        records = []
+        for line in self.path.read_text(errors="replace").splitlines():
+            try:
+                records.append((line, json.loads(line)))
+            except json.JSONDecodeError:
+                continue  # a line cut short by a kill: its iteration is recomputed
+        return records
+
+    def truncate_after(self, step: int) -> None:
+        """Keep the whole lines up to `step`: later iterations are recomputed after a resume."""
+        if self.path.exists():
+            keep = [line for line, record in self._records() if record.get("iter", 0) <= step]
+            atomic.write_bytes(self.path, "".join(f"{line}\n" for line in keep).encode())
+
+    def append(self, record: dict[str, Any]) -> None:
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:
+            raise RunError(f"cannot write {self.path} ({e.strerror or e})") from None
+
+    def read(self) -> list[dict[str, Any]]:
+        return [record for _, record in self._records()]

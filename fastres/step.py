@@ -64,6 +64,9 @@ class TrainStep:
         self.cuda_graphs = compile and uses_cuda_graphs(model, device)
         # fp16 needs loss scaling; bf16 has fp32's range and does not.
         self.scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+        # Steps the scaler skipped (an overflow lowers the scale and skips the update): normal
+        # under fp16, counted on the device and read at log points, never taken for divergence.
+        self.skipped = torch.zeros((), dtype=torch.int64, device=device)
 
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
@@ -78,9 +81,22 @@ class TrainStep:
         wrong = (logits.detach().argmax(1) != y).sum()  # read the logits before the backward replay
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        if self.scaler.is_enabled():
+            scale = self.scaler._scale.clone()  # the live scale tensor: compared on the device, no sync
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.skipped += self.scaler._scale < scale
+        else:
+            self.optimizer.step()
         return loss.detach(), wrong
+
+    def read_skipped(self) -> dict[str, int]:
+        """Steps skipped by the fp16 scaler since the last read (nothing without a scaler)."""
+        if not self.scaler.is_enabled():
+            return {}
+        skipped = int(self.skipped)  # note: a host sync, at log points only
+        self.skipped.zero_()
+        return {"skipped_steps": skipped}
 
     def error(self, loader: Loader) -> float:
         return error_rate(self.model, loader, self.device, self.amp_dtype, self.forward)

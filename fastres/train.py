@@ -7,8 +7,11 @@ state a run needs and a resumed run continues bit for bit (on CPU).
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
+import json
+import math
 import signal
 import sys
 import time
@@ -23,9 +26,9 @@ from torch import nn
 from fastres import checkpoint, distributed
 from fastres.atomic import write_json
 from fastres.cli import run_main
-from fastres.config import RunConfig, build_parser, config_from_args, validate
+from fastres.config import RunConfig, build_parser, config_from_args, parse_spec, validate
 from fastres.data import loaders
-from fastres.errors import UsageError
+from fastres.errors import RunError, UsageError
 from fastres.metrics import Window
 from fastres.models import count_parameters
 from fastres.progress import Reporter
@@ -140,17 +143,19 @@ def train(cfg: RunConfig, resume: dict[str, Any] | None = None, stop_at: int | N
     checkpoint.refuse_overwrite(cfg.out, resuming=resume is not None)
     dist = distributed.setup()
     try:
-        return _train(setup(cfg, dist), resume, stop_at)
+        s = setup(cfg, dist)
+        run_dir = checkpoint.prepare_run_dir(cfg.out, resuming=resume is not None) if dist.is_main else Path(cfg.out)
+        with checkpoint.RunLock(run_dir, enabled=dist.is_main):
+            return _train(s, run_dir, resume, stop_at)
     finally:
         distributed.teardown(dist)
 
 
-def _train(s: Session, resume: dict[str, Any] | None, stop_at: int | None) -> dict[str, Any] | None:
+def _train(s: Session, run_dir: Path, resume: dict[str, Any] | None, stop_at: int | None) -> dict[str, Any] | None:
     cfg, dist = s.cfg, s.dist
-    run_dir = checkpoint.prepare_run_dir(cfg.out, resuming=resume is not None) if dist.is_main else Path(cfg.out)
     window, log = Window(s.device, cfg.batch_size), checkpoint.MetricsLog(run_dir)
     start, clock = restore(s, resume, window, log) if resume is not None else (0, Clock())
-    reporter = start_reporting(s, run_dir, start)
+    reporter, saved = start_reporting(s, run_dir, start), start
     spe, final = s.data.train.steps_per_epoch, {}
     with StopFlag() as stop:
         batches = s.data.train.epoch(start // spe, start % spe)
@@ -166,7 +171,9 @@ def _train(s: Session, resume: dict[str, Any] | None, stop_at: int | None) -> di
             logged = done % cfg.log_every == 0 or done == cfg.iters
             if logged:
                 steps, seconds = window.steps, clock.lap_window()
-                record.update(window.read(dist)[0], it_s=steps / seconds)
+                record.update(window.read(dist)[0], it_s=steps / seconds, **s.step.read_skipped())
+                if not math.isfinite(record["train_loss"]):
+                    raise diverged(s, log, done, saved)
             if done % cfg.eval_every == 0 or done == cfg.iters:
                 with clock.paused():
                     final = {f"{name}_error": s.step.error(loader) for name, loader in s.data.evals.items()}
@@ -182,7 +189,9 @@ def _train(s: Session, resume: dict[str, Any] | None, stop_at: int | None) -> di
                 stopping = logged and distributed.any_rank(stopping, dist)
             if done % cfg.checkpoint_every == 0 or done == cfg.iters or stopping:
                 with clock.paused():
-                    save(s, run_dir, done, window, clock)
+                    if not finite(s, window):  # never overwrite the last good checkpoint with a diverged run
+                        raise diverged(s, log, done, saved)
+                    saved = save(s, run_dir, done, window, clock)
             if stopping and done < cfg.iters:
                 reporter.close()
                 reporter.message(f"stopped at iteration {done}; checkpoint saved. Continue with: "
@@ -219,7 +228,26 @@ def start_reporting(s: Session, run_dir: Path, start: int) -> Reporter:
     return reporter
 
 
-def save(s: Session, run_dir: Path, step: int, window: Window, clock: Clock) -> None:
+def finite(s: Session, window: Window) -> bool:
+    """Whether the losses since the last read and every weight are finite (a host sync,
+    at checkpoints only)."""
+    checks = [window.loss.isfinite().all(), *(p.detach().isfinite().all() for p in s.model.parameters())]
+    return bool(torch.stack(checks).all())
+
+
+def diverged(s: Session, log: checkpoint.MetricsLog, step: int, saved: int) -> RunError:
+    """The error that stops a diverged run, after noting it in metrics.jsonl."""
+    cause = f"the learning rate ({s.cfg.lr_at(step - 1):g}) is too high for this run"
+    if s.cfg.precision == "fp16":
+        cause += ", or fp16 overflowed"
+    message = (f"training diverged at iteration {step}: the training loss is not finite (likely cause: {cause}); "
+               f"the last good checkpoint, iteration {saved}, is kept")
+    if s.dist.is_main:
+        log.append({"iter": step, "diverged": message})
+    return RunError(message)
+
+
+def save(s: Session, run_dir: Path, step: int, window: Window, clock: Clock) -> int:
     """The checkpoint: config, weights, optimiser, position, metric window (summed over
     processes: every process takes part), clocks, and the normalisation evaluation needs."""
     state = window.state(s.dist)
@@ -229,6 +257,7 @@ def save(s: Session, run_dir: Path, step: int, window: Window, clock: Clock) -> 
             "optimizer": s.step.optimizer.state_dict(), "scaler": s.step.scaler.state_dict(), **state,
             "train_time": clock.train_time, "wall_time": clock.wall(),
             "normalization": {"mean": torch.from_numpy(s.prepared.mean), "std": torch.from_numpy(s.prepared.std)}})
+    return step
 
 
 def finish(s: Session, run_dir: Path, final: dict[str, float], clock: Clock, reporter: Reporter) -> dict[str, Any]:
@@ -249,26 +278,38 @@ def finish(s: Session, run_dir: Path, final: dict[str, float], clock: Clock, rep
     return results
 
 
+def resumed_config(args: argparse.Namespace) -> tuple[RunConfig, dict[str, Any] | None]:
+    """The saved config of `--resume RUN_DIR` and its checkpoint; None for a run killed
+    before its first checkpoint, which starts again from iteration 0 with its saved config."""
+    run = Path(args.resume)
+    if (run / checkpoint.CHECKPOINT).is_file() or not (run / checkpoint.CONFIG).is_file():
+        state = checkpoint.load(run)
+        cfg = checkpoint.config_of(state)
+    else:
+        state = None
+        try:
+            cfg = RunConfig.from_dict(json.loads((run / checkpoint.CONFIG).read_text()))
+        except (OSError, ValueError, TypeError) as e:
+            raise RunError(f"{run / checkpoint.CONFIG}: unreadable config ({e})") from None
+    if args.model and parse_spec(args.model, args.shortcut) != cfg.spec:
+        raise UsageError(f"--resume {args.resume} holds a {cfg.spec.tag} run, not {args.model}")
+    fixed = {"model", "resume", *RESUME_OVERRIDES}
+    changed = [k for k, v in vars(args).items() if v is not None and k not in fixed]
+    if changed:
+        raise UsageError(f"--resume continues the saved config; it cannot change {', '.join(changed)}")
+    overrides = {k: getattr(args, k) for k in RESUME_OVERRIDES if getattr(args, k)}
+    return validate(dataclasses.replace(cfg, out=str(args.resume), **overrides)), state
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.resume:
-        state = checkpoint.load(args.resume)
-        cfg = checkpoint.config_of(state)
-        if args.model and args.model != cfg.model:
-            raise UsageError(f"--resume {args.resume} holds a {cfg.model} run, not {args.model}")
-        fixed = {"model", "resume", *RESUME_OVERRIDES}
-        changed = [k for k, v in vars(args).items() if v is not None and k not in fixed]
-        if changed:
-            raise UsageError(f"--resume continues the saved config; it cannot change {', '.join(changed)}")
-        cfg = validate(dataclasses.replace(cfg, out=str(args.resume),
-                                           **{k: getattr(args, k) for k in RESUME_OVERRIDES if getattr(args, k)}))
-        if state["step"] >= cfg.iters:
-            print(f"fastres: {args.resume} already finished {cfg.iters} iterations; nothing to do")
-            return 0
-        results = train(cfg, resume=state)
-    else:
-        results = train(config_from_args(args))
-    return 0 if results is not None else 130
+    if not args.resume:
+        return 0 if train(config_from_args(args)) is not None else 130
+    cfg, state = resumed_config(args)
+    if state is not None and state["step"] >= cfg.iters:
+        print(f"fastres: {args.resume} already finished {cfg.iters} iterations; nothing to do")
+        return 0
+    return 0 if train(cfg, resume=state) is not None else 130
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import numpy as np
 from fastres import atomic
 from fastres.data import images, official
 from fastres.data.dataset import Split, Splits, check_split
-from fastres.errors import DataError
+from fastres.errors import DataError, RunError
 
 CACHE_FORMAT = 1  # bump when the cached arrays' layout changes
 
@@ -116,8 +116,9 @@ def load(source: Source, cache_dir: Path | None = None, key: str | None = None) 
         cache.parent.mkdir(parents=True, exist_ok=True)
         atomic.save_npz(cache, train_x=splits.train.images, train_y=splits.train.labels,
                         test_x=splits.test.images, test_y=splits.test.labels)
-    except OSError as e:
-        print(f"fastres: warning: cannot cache decoded data in {cache.parent} ({e.strerror})", file=sys.stderr)
+    except (OSError, RunError) as e:
+        print(f"fastres: warning: cannot cache decoded data in {cache.parent} ({e}); reading the source "
+              "again next time", file=sys.stderr)
     return splits
 
 

@@ -1,0 +1,129 @@
+"""Runs that survive: divergence, failed writes, a second process, partial and stale files."""
+
+import errno
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import deterministic, tiny_config
+
+from fastres import atomic, checkpoint
+from fastres.cli import run_main
+from fastres.train import main as train_main
+from fastres.train import train
+
+
+def argv(tree: Path, run: Path, *extra: str) -> list[str]:
+    return ["resnet8", "--data", str(tree), "--iters", "20", "--milestones", "15", "--batch-size", "32",
+            "--log-every", "5", "--eval-every", "10", "--checkpoint-every", "5", "--out", str(run), "--device", "cpu",
+            "--progress", "none", *extra]
+
+
+def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_tree: Path, tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture) -> None:
+    """lr 0.01 for 10 iterations, then 1e8: the run blows up after iteration 10."""
+    run = tmp_path / "run"
+    assert run_main(train_main, argv(tiny_tree, run, "--warmup-iters", "10", "--lr", "1e8")) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "training diverged at iteration 15" in err and "learning rate (1e+08)" in err
+    assert "last good checkpoint, iteration 10, is kept" in err
+    state = checkpoint.load(run)
+    assert state["step"] == 10 and all(v.isfinite().all() for v in state["model"].values() if v.is_floating_point())
+    last = checkpoint.MetricsLog(run).read()[-1]
+    assert last["iter"] == 15 and "diverged" in last
+    assert not (run / ".lock").exists() and not (run / "results.json").exists()
+
+
+def test_a_directory_is_fsynced_after_the_rename(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(atomic.os, "fsync", lambda fd: calls.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+                        or real_fsync(fd))
+    monkeypatch.setattr(atomic.os, "replace", lambda a, b: calls.append(("replace", str(b))) or real_replace(a, b))
+    atomic.write_bytes(tmp_path / "f.bin", b"data")
+    assert [c[0] for c in calls] == ["fsync", "replace", "fsync"]
+    assert calls[0][1].startswith(str(tmp_path / ".f.bin.")) and calls[2][1] == str(tmp_path)
+    assert (tmp_path / "f.bin").read_bytes() == b"data" and os.listdir(tmp_path) == ["f.bin"]
+
+
+@pytest.mark.parametrize(("target", "code", "text"), [(checkpoint.CHECKPOINT, errno.ENOSPC, "No space left on device"),
+                                                      (checkpoint.RESULTS, errno.EROFS, "Read-only file system")])
+def test_a_failed_write_is_one_line_and_the_previous_checkpoint_resumes(
+        tiny_tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture,
+        target: str, code: int, text: str) -> None:
+    run, ref = tmp_path / "run", tmp_path / "ref"
+    assert run_main(train_main, argv(tiny_tree, ref)) == 0
+    writes = {"n": 0}
+    real_mkstemp = atomic.tempfile.mkstemp
+
+    def failing_mkstemp(*a, **kw):
+        if kw["prefix"] == f".{target}.":
+            writes["n"] += 1
+            if writes["n"] == 2 or target == checkpoint.RESULTS:
+                raise OSError(code, text)
+        return real_mkstemp(*a, **kw)
+    monkeypatch.setattr(atomic.tempfile, "mkstemp", failing_mkstemp)
+    assert run_main(train_main, argv(tiny_tree, run)) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and text in err and "previous version, if any, is intact" in err
+    monkeypatch.undo()
+    expected_step = 5 if target == checkpoint.CHECKPOINT else 20
+    assert checkpoint.load(run)["step"] == expected_step and not (run / ".lock").exists()
+    assert not [p for p in run.iterdir() if p.name.endswith(".tmp")]
+    if expected_step < 20:
+        assert run_main(train_main, ["--resume", str(run)]) == 0
+        assert deterministic(checkpoint.MetricsLog(run).read()) == deterministic(checkpoint.MetricsLog(ref).read())
+
+
+def test_a_second_process_is_refused_and_a_dead_ones_lock_taken_over(tiny_tree: Path, tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    lock = run / checkpoint.LOCK
+    lock.write_text(json.dumps({"host": os.uname().nodename, "pid": os.getppid()}))  # a live process
+    assert run_main(train_main, argv(tiny_tree, run)) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"is in use by pid {os.getppid()}" in err
+    assert not (run / checkpoint.CONFIG).exists()
+    lock.write_text(json.dumps({"host": "elsewhere", "pid": 1}))  # another machine: never guessed dead
+    assert run_main(train_main, argv(tiny_tree, run)) == 2
+    assert "on elsewhere" in capsys.readouterr().err
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    lock.write_text(json.dumps({"host": os.uname().nodename, "pid": int(dead.stdout)}))  # killed -9 earlier
+    assert run_main(train_main, argv(tiny_tree, run)) == 0
+    assert f"taking over {lock} from pid {int(dead.stdout)}, no longer running" in capsys.readouterr().err
+    assert not lock.exists()
+
+
+def test_a_partial_metrics_line_is_dropped_on_resume(tiny_tree: Path, tmp_path: Path) -> None:
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    train(tiny_config(tiny_tree, ref))
+    assert train(tiny_config(tiny_tree, run), stop_at=10) is None
+    with open(run / checkpoint.METRICS, "a") as f:
+        f.write('{"iter": 15, "train_lo')  # killed in the middle of an append
+    assert [m["iter"] for m in checkpoint.MetricsLog(run).read()] == [5, 10]  # the cut line is skipped
+    assert run_main(train_main, ["--resume", str(run)]) == 0
+    assert deterministic(checkpoint.MetricsLog(run).read()) == deterministic(checkpoint.MetricsLog(ref).read())
+
+
+def test_a_run_killed_before_its_first_checkpoint_starts_clean(tiny_tree: Path, tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture) -> None:
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    train(tiny_config(tiny_tree, ref))
+    assert train(tiny_config(tiny_tree, run), stop_at=5) is None
+    (run / checkpoint.CHECKPOINT).unlink()  # as if killed before the first checkpoint was written
+    for resume in (False, True):
+        with open(run / checkpoint.METRICS, "a") as f:
+            f.write(json.dumps({"iter": 99, "train_loss": 1.0}) + "\n")  # stale lines that must not survive
+        if resume:
+            (run / checkpoint.CHECKPOINT).unlink()
+            assert run_main(train_main, ["--resume", str(run)]) == 0
+        else:
+            train(tiny_config(tiny_tree, run))
+        assert "stopped before its first checkpoint: starting it again from iteration 0" in capsys.readouterr().err
+        assert deterministic(checkpoint.MetricsLog(run).read()) == deterministic(checkpoint.MetricsLog(ref).read())
+    assert torch.equal(checkpoint.load(run)["model"]["fc.weight"], checkpoint.load(ref)["model"]["fc.weight"])
