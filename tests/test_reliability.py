@@ -127,3 +127,46 @@ def test_a_run_killed_before_its_first_checkpoint_starts_clean(tiny_tree: Path, 
         assert "stopped before its first checkpoint: starting it again from iteration 0" in capsys.readouterr().err
         assert deterministic(checkpoint.MetricsLog(run).read()) == deterministic(checkpoint.MetricsLog(ref).read())
     assert torch.equal(checkpoint.load(run)["model"]["fc.weight"], checkpoint.load(ref)["model"]["fc.weight"])
+
+
+@pytest.mark.slow
+def test_kill_9_at_random_moments_then_resume_gives_the_unbroken_run(tiny_tree: Path, tmp_path: Path,
+                                                                      _private_cache: Path) -> None:
+    """SIGKILL a training process at random moments (checkpoint writes included: one every
+    2 iterations), resume after each, until it finishes: the final metrics and weights are
+    those of a run that was never killed, bit for bit, and every directory left was resumable."""
+    import random
+    import signal
+    import time
+
+    from conftest import subprocess_env
+
+    args = ["--iters", "300", "--milestones", "150,225", "--log-every", "1", "--eval-every", "50",
+            "--checkpoint-every", "2", "--batch-size", "32"]
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    env = subprocess_env(_private_cache)
+    base = [sys.executable, "-m", "fastres.train", "resnet8", "--data", str(tiny_tree), "--device", "cpu",
+            "--progress", "none", *args]
+    assert subprocess.run([*base, "--out", str(ref)], env=env, timeout=300).returncode == 0
+    rng, kills, starts = random.Random(0), 0, 0
+    while not (run / checkpoint.RESULTS).exists():
+        cmd = [sys.executable, "-m", "fastres.train", "--resume", str(run)] if run.exists() else [*base, "--out",
+                                                                                                   str(run)]
+        proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
+        starts += 1
+        try:
+            proc.wait(timeout=rng.uniform(0.5, 4.0))
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            kills += 1
+            continue
+        assert proc.returncode == 0, proc.stderr.read()
+        assert starts < 200
+    print(f"kill -9: {kills} kills survived in {starts} starts")
+    assert kills >= 5
+    assert deterministic(checkpoint.MetricsLog(run).read()) == deterministic(checkpoint.MetricsLog(ref).read())
+    a, b = checkpoint.load(run)["model"], checkpoint.load(ref)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((run / checkpoint.RESULTS).read_text())["test_error"] == \
+        json.loads((ref / checkpoint.RESULTS).read_text())["test_error"]
