@@ -22,5 +22,5 @@ def run_main(main: Callable[[list[str] | None], int], argv: list[str] | None = N
     try:
         return main(argv)
     except EXPECTED as e:
-        print(f"fastres: error: {e}", file=sys.stderr)
+        print(f"fastres: error: {' '.join(str(e).split())}", file=sys.stderr)  # one line, whatever a library said
         return EXIT_USAGE

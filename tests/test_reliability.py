@@ -137,7 +137,6 @@ def test_kill_9_at_random_moments_then_resume_gives_the_unbroken_run(tiny_tree: 
     those of a run that was never killed, bit for bit, and every directory left was resumable."""
     import random
     import signal
-    import time
 
     from conftest import subprocess_env
 

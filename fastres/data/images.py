@@ -50,19 +50,32 @@ def _classify(name: str) -> tuple[str, int] | None:
     return split, CLASSES.index(cls)
 
 
+def tree_files(root: Path) -> list[Path]:
+    """The files of an image tree's split folders, sorted; nothing beside them is walked
+    (a stray folder of many files next to train/ and test/ costs nothing)."""
+    return sorted(p for split in SPLIT_NAMES for p in (root / split).rglob("*") if p.is_file())
+
+
 def _walk_tree(root: Path) -> Iterator[tuple[str, bytes]]:
-    for split in SPLIT_NAMES:
-        for path in sorted((root / split).rglob("*")):
-            if path.is_file():
-                yield str(path.relative_to(root)), path.read_bytes()
+    for path in tree_files(root):
+        yield str(path.relative_to(root)), path.read_bytes()
 
 
 def _walk_archive(path: Path) -> Iterator[tuple[str, bytes]]:
+    """Image members of a tar, read in memory: nothing is ever extracted to disk. A member
+    whose name could escape a folder, or an image name that is a link or a device, is
+    refused in one line."""
     try:
         with tarfile.open(path, "r:*") as tar:
             for member in tar:
-                if member.isfile() and _classify(member.name) is not None:
-                    yield member.name, tar.extractfile(member).read()
+                name = member.name.replace("\\", "/")
+                if name.startswith("/") or ".." in name.split("/"):
+                    raise DataError(f"{path}: member {member.name!r} has an unsafe name (absolute or with '..')")
+                if _classify(name) is None:
+                    continue
+                if not member.isfile():
+                    raise DataError(f"{path}: member {member.name!r} is a link or device, not an image file")
+                yield name, tar.extractfile(member).read()
     except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
         raise DataError(f"{path}: unreadable archive ({e}); it is truncated or corrupt") from None
 
@@ -89,14 +102,26 @@ def read_encoded(sources: list[Path]) -> Splits:
 
 
 def decode_file(data: np.ndarray, name: str = "image") -> np.ndarray:
-    """One encoded file to a (32, 32, 3) uint8 array; anything else is a DataError."""
+    """One encoded file to a (32, 32, 3) uint8 array; anything else is a DataError.
+
+    Modes: RGB as it is; grayscale (L) repeated on the three channels; palette (P) through
+    its palette; RGBA, LA and CMYK to RGB with the alpha channel dropped (no compositing);
+    16-bit grayscale (I;16, or I as older Pillow opens it) scaled to 8 bits (the high byte)
+    and repeated.
+    The size is checked before any pixel is decoded, so a decompression bomb costs nothing."""
     try:
         with Image.open(io.BytesIO(data.tobytes())) as img:
-            pixels = np.asarray(img.convert("RGB"))
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise DataError(f"{name}: cannot decode image ({e})") from None
-    if pixels.shape != IMAGE_SHAPE:
-        raise DataError(f"{name}: image is {pixels.shape[1]}x{pixels.shape[0]}, expected 32x32")
+            if img.size != IMAGE_SHAPE[:2]:
+                raise DataError(f"{name}: image is {img.size[0]}x{img.size[1]}, expected 32x32")
+            if img.mode.startswith("I"):  # 16-bit grayscale (I;16, or I as older Pillow opens it)
+                high = np.clip(np.asarray(img).astype(np.int64) >> 8, 0, 255).astype(np.uint8)
+                pixels = np.repeat(high[..., None], 3, axis=2)
+            else:
+                pixels = np.asarray(img.convert("RGB"))
+    except DataError:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise DataError(f"{name}: cannot decode image ({type(e).__name__}: {e})") from None
     return pixels
 
 
