@@ -53,6 +53,7 @@ class RunConfig:
     precision: str | None = None  # fp32, bf16 or fp16: resolved from the two above at the start, then kept
     channels_last: bool = False
     compile: bool = False
+    deterministic: bool = False  # deterministic GPU algorithms: a GPU run repeats bit for bit
     eval_every: int = 2000
     eval_batch_size: int = 1000
     log_every: int = 100
@@ -146,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--channels-last", action="store_true", default=None)
     p.add_argument("--compile", action="store_true", default=None,
                    help="torch.compile the model (with CUDA graphs on a GPU)")
+    p.add_argument("--deterministic", action="store_true", default=None,
+                   help="deterministic cuDNN/torch algorithms: a GPU run repeats bit for bit (slower)")
     p.add_argument("--eval-every", type=int, help="evaluate every N iterations (default 2000)")
     p.add_argument("--eval-batch-size", type=int, help="evaluation batch (default 1000; changes no result)")
     p.add_argument("--log-every", type=int, help="read metrics every N iterations (default 100)")

@@ -30,10 +30,16 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
-def configure_backends(device: torch.device) -> None:
+def configure_backends(device: torch.device, deterministic: bool = False) -> None:
     """cuDNN autotuning: batch shapes are static, so the fastest conv algorithms are found
-    once and reused."""
-    if device.type == "cuda":
+    once and reused. `deterministic`: deterministic cuDNN and torch algorithms instead (and
+    cuBLAS's fixed workspace), so a GPU run repeats bit for bit, at some speed; on a CPU
+    fastres' runs repeat bit for bit either way."""
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    elif device.type == "cuda":
         torch.backends.cudnn.benchmark = True
 
 

@@ -120,7 +120,7 @@ def setup(cfg: RunConfig, dist: distributed.DistInfo) -> Session:
     device = pick_device(cfg.device) if dist.world_size == 1 else dist.device
     if cfg.batch_size % dist.world_size:
         raise UsageError(f"--batch-size {cfg.batch_size} does not split over {dist.world_size} processes")
-    configure_backends(device)
+    configure_backends(device, cfg.deterministic)
     precision, note = resolve_precision(device, cfg.precision or requested_precision(cfg.amp, cfg.amp_dtype))
     cfg = dataclasses.replace(cfg, precision=precision)
     dtype = PRECISIONS[precision]
@@ -220,6 +220,10 @@ def start_reporting(s: Session, run_dir: Path, start: int) -> Reporter:
         write_json(run_dir / checkpoint.CONFIG, cfg.to_dict())
         if s.note:
             print(f"fastres: {s.note}", file=sys.stderr)
+        late = [m for m in cfg.milestones if m >= cfg.iters]
+        if late:  # allowed (a prefix of a longer schedule), but never silent
+            print(f"fastres: note: milestones {', '.join(map(str, late))} are not below --iters {cfg.iters}: "
+                  "the learning rate does not drop there", file=sys.stderr)
     reporter = Reporter(cfg.progress if s.dist.is_main else "none", cfg.iters, start, cfg.model)
     reporter.message(f"fastres: {cfg.model} ({count_parameters(s.model):,} parameters) on {device_name(s.device)}; "
                      f"data {s.data.source}; {s.data.train_size} training images, "

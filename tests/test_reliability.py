@@ -169,3 +169,18 @@ def test_kill_9_at_random_moments_then_resume_gives_the_unbroken_run(tiny_tree: 
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert json.loads((run / checkpoint.RESULTS).read_text())["test_error"] == \
         json.loads((ref / checkpoint.RESULTS).read_text())["test_error"]
+
+
+def test_deterministic_is_recorded_and_sets_the_backends(tiny_tree: Path, tmp_path: Path) -> None:
+    try:
+        results = train(tiny_config(tiny_tree, tmp_path / "run", iters=5, eval_every=5, deterministic=True))
+        assert results["config"]["deterministic"] is True and torch.are_deterministic_algorithms_enabled()
+        assert not torch.backends.cudnn.benchmark and torch.backends.cudnn.deterministic
+    finally:
+        torch.use_deterministic_algorithms(False)
+        torch.backends.cudnn.deterministic = False
+
+
+def test_milestones_past_the_end_are_said(tiny_tree: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    train(tiny_config(tiny_tree, tmp_path / "run", iters=5, eval_every=5, milestones=(3, 5, 9)))
+    assert "milestones 5, 9 are not below --iters 5: the learning rate does not drop there" in capsys.readouterr().err

@@ -131,7 +131,7 @@ def test_amp_precision_follows_the_cpu(tiny_tree: Path, tmp_path: Path, native: 
     expected = "bf16" if native else "fp32"
     assert results["precision"] == expected and results["config"]["precision"] == expected
     assert json.loads((tmp_path / "auto" / "config.json").read_text())["precision"] == expected
-    assert ("AMP is off on this CPU" in err) == (not native) and err.count("fastres: note") == (0 if native else 1)
+    assert err.count("AMP is off on this CPU") == (0 if native else 1)  # said once, only where it applies
     assert set(seen) == {torch.bfloat16 if native else torch.float32}  # what the model really receives
 
     forced = train(tiny_config(tiny_tree, tmp_path / "forced", iters=2, eval_every=2, amp=True, amp_dtype="bf16"))
