@@ -125,14 +125,15 @@ def test_amp_precision_follows_the_cpu(tiny_tree: Path, tmp_path: Path, native: 
     is in the config and the results."""
     monkeypatch.setattr(runtime, "cpu_bf16_native", lambda: native)
     seen = []
-    monkeypatch.setattr(CifarResNet, "forward", lambda self, x: seen.append(x.dtype) or real_forward(self, x))
+    monkeypatch.setattr(CifarResNet, "forward", lambda self, x: seen.append(
+        (x.dtype, x.is_contiguous(memory_format=torch.channels_last))) or real_forward(self, x))
     results = train(tiny_config(tiny_tree, tmp_path / "auto", iters=2, eval_every=2, amp=True, channels_last=True))
     err = capsys.readouterr().err
     expected = "bf16" if native else "fp32"
     assert results["precision"] == expected and results["config"]["precision"] == expected
     assert json.loads((tmp_path / "auto" / "config.json").read_text())["precision"] == expected
     assert err.count("AMP is off on this CPU") == (0 if native else 1)  # said once, only where it applies
-    assert set(seen) == {torch.bfloat16 if native else torch.float32}  # what the model really receives
+    assert set(seen) == {(torch.bfloat16 if native else torch.float32, True)}  # what the model really receives
 
     forced = train(tiny_config(tiny_tree, tmp_path / "forced", iters=2, eval_every=2, amp=True, amp_dtype="bf16"))
     assert forced["precision"] == "bf16"

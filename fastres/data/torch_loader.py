@@ -38,9 +38,6 @@ class TorchLoader:
         n = len(split)
         self.steps_per_epoch = augmentation.steps_per_epoch(n, batch_size, train, num_shards)
 
-    def __len__(self) -> int:
-        return self.steps_per_epoch
-
     def epoch(self, epoch: int, start: int = 0) -> Iterator[Batch]:
         """The batches of one epoch from batch `start` on (resume restarts mid-epoch)."""
         if not self.train:
