@@ -168,7 +168,7 @@ def agreement(data: str, device: torch.device, model_name: str, steps: int, prec
 
 
 def full_run_length(it_s: float | None, first_s: float, eval_s: float, left_s: float,
-                    margin_s: float = FULL_RUN_OVERHEAD_S) -> int:
+                    margin_s: float = FULL_RUN_OVERHEAD_S, log_every: int = LOG_EVERY) -> int:
     """Iterations of the ResNet-20 run that fit in `left_s`: the whole 64k schedule when
     the measured rate says so, else the longest prefix that ends on a log point (0: none)."""
     if not it_s:
@@ -178,11 +178,11 @@ def full_run_length(it_s: float | None, first_s: float, eval_s: float, left_s: f
     if overhead + PAPER_ITERS / it_s <= left_s:
         return PAPER_ITERS
     fits = int(0.9 * (left_s - overhead) * it_s)  # 10% slack: the rate was measured, not promised
-    return max(fits // LOG_EVERY * LOG_EVERY, 0)
+    return max(fits // log_every * log_every, 0)
 
 
 def full_run(check: Check, data: str, model_name: str, run_dir: Path, cap_s: float | None = None,
-             margin_s: float = FULL_RUN_OVERHEAD_S) -> dict[str, Any]:
+             margin_s: float = FULL_RUN_OVERHEAD_S, log_every: int = LOG_EVERY) -> dict[str, Any]:
     """The paper's 64k-iteration run, or its longest prefix that fits the budget (and `cap_s`,
     the rehearsal's bound). A timer sends SIGTERM at the deadline: the trainer then
     checkpoints and returns, as on Ctrl-C."""
@@ -198,14 +198,14 @@ def full_run(check: Check, data: str, model_name: str, run_dir: Path, cap_s: flo
     test_images = len(loaders.prepare(data).splits.test)
     eval_s = test_images / fast["eval_img_s"] if fast and fast.get("eval_img_s") else 1.0
     seconds = min(check.left(), cap_s or float("inf"))
-    iters = full_run_length(it_s, first_s, eval_s, seconds, margin_s)
+    iters = full_run_length(it_s, first_s, eval_s, seconds, margin_s, log_every)
     plan = {"model": model_name, "measured_it_s": it_s, "planned_iters": iters, "full": iters == PAPER_ITERS,
             "budget_left_s": round(check.left(), 1)}
     print(f"full run plan: {plan}", flush=True)
     if iters == 0:
         return {**plan, "skipped": "no measured rate, or no time left for a single log interval"}
     cfg = RunConfig(model=model_name, shortcut="A", data=data, amp=True, channels_last=True, compile=True,
-                    log_every=LOG_EVERY, out=str(run_dir), progress="plain")
+                    log_every=log_every, out=str(run_dir), progress="plain")
     timer = threading.Timer(max(seconds, 1.0), os.kill, (os.getpid(), signal.SIGTERM))
     timer.start()
     try:
@@ -266,7 +266,8 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory(prefix="fastres-gpu-check-") as tmp:
             check.part("full_run", lambda: full_run(check, args.data, model, Path(tmp) / "run",
                                                     cap_s=None if gpu else REHEARSAL_RUN_S,
-                                                    margin_s=FULL_RUN_OVERHEAD_S if gpu else 2.0))
+                                                    margin_s=FULL_RUN_OVERHEAD_S if gpu else 2.0,
+                                                    log_every=LOG_EVERY if gpu else 10))
         failed = [k for k, v in summary.items() if isinstance(v, dict) and v.get("ok") is False and "skipped" not in v]
         print(f"done in {time.monotonic() - check.start:.0f} s; {args.out / JSON}"
               + (f"; FAILED: {', '.join(failed)}" if failed else ""), flush=True)
