@@ -47,7 +47,11 @@ def main(argv: list[str] | None = None) -> int:
         model = model.to(memory_format=torch.channels_last)
     precision, _ = resolve_precision(device, cfg.precision or requested_precision(cfg.amp, cfg.amp_dtype))
     dtype = PRECISIONS[precision]
-    prepared = loaders.prepare(cfg.data, cfg.val_split, cfg.seed, cfg.normalize)
+    # The test split alone, unless the run's own validation split is asked for (it is cut
+    # from the training split) or an old checkpoint lacks its normalisation.
+    need_train = "normalization" not in state or (cfg.val_split > 0 and not args.data)
+    prepared = loaders.prepare(cfg.data, cfg.val_split if need_train else 0, cfg.seed, cfg.normalize,
+                               splits=("train", "test") if need_train else ("test",))
     mean, std = normalization_of(state, prepared)
     evals = loaders.build_evals(prepared, loaders.Placement(device, dtype or torch.float32, cfg.channels_last),
                                 mean=mean, std=std, eval_batch_size=cfg.eval_batch_size, loader=cfg.loader)

@@ -223,3 +223,25 @@ def test_evaluation_needs_no_training_set(tiny_tree: Path, tmp_path: Path, monke
     monkeypatch.setattr(torch_loader.TorchLoader, "__init__", no_training_loader)
     assert run_main(evaluate_main, [str(run)]) == 0
     assert f"test error {100 * results['test_error']:.2f}%" in capsys.readouterr().out
+
+
+def test_evaluation_reads_a_test_split_alone(tiny_tree: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A folder holding only test/ (or test.tar.gz) is enough to evaluate a checkpoint; to
+    train, it is one line."""
+    import shutil
+    import tarfile
+
+    run = tmp_path / "run"
+    results = train(tiny_config(tiny_tree, run, iters=10, eval_every=10))
+    capsys.readouterr()
+    only_test = tmp_path / "only-test"
+    shutil.copytree(tiny_tree / "test", only_test / "test")
+    packed = tmp_path / "packed"
+    packed.mkdir()
+    with tarfile.open(packed / "test.tar.gz", "w:gz") as tar:
+        tar.add(tiny_tree / "test", arcname="test")
+    for data in (only_test, packed):
+        assert run_main(evaluate_main, [str(run), "--data", str(data)]) == 0
+        assert f"test error {100 * results['test_error']:.2f}%" in capsys.readouterr().out
+    assert run_main(train_main, ["resnet8", "--data", str(only_test), "--out", str(tmp_path / "r2")]) == 2
+    assert "no CIFAR-10 there" in capsys.readouterr().err and not (tmp_path / "r2").exists()

@@ -50,14 +50,14 @@ def _classify(name: str) -> tuple[str, int] | None:
     return split, CLASSES.index(cls)
 
 
-def tree_files(root: Path) -> list[Path]:
+def tree_files(root: Path, splits: tuple[str, ...] = SPLIT_NAMES) -> list[Path]:
     """The files of an image tree's split folders, sorted; nothing beside them is walked
     (a stray folder of many files next to train/ and test/ costs nothing)."""
-    return sorted(p for split in SPLIT_NAMES for p in (root / split).rglob("*") if p.is_file())
+    return sorted(p for split in splits for p in (root / split).rglob("*") if p.is_file())
 
 
-def _walk_tree(root: Path) -> Iterator[tuple[str, bytes]]:
-    for path in tree_files(root):
+def _walk_tree(root: Path, splits: tuple[str, ...]) -> Iterator[tuple[str, bytes]]:
+    for path in tree_files(root, splits):
         yield str(path.relative_to(root)), path.read_bytes()
 
 
@@ -80,15 +80,16 @@ def _walk_archive(path: Path) -> Iterator[tuple[str, bytes]]:
         raise DataError(f"{path}: unreadable archive ({e}); it is truncated or corrupt") from None
 
 
-def read_encoded(sources: list[Path]) -> Splits:
-    """Collect the encoded files of both splits, sorted by split, class and file name."""
-    found: dict[str, list[tuple[int, str, bytes]]] = {s: [] for s in SPLIT_NAMES}
+def read_encoded(sources: list[Path], splits: tuple[str, ...] = SPLIT_NAMES) -> Splits:
+    """Collect the encoded files of the wanted splits (both, or the test split alone for
+    evaluation), sorted by split, class and file name; a split not wanted is empty."""
+    found: dict[str, list[tuple[int, str, bytes]]] = {s: [] for s in splits}
     for source in sources:
-        for name, data in (_walk_archive(source) if is_archive(source) else _walk_tree(source)):
+        for name, data in (_walk_archive(source) if is_archive(source) else _walk_tree(source, splits)):
             tag = _classify(name)
-            if tag is not None:
+            if tag is not None and tag[0] in found:
                 found[tag[0]].append((tag[1], name, data))
-    splits = {}
+    read = {}
     for split, items in found.items():
         if not items:
             raise DataError(f"{', '.join(map(str, sources))}: no {split}/<class>/*.jpg|png images found")
@@ -96,9 +97,9 @@ def read_encoded(sources: list[Path]) -> Splits:
         missing = sorted(set(range(len(CLASSES))) - {label for label, _, _ in items})
         if missing:
             raise DataError(f"{split}: no images of class {', '.join(CLASSES[i] for i in missing)}")
-        splits[split] = EncodedSplit([np.frombuffer(d, dtype=np.uint8) for _, _, d in items],
-                                     np.array([label for label, _, _ in items], dtype=np.int64))
-    return Splits(splits["train"], splits["test"])
+        read[split] = EncodedSplit([np.frombuffer(d, dtype=np.uint8) for _, _, d in items],
+                                   np.array([label for label, _, _ in items], dtype=np.int64))
+    return Splits(read.get("train", EncodedSplit([], np.zeros(0, np.int64))), read["test"])
 
 
 def decode_file(data: np.ndarray, name: str = "image") -> np.ndarray:
@@ -128,5 +129,7 @@ def decode_file(data: np.ndarray, name: str = "image") -> np.ndarray:
 def decode(split: EncodedSplit, name: str) -> Split:
     """Decode every file of a split with Pillow (about 12 s for all 60k CIFAR images on one
     core; the result is cached, so this happens once)."""
+    if not split.files:  # a split not read (evaluation reads the test split alone)
+        return Split(np.zeros((0, *IMAGE_SHAPE), np.uint8), split.labels)
     images = np.stack([decode_file(f, f"{name} image {i}") for i, f in enumerate(split.files)])
     return Split(images, split.labels)

@@ -13,7 +13,9 @@ import torch
 
 from fastres.data import pixels, sources
 from fastres.data.dataset import Splits, hold_out
+from fastres.data.images import SPLIT_NAMES
 from fastres.data.torch_loader import TorchLoader
+from fastres.errors import DataError
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -40,6 +42,9 @@ class Prepared:
 
     @functools.cached_property
     def stats(self) -> tuple[np.ndarray, np.ndarray]:
+        if len(self.splits.train) == 0:
+            raise DataError(f"{self.source.describe()}: no training images were read, so there is no "
+                            "normalisation to compute")
         return pixels.normalization_stats(self.splits.train.images, self.normalize)
 
     @property
@@ -51,11 +56,12 @@ class Prepared:
         return self.stats[1]
 
 
-def prepare(data: str | None, val_split: int = 0, seed: int = 0, normalize: str = "pixel") -> Prepared:
+def prepare(data: str | None, val_split: int = 0, seed: int = 0, normalize: str = "pixel",
+            splits: tuple[str, ...] = SPLIT_NAMES) -> Prepared:
     """Resolve, load (from the decoded cache when possible), split and normalise, once per
     process for the same files and arguments: a benchmark or GPU check building many
-    loaders pays for it once."""
-    source = sources.resolve(data)
+    loaders pays for it once. `splits=("test",)` reads no training images (evaluation)."""
+    source = sources.resolve(data, splits=splits)
     return _prepare(source, sources.fingerprint(source), val_split, seed, normalize)
 
 

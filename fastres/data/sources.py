@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import sys
@@ -34,6 +35,7 @@ class Source:
     kind: str  # "official" or "images"
     paths: tuple[Path, ...]
     named: str = ""  # `--data` as the user wrote it: what result files record, never a resolved path
+    splits: tuple[str, ...] = images.SPLIT_NAMES  # ("test",): evaluation, which needs no training set
 
     def describe(self) -> str:
         return f"{self.kind}: {self.named or ', '.join(p.name for p in self.paths)}"
@@ -48,10 +50,16 @@ def _archive_holds_batches(path: Path) -> bool:
     return first is not None and first.name.split("/")[0] == official.BATCH_DIR
 
 
-def resolve(data: str | Path | None, cache_dir: Path | None = None, url: str = official.ARCHIVE_URL) -> Source:
+def resolve(data: str | Path | None, cache_dir: Path | None = None, url: str = official.ARCHIVE_URL,
+            splits: tuple[str, ...] = images.SPLIT_NAMES) -> Source:
     """Map `--data` to a source; with no `--data`, the official archive in the cache,
-    downloaded on first use."""
-    cache_dir = cache_dir or default_cache_dir()
+    downloaded on first use. With `splits=("test",)` an image source needs no training
+    images (a folder with test/ or test.tar.gz alone will do)."""
+    source = _resolve(data, cache_dir or default_cache_dir(), url, splits)
+    return dataclasses.replace(source, splits=splits) if source.kind == "images" else source
+
+
+def _resolve(data: str | Path | None, cache_dir: Path, url: str, splits: tuple[str, ...]) -> Source:
     if data is None:
         archive = cache_dir / official.ARCHIVE_NAME
         if not archive.is_file():
@@ -69,20 +77,20 @@ def resolve(data: str | Path | None, cache_dir: Path | None = None, url: str = o
         return Source("images", (path,), str(data))
     if (path / official.ARCHIVE_NAME).is_file():
         return Source("official", (path / official.ARCHIVE_NAME,), str(data))
-    if (path / "train").is_dir() and (path / "test").is_dir():
+    if all((path / split).is_dir() for split in splits):
         return Source("images", (path,), str(data))
     archives = images.split_archives(path)
-    if len(archives) == 2:
-        return Source("images", (archives["train"], archives["test"]), str(data))
+    if all(split in archives for split in splits):
+        return Source("images", tuple(archives[split] for split in splits), str(data))
     raise DataError(f"--data {path}: no CIFAR-10 there; expected {official.ARCHIVE_NAME}, train/ and "
                     "test/ image folders, or train.tar.gz and test.tar.gz")
 
 
 def fingerprint(source: Source) -> str:
     """Identify a source by its files' paths, sizes and modification times."""
-    h = hashlib.sha256(f"{CACHE_FORMAT} {source.kind}".encode())
+    h = hashlib.sha256(f"{CACHE_FORMAT} {source.kind} {source.splits}".encode())
     for root in source.paths:
-        for f in [root] if root.is_file() else images.tree_files(root):
+        for f in [root] if root.is_file() else images.tree_files(root, source.splits):
             st = f.stat()
             h.update(os.fsencode(f.resolve()) + f" {st.st_size} {st.st_mtime_ns}\n".encode())
     return h.hexdigest()[:20]
@@ -95,7 +103,7 @@ def _read(source: Source) -> Splits:
         # (tests, subsets) are read as they are.
         md5 = official.ARCHIVE_MD5 if path.name == official.ARCHIVE_NAME else None
         return official.read_archive(path, md5)
-    encoded = images.read_encoded(list(source.paths))
+    encoded = images.read_encoded(list(source.paths), source.splits)
     return Splits(images.decode(encoded.train, "train"), images.decode(encoded.test, "test"))
 
 
@@ -108,7 +116,7 @@ def checksum(arrays: dict[str, np.ndarray]) -> str:
     for name in ARRAYS:
         a = np.ascontiguousarray(arrays[name])
         h.update(f"{name} {a.dtype} {a.shape}".encode())
-        h.update(memoryview(a).cast("B"))
+        h.update(a.reshape(-1).view(np.uint8))  # the bytes themselves, no copy
     return h.hexdigest()
 
 
@@ -135,8 +143,8 @@ def load(source: Source, cache_dir: Path | None = None, key: str | None = None) 
     if cache.is_file() and (splits := _cached(cache)) is not None:
         return splits
     splits = _read(source)
-    check_split(splits.train, "train")
-    check_split(splits.test, "test")
+    for name in source.splits:
+        check_split(getattr(splits, name), name)
     arrays = dict(train_x=splits.train.images, train_y=splits.train.labels, test_x=splits.test.images,
                   test_y=splits.test.labels)
     try:
@@ -150,4 +158,4 @@ def load(source: Source, cache_dir: Path | None = None, key: str | None = None) 
 
 def load_encoded(source: Source) -> Splits | None:
     """The encoded files of an image source (for GPU decoding), or None for raw arrays."""
-    return images.read_encoded(list(source.paths)) if source.kind == "images" else None
+    return images.read_encoded(list(source.paths), source.splits) if source.kind == "images" else None
