@@ -77,3 +77,27 @@ def test_host_batches_reach_the_device_in_training_and_evaluation(tiny_tree: Pat
     x, y = next(loaders.build(loaders.prepare(str(tiny_tree)), loaders.Placement(torch.device("cpu"), host=True),
                               batch_size=32).train.epoch(0))
     assert x.device.type == "cpu" and x.shape == (32, 3, 32, 32)
+
+
+def test_the_mean_is_computed_once_for_all_rows(tiny_tree: Path, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    from fastres.data import pixels
+
+    calls = []
+    real = pixels.normalization_stats
+    monkeypatch.setattr(pixels, "normalization_stats", lambda *a, **k: calls.append(1) or real(*a, **k))
+    loaders._prepare.cache_clear()
+    throughput.main(["--device", "cpu", "--models", "resnet8,resnet14", "--data", str(tiny_tree), "--warmup", "1",
+                     "--steps", "1", "--repeats", "1", "--loader-batches", "1", "--setups", "0,1,3",
+                     "--out", str(tmp_path / "b.json")])
+    assert len(calls) == 1  # six rows and five loader measurements, one pass over the training images
+
+
+def test_every_compile_is_static(monkeypatch: pytest.MonkeyPatch) -> None:
+    from fastres import step
+    from fastres.models import build_model
+
+    seen = {}
+    monkeypatch.setattr(step.torch, "compile", lambda model, **kw: seen.update(kw) or model)
+    step.TrainStep(build_model("resnet8"), torch.device("cpu"), None, compile=True)
+    assert seen == {"mode": None, "dynamic": False}
