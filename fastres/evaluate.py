@@ -1,17 +1,18 @@
-"""Test error of a checkpoint: `python -m fastres.evaluate RUN_DIR_OR_CHECKPOINT`."""
+"""Test error of a checkpoint or exported weights: `python -m fastres.evaluate RUN_DIR_OR_WEIGHTS`."""
 
 from __future__ import annotations
 
 import dataclasses
 import sys
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from fastres import checkpoint
+from fastres import checkpoint, weights
 from fastres.cli import Parser, run_main
-from fastres.config import LOADERS
+from fastres.config import LOADERS, RunConfig
 from fastres.data import loaders
 from fastres.models import build_model
 from fastres.runtime import PRECISIONS, pick_device, requested_precision, resolve_precision
@@ -30,19 +31,37 @@ def normalization_of(state: dict[str, Any], prepared: loaders.Prepared) -> tuple
     return prepared.mean, prepared.std
 
 
+def is_export(path: Path) -> bool:
+    return path.is_file() and path.suffix == ".pt" and weights.meta_path(path).is_file()
+
+
+def load_run(path: str) -> tuple[dict[str, Any], RunConfig]:
+    state = checkpoint.load(path)
+    return state, checkpoint.config_of(state)
+
+
+def exported(path: Path) -> tuple[dict[str, Any], RunConfig]:
+    """Exported weights as a checkpoint-like state and a config: fp32 unless the run's
+    precision is recorded, NCHW, the torch loader."""
+    model, meta = weights.read(path)
+    norm = {k: torch.tensor(v) for k, v in meta["normalization"].items()}
+    cfg = RunConfig(model=meta["model"], shortcut=meta.get("shortcut"), data=None, normalize=meta["normalize"],
+                    precision=meta.get("precision"))
+    return {"model": model, "step": meta.get("step"), "normalization": norm}, cfg
+
+
 def main(argv: list[str] | None = None) -> int:
     p = Parser(prog="python -m fastres.evaluate", description="Single-view test error of a fastres checkpoint.")
-    p.add_argument("checkpoint", help="a run directory or its checkpoint.pt")
-    p.add_argument("--data", help="evaluate on this data instead of the run's")
+    p.add_argument("checkpoint", help="a run directory, its checkpoint.pt, or weights exported by fastres.export")
+    p.add_argument("--data", help="evaluate on this data instead of the run's (exported weights: default the "
+                   "official archive)")
     p.add_argument("--device", default="auto")
     p.add_argument("--loader", choices=LOADERS, help="input pipeline (default: the run's)")
     args = p.parse_args(argv)
-    state = checkpoint.load(args.checkpoint)
-    cfg = checkpoint.config_of(state)
+    state, cfg = exported(Path(args.checkpoint)) if is_export(Path(args.checkpoint)) else load_run(args.checkpoint)
     cfg = dataclasses.replace(cfg, data=args.data or cfg.data, loader=args.loader or cfg.loader)
     device = pick_device(args.device)
-    model = build_model(cfg.model, cfg.shortcut).to(device)
-    model.load_state_dict(state["model"])
+    model = weights.load_into(build_model(cfg.model, cfg.shortcut), state["model"], args.checkpoint).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     precision, _ = resolve_precision(device, cfg.precision or requested_precision(cfg.amp, cfg.amp_dtype))

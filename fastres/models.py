@@ -25,10 +25,14 @@ Parameters (tested to the unit in tests/test_models.py):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from fastres import weights as weights_io
+from fastres.errors import RunError
 
 SHORTCUTS = ("A", "B", "C")
 STAGE_WIDTHS = (16, 32, 64)
@@ -199,10 +203,21 @@ class ModelSpec:
         return CifarResNet(self.depth, self.shortcut, num_classes)
 
 
-def build_model(name: str, shortcut: str | None = None, num_classes: int = 10) -> CifarResNet:
+def build_model(name: str, shortcut: str | None = None, num_classes: int = 10,
+                weights: str | Path | None = None) -> CifarResNet:
     """Build a model by name (`resnet56`, `resnet56:B`, `plain20`); `shortcut` (A, B or C)
-    applies to ResNets only, default A."""
-    return ModelSpec.parse(name, shortcut).build(num_classes)
+    applies to ResNets only, default A. `weights`: a run directory, a checkpoint or an
+    exported `.pt`, loaded strictly (a different model, or any missing, extra or misshapen
+    tensor, is one line naming the first mismatch)."""
+    spec = ModelSpec.parse(name, shortcut)
+    model = spec.build(num_classes)
+    if weights is None:
+        return model
+    state, meta = weights_io.read(weights)
+    saved = ModelSpec.parse(meta["model"], meta.get("shortcut"))
+    if saved != spec:
+        raise RunError(f"{weights}: holds {saved.tag} weights, not {spec.tag}")
+    return weights_io.load_into(model, state, str(weights))
 
 
 def count_parameters(model: nn.Module) -> int:

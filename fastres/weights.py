@@ -1,0 +1,88 @@
+"""Trained weights in and out: read the weights of a run directory, a checkpoint or an
+exported file (with the JSON that describes it), and wrap a model with its preprocessing.
+
+An export is a plain `.pt` state dict (tensors only: `torch.load(..., weights_only=True)`
+reads it) and a `.json` beside it with the model spec, dataset, class names and
+normalisation: everything needed to use the model without fastres' checkpoint internals
+or the training set. This module imports nothing of the models, so `build_model` can use it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from fastres.errors import RunError
+
+CHECKPOINT, CONFIG = "checkpoint.pt", "config.json"
+
+
+def meta_path(weights: Path) -> Path:
+    """The JSON that describes an exported weights file."""
+    return weights.with_suffix(".json")
+
+
+def read(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The state dict and what describes it (model, shortcut, normalisation, ...) from a run
+    directory, its checkpoint, or an exported `.pt` with its `.json`; one line if unreadable."""
+    path = Path(path)
+    file = path / CHECKPOINT if path.is_dir() else path
+    if not file.is_file():
+        raise RunError(f"{path}: no weights there (a run directory, its {CHECKPOINT}, or an exported .pt)")
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for a damaged file
+        raise RunError(f"{file}: unreadable weights ({type(e).__name__})") from None
+    if isinstance(state, dict) and "model" in state and "config" in state:  # a fastres checkpoint
+        cfg, norm = state["config"], state.get("normalization")
+        meta = {"model": cfg["model"], "shortcut": cfg.get("shortcut"), "dataset": cfg.get("dataset", "cifar10"),
+                "step": state.get("step")}
+        if norm is not None:
+            meta["normalization"] = {"mean": norm["mean"].tolist(), "std": norm["std"].tolist()}
+        return state["model"], meta
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise RunError(f"{file}: not a state dict of tensors")
+    described = meta_path(file)
+    try:
+        meta = json.loads(described.read_text())
+    except (OSError, ValueError) as e:
+        raise RunError(f"{described}: the description of {file.name} is missing or unreadable ({e})") from None
+    return state, meta
+
+
+def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> nn.Module:
+    """Strict loading: every key present, none extra, every shape equal; else one line
+    naming the first mismatch."""
+    own = model.state_dict()
+    for key in own:
+        if key not in state:
+            raise RunError(f"{source}: no weights for {key!r} (is it the same model and shortcut?)")
+        if state[key].shape != own[key].shape:
+            raise RunError(f"{source}: {key!r} has shape {tuple(state[key].shape)}, the model needs "
+                           f"{tuple(own[key].shape)}")
+    extra = sorted(set(state) - set(own))
+    if extra:
+        raise RunError(f"{source}: weights for {extra[0]!r}, which the model does not have")
+    model.load_state_dict(state)
+    return model
+
+
+class WithPreprocessing(nn.Module):
+    """A trained model that takes uint8 images (N, 32, 32, 3), as files decode, and applies
+    the normalisation it was trained with, so nobody feeds it raw pixels by mistake."""
+
+    def __init__(self, model: nn.Module, mean: torch.Tensor, std: torch.Tensor) -> None:
+        super().__init__()
+        self.model = model
+        self.register_buffer("mean", mean.float())  # HWC, broadcastable: (32, 32, 3) per pixel or (1, 1, 3)
+        self.register_buffer("std", std.float())
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if images.dtype != torch.uint8 or images.shape[1:] != (32, 32, 3):
+            raise ValueError(f"expected uint8 images (N, 32, 32, 3), got {images.dtype} {tuple(images.shape)}")
+        x = (images.float() / 255.0 - self.mean) / self.std
+        return self.model(x.permute(0, 3, 1, 2).contiguous())

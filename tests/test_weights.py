@@ -1,0 +1,91 @@
+"""Trained weights out and in: export, strict loading, preprocessing, evaluation."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_config
+
+from fastres import checkpoint
+from fastres.cli import run_main
+from fastres.data import loaders
+from fastres.evaluate import main as evaluate_main
+from fastres.export import main as export_main
+from fastres.models import build_model
+from fastres.train import train
+from fastres.weights import WithPreprocessing
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_tree: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    run = tmp_path_factory.mktemp("weights") / "run"
+    return run, train(tiny_config(tiny_tree, run, iters=10, eval_every=10))
+
+
+def test_export_round_trip_gives_bit_identical_logits(trained: tuple[Path, dict], tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture) -> None:
+    run, results = trained
+    out = tmp_path / "resnet8.pt"
+    assert run_main(export_main, [str(run), str(out)]) == 0
+    meta = json.loads(out.with_suffix(".json").read_text())
+    assert (meta["model"], meta["shortcut"], meta["step"], meta["classes"][3]) == ("resnet8", "A", 10, "cat")
+    assert meta["test_error"] == results["test_error"]
+    assert set(torch.load(out, weights_only=True)) == set(checkpoint.load(run)["model"])
+    x = torch.randn(4, 3, 32, 32)
+    a, b = build_model("resnet8", weights=out).eval(), build_model("resnet8", weights=run).eval()
+    assert torch.equal(a(x), b(x))
+
+
+def test_evaluating_exported_weights_matches_the_run(trained: tuple[Path, dict], tmp_path: Path, tiny_tree: Path,
+                                                     capsys: pytest.CaptureFixture) -> None:
+    run, results = trained
+    out = tmp_path / "w.pt"
+    run_main(export_main, [str(run), str(out)])
+    capsys.readouterr()
+    assert run_main(evaluate_main, [str(out), "--data", str(tiny_tree)]) == 0
+    assert f"test error {100 * results['test_error']:.2f}%" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("break_it", "message"), [
+    (lambda sd: sd.pop("fc.bias"), "no weights for 'fc.bias'"),
+    (lambda sd: sd.__setitem__("fc.weight", torch.zeros(100, 64)), "'fc.weight' has shape (100, 64), the model needs"),
+    (lambda sd: sd.__setitem__("head.extra", torch.zeros(1)), "weights for 'head.extra', which the model does not"),
+])
+def test_strict_loading_names_the_first_mismatch(trained: tuple[Path, dict], tmp_path: Path, break_it,
+                                                 message: str, capsys: pytest.CaptureFixture) -> None:
+    run, _ = trained
+    out = tmp_path / "w.pt"
+    run_main(export_main, [str(run), str(out)])
+    sd = torch.load(out, weights_only=True)
+    break_it(sd)
+    torch.save(sd, out)
+    assert run_main(evaluate_main, [str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err
+
+
+def test_weights_of_another_model_are_refused(trained: tuple[Path, dict]) -> None:
+    run, _ = trained
+    with pytest.raises(Exception, match="holds resnet8-A weights, not resnet8-B"):
+        build_model("resnet8", "B", weights=run)
+    with pytest.raises(Exception, match="no weights there"):
+        build_model("resnet8", weights=run / "nothing.pt")
+
+
+def test_the_model_comes_with_its_preprocessing(trained: tuple[Path, dict], tiny_tree: Path) -> None:
+    """uint8 images through the wrapper give the logits of the loader's normalised batch."""
+    run, _ = trained
+    state = checkpoint.load(run)
+    norm = state["normalization"]
+    model = build_model("resnet8", weights=run).eval()
+    wrapped = WithPreprocessing(model, norm["mean"], norm["std"]).eval()
+    test = loaders.prepare(str(tiny_tree)).splits.test
+    data = loaders.build_evals(loaders.prepare(str(tiny_tree)), loaders.Placement(torch.device("cpu")),
+                               mean=norm["mean"].numpy(), std=norm["std"].numpy(), eval_batch_size=8)
+    x, _ = next(data["test"].epoch(0))
+    with torch.no_grad():
+        torch.testing.assert_close(wrapped(torch.from_numpy(np.asarray(test.images[:8]))), model(x))
+    with pytest.raises(ValueError, match="expected uint8 images"):
+        wrapped(x)
