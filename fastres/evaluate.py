@@ -9,8 +9,9 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
-from fastres import checkpoint, weights
+from fastres import checkpoint, peers, weights
 from fastres.cli import Parser, run_main
 from fastres.config import LOADERS, RunConfig
 from fastres.data import loaders
@@ -35,33 +36,49 @@ def is_export(path: Path) -> bool:
     return path.is_file() and path.suffix == ".pt" and weights.meta_path(path).is_file()
 
 
-def load_run(path: str) -> tuple[dict[str, Any], RunConfig]:
+Loaded = tuple[nn.Module, dict[str, Any], RunConfig]  # the model, a checkpoint-like state, a config
+
+
+def load_run(path: str) -> Loaded:
     state = checkpoint.load(path)
-    return state, checkpoint.config_of(state)
+    cfg = checkpoint.config_of(state)
+    return weights.load_into(build_model(cfg.model, cfg.shortcut), state["model"], path), state, cfg
 
 
-def exported(path: Path) -> tuple[dict[str, Any], RunConfig]:
-    """Exported weights as a checkpoint-like state and a config: fp32 unless the run's
-    precision is recorded, NCHW, the torch loader."""
-    model, meta = weights.read(path)
+def load_export(path: Path) -> Loaded:
+    """Exported weights: fp32 unless the run's precision is recorded, NCHW, the torch loader."""
+    state, meta = weights.read(path)
     norm = {k: torch.tensor(v) for k, v in meta["normalization"].items()}
-    cfg = RunConfig(model=meta["model"], shortcut=meta.get("shortcut"), data=None, normalize=meta["normalize"],
+    cfg = RunConfig(model=meta["model"], shortcut=meta.get("shortcut"), normalize=meta["normalize"],
                     precision=meta.get("precision"))
-    return {"model": model, "step": meta.get("step"), "normalization": norm}, cfg
+    model = weights.load_into(build_model(cfg.model, cfg.shortcut), state, str(path))
+    return model, {"step": meta.get("step"), "normalization": norm}, cfg
+
+
+def load_peer(peer: str, path: Path) -> Loaded:
+    """A peer's published checkpoint, evaluated in fp32 with the peer's own normalisation."""
+    model, mean, std = peers.akamaster(path)
+    cfg = RunConfig(model=f"resnet{model.depth}", shortcut="A", normalize="channel", precision="fp32")
+    return model, {"step": None, "normalization": {"mean": torch.from_numpy(mean), "std": torch.from_numpy(std)}}, cfg
 
 
 def main(argv: list[str] | None = None) -> int:
     p = Parser(prog="python -m fastres.evaluate", description="Single-view test error of a fastres checkpoint.")
-    p.add_argument("checkpoint", help="a run directory, its checkpoint.pt, or weights exported by fastres.export")
-    p.add_argument("--data", help="evaluate on this data instead of the run's (exported weights: default the "
-                   "official archive)")
+    p.add_argument("checkpoint", help="a run directory, its checkpoint.pt, weights exported by fastres.export, "
+                   "or with --import a peer's checkpoint")
+    p.add_argument("--import", dest="peer", choices=peers.PEERS,
+                   help="the checkpoint is a peer's (akamaster: pytorch_resnet_cifar10's resnetN-*.th)")
+    p.add_argument("--data", help="evaluate on this data instead of the run's (exported or imported weights: "
+                   "default the official archive)")
     p.add_argument("--device", default="auto")
     p.add_argument("--loader", choices=LOADERS, help="input pipeline (default: the run's)")
     args = p.parse_args(argv)
-    state, cfg = exported(Path(args.checkpoint)) if is_export(Path(args.checkpoint)) else load_run(args.checkpoint)
+    path = Path(args.checkpoint)
+    model, state, cfg = (load_peer(args.peer, path) if args.peer else load_export(path) if is_export(path)
+                         else load_run(args.checkpoint))
     cfg = dataclasses.replace(cfg, data=args.data or cfg.data, loader=args.loader or cfg.loader)
     device = pick_device(args.device)
-    model = weights.load_into(build_model(cfg.model, cfg.shortcut), state["model"], args.checkpoint).to(device)
+    model = model.to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     precision, _ = resolve_precision(device, cfg.precision or requested_precision(cfg.amp, cfg.amp_dtype))
@@ -74,9 +91,10 @@ def main(argv: list[str] | None = None) -> int:
     mean, std = normalization_of(state, prepared)
     evals = loaders.build_evals(prepared, loaders.Placement(device, dtype or torch.float32, cfg.channels_last),
                                 mean=mean, std=std, eval_batch_size=cfg.eval_batch_size, loader=cfg.loader)
+    at = f" at iteration {state['step']}" if state.get("step") is not None else ""
     for name, loader in evals.items():
         error = error_rate(model, loader, device, dtype)
-        print(f"{cfg.model} at iteration {state['step']}: {name} error {100 * error:.2f}%")
+        print(f"{cfg.spec.tag}{at}: {name} error {100 * error:.2f}%")
     return 0
 
 

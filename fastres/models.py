@@ -40,22 +40,25 @@ PAPER_DEPTHS = {"resnet": (20, 32, 44, 56, 110, 1202), "plain": (20, 32, 44, 56,
 
 
 class ShortcutA(nn.Module):
-    """Option A: subsample by `stride` and append zero channels; no parameters."""
+    """Option A: subsample by `stride` and add zero channels; no parameters. fastres
+    appends them (`front=0`); a model imported from a peer that puts half of them in front
+    (akamaster's) sets `front` to compute that peer's function exactly."""
 
-    def __init__(self, in_planes: int, planes: int, stride: int) -> None:
+    def __init__(self, in_planes: int, planes: int, stride: int, front: int = 0) -> None:
         super().__init__()
         if planes < in_planes:
             raise ValueError(f"option A cannot shrink channels ({in_planes} -> {planes})")
-        self.in_planes, self.planes, self.stride = in_planes, planes, stride
+        self.in_planes, self.planes, self.stride, self.front = in_planes, planes, stride, front
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.stride > 1:
             x = x[:, :, :: self.stride, :: self.stride]
         # F.pad pads the last dims first: (W, W, H, H, C_front, C_back).
-        return F.pad(x, (0, 0, 0, 0, 0, self.planes - self.in_planes))
+        return F.pad(x, (0, 0, 0, 0, self.front, self.planes - self.in_planes - self.front))
 
     def extra_repr(self) -> str:
-        return f"{self.in_planes}->{self.planes}, stride={self.stride}, zero-pad"
+        where = f", {self.front} in front" if self.front else ""
+        return f"{self.in_planes}->{self.planes}, stride={self.stride}, zero-pad{where}"
 
 
 def projection(in_planes: int, planes: int, stride: int) -> nn.Sequential:
