@@ -44,6 +44,9 @@ def akamaster(path: str | Path) -> tuple[CifarResNet, np.ndarray, np.ndarray]:
     for module in model.modules():
         if isinstance(module, ShortcutA):
             module.front = (module.planes - module.in_planes) // 2
+    for key, value in model.state_dict().items():  # the published files predate this BN counter
+        if key.endswith("num_batches_tracked"):
+            mapped.setdefault(key, torch.zeros_like(value))
     weights.load_into(model, mapped, str(path))
     return (model, np.array(AKAMASTER_MEAN, np.float32).reshape(1, 1, 3),
             np.array(AKAMASTER_STD, np.float32).reshape(1, 1, 3))
