@@ -12,12 +12,14 @@ import torch
 from torch import nn
 
 from fastres import checkpoint, peers, weights
+from fastres.atomic import write_json
 from fastres.cli import Parser, run_main
 from fastres.config import LOADERS, RunConfig
 from fastres.data import loaders
+from fastres.data.dataset import CLASSES
 from fastres.models import build_model
 from fastres.runtime import PRECISIONS, pick_device, requested_precision, resolve_precision
-from fastres.step import error_rate
+from fastres.step import class_errors
 
 
 def normalization_of(state: dict[str, Any], prepared: loaders.Prepared) -> tuple[np.ndarray, np.ndarray]:
@@ -72,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
                    "default the official archive)")
     p.add_argument("--device", default="auto")
     p.add_argument("--loader", choices=LOADERS, help="input pipeline (default: the run's)")
+    p.add_argument("--per-class", action="store_true", help="also print the error of every class (a rich table)")
+    p.add_argument("--json", type=Path, help="write the errors, overall and per class, to this JSON file")
     args = p.parse_args(argv)
     path = Path(args.checkpoint)
     model, state, cfg = (load_peer(args.peer, path) if args.peer else load_export(path) if is_export(path)
@@ -92,10 +96,29 @@ def main(argv: list[str] | None = None) -> int:
     evals = loaders.build_evals(prepared, loaders.Placement(device, dtype or torch.float32, cfg.channels_last),
                                 mean=mean, std=std, eval_batch_size=cfg.eval_batch_size, loader=cfg.loader)
     at = f" at iteration {state['step']}" if state.get("step") is not None else ""
+    report: dict[str, Any] = {"model": cfg.spec.tag, "step": state.get("step"), "data": prepared.source.describe()}
     for name, loader in evals.items():
-        error = error_rate(model, loader, device, dtype)
-        print(f"{cfg.spec.tag}{at}: {name} error {100 * error:.2f}%")
+        wrong, total = class_errors(model, loader, device, dtype, len(CLASSES))
+        report[name] = {"error": sum(wrong) / sum(total), "images": sum(total),
+                        "per_class": {c: w / t if t else None for c, w, t in zip(CLASSES, wrong, total, strict=True)}}
+        print(f"{cfg.spec.tag}{at}: {name} error {100 * report[name]['error']:.2f}%")
+        if args.per_class:
+            print_classes(name, report[name]["per_class"])
+    if args.json:
+        write_json(args.json, report)
     return 0
+
+
+def print_classes(split: str, per_class: dict[str, float | None]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{split} error per class")
+    table.add_column("class")
+    table.add_column("error", justify="right")
+    for name, error in per_class.items():
+        table.add_row(name, "-" if error is None else f"{100 * error:.2f}%")
+    Console().print(table)
 
 
 if __name__ == "__main__":

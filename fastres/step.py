@@ -117,3 +117,20 @@ def error_rate(model: nn.Module, loader: Loader, device: torch.device, amp_dtype
         seen += len(y)
     model.train()
     return wrong.item() / seen  # note: a CPU-GPU sync point, once per evaluation
+
+
+@torch.no_grad()
+def class_errors(model: nn.Module, loader: Loader, device: torch.device, amp_dtype: torch.dtype | None,
+                 num_classes: int) -> tuple[list[int], list[int]]:
+    """Wrong predictions and images per true class over a whole evaluation loader (the
+    per-class table of `fastres.evaluate`); BN in eval mode."""
+    model.eval()
+    wrong = torch.zeros(num_classes, dtype=torch.int64, device=device)
+    total = torch.zeros(num_classes, dtype=torch.int64, device=device)
+    for x, y in loader.epoch(0):
+        with autocast(device, amp_dtype):
+            predicted = model(x).argmax(1)
+        total += torch.bincount(y, minlength=num_classes)
+        wrong += torch.bincount(y[predicted != y], minlength=num_classes)
+    model.train()
+    return wrong.tolist(), total.tolist()  # note: a CPU-GPU sync point, once per evaluation

@@ -89,3 +89,18 @@ def test_the_model_comes_with_its_preprocessing(trained: tuple[Path, dict], tiny
         torch.testing.assert_close(wrapped(torch.from_numpy(np.asarray(test.images[:8]))), model(x))
     with pytest.raises(ValueError, match="expected uint8 images"):
         wrapped(x)
+
+
+def test_evaluate_per_class_table_and_json(trained: tuple[Path, dict], tiny_tree: Path, tmp_path: Path,
+                                           capsys: pytest.CaptureFixture) -> None:
+    """The per-class errors add up to the overall error the run itself reported."""
+    run, results = trained
+    out = tmp_path / "eval.json"
+    assert run_main(evaluate_main, [str(run), "--per-class", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "test error per class" in printed and "airplane" in printed
+    report = json.loads(out.read_text())
+    per_class = report["test"]["per_class"]
+    assert list(per_class)[:2] == ["airplane", "automobile"] and report["test"]["images"] == 40
+    assert sum(e * 4 for e in per_class.values()) / 40 == pytest.approx(results["test_error"])
+    assert report["test"]["error"] == pytest.approx(results["test_error"])
