@@ -104,3 +104,40 @@ def test_evaluate_per_class_table_and_json(trained: tuple[Path, dict], tiny_tree
     assert list(per_class)[:2] == ["airplane", "automobile"] and report["test"]["images"] == 40
     assert sum(e * 4 for e in per_class.values()) / 40 == pytest.approx(results["test_error"])
     assert report["test"]["error"] == pytest.approx(results["test_error"])
+
+
+def test_predict_gives_the_models_own_top_classes(trained: tuple[Path, dict], tiny_tree: Path, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture) -> None:
+    from PIL import Image
+
+    from fastres.predict import main as predict_main
+
+    run, _ = trained
+    files = sorted((tiny_tree / "test" / "cat").iterdir())[:2]
+    big = tmp_path / "big.png"
+    Image.open(files[0]).resize((64, 64)).save(big)
+    assert run_main(predict_main, [str(run), *map(str, files), str(big), "--json", "--top", "3"]) == 0
+    out = capsys.readouterr()
+    results = json.loads(out.out)
+    assert "big.png: resized from 64x64 to 32x32" in out.err
+    state = checkpoint.load(run)
+    model = build_model("resnet8", weights=run).eval()
+    mean, std = state["normalization"]["mean"], state["normalization"]["std"]
+    for r, f in zip(results, files, strict=False):
+        x = (torch.from_numpy(np.array(Image.open(f).convert("RGB"))).float() / 255 - mean) / std
+        with torch.no_grad():
+            probs = model(x.permute(2, 0, 1)[None]).softmax(1)[0]
+        top = [t["probability"] for t in r["top"]]
+        assert r["top"][0]["class"] == loaders_classes()[int(probs.argmax())] and top == sorted(top, reverse=True)
+        assert top[0] == pytest.approx(float(probs.max()), abs=1e-6)
+    bad = tmp_path / "fake.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\nnot an image")
+    assert run_main(predict_main, [str(run), str(files[0]), str(bad)]) == 2
+    out = capsys.readouterr()
+    assert out.out == "" and out.err.count("\n") == 1 and "fake.png: cannot read image" in out.err
+
+
+def loaders_classes() -> tuple[str, ...]:
+    from fastres.data.dataset import CLASSES
+
+    return CLASSES

@@ -102,6 +102,14 @@ def read_encoded(sources: list[Path], splits: tuple[str, ...] = SPLIT_NAMES) -> 
     return Splits(read.get("train", EncodedSplit([], np.zeros(0, np.int64))), read["test"])
 
 
+def to_rgb(img: Image.Image) -> np.ndarray:
+    """Any Pillow image as uint8 RGB (H, W, 3), by the rules `decode_file` states."""
+    if img.mode.startswith("I"):  # 16-bit grayscale (I;16, or I as older Pillow opens it)
+        high = np.clip(np.asarray(img).astype(np.int64) >> 8, 0, 255).astype(np.uint8)
+        return np.repeat(high[..., None], 3, axis=2)
+    return np.asarray(img.convert("RGB"))
+
+
 def decode_file(data: np.ndarray, name: str = "image") -> np.ndarray:
     """One encoded file to a (32, 32, 3) uint8 array; anything else is a DataError.
 
@@ -114,11 +122,7 @@ def decode_file(data: np.ndarray, name: str = "image") -> np.ndarray:
         with Image.open(io.BytesIO(data.tobytes())) as img:
             if img.size != IMAGE_SHAPE[:2]:
                 raise DataError(f"{name}: image is {img.size[0]}x{img.size[1]}, expected 32x32")
-            if img.mode.startswith("I"):  # 16-bit grayscale (I;16, or I as older Pillow opens it)
-                high = np.clip(np.asarray(img).astype(np.int64) >> 8, 0, 255).astype(np.uint8)
-                pixels = np.repeat(high[..., None], 3, axis=2)
-            else:
-                pixels = np.asarray(img.convert("RGB"))
+            pixels = to_rgb(img)
     except DataError:
         raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:

@@ -1,0 +1,88 @@
+"""Top-k classes of image files: `python -m fastres.predict RUN_DIR_OR_WEIGHTS IMAGE...`.
+
+Any image Pillow reads, in any mode (converted as the data loader converts), resized to
+32x32 with a note when it is another size, through the model with the normalisation it was
+trained with. A rich table, or `--json`. An unreadable image is one line and exit 2.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from fastres.cli import Parser, run_main
+from fastres.data.dataset import CLASSES, IMAGE_SHAPE
+from fastres.data.images import to_rgb
+from fastres.errors import DataError
+from fastres.evaluate import is_export, load_export, load_run
+from fastres.weights import WithPreprocessing
+
+
+def read_image(path: Path) -> tuple[np.ndarray, str | None]:
+    """The image as uint8 (32, 32, 3), and a note if it had to be resized."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            note = None
+            if img.size != IMAGE_SHAPE[:2]:
+                note = f"{path}: resized from {img.size[0]}x{img.size[1]} to 32x32"
+                img = img.convert("RGB").resize(IMAGE_SHAPE[:2], Image.Resampling.BILINEAR)
+            return to_rgb(img), note
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise DataError(f"{path}: cannot read image ({type(e).__name__}: {e})") from None
+
+
+def predict(weights: str, paths: list[Path], top: int) -> list[dict[str, Any]]:
+    """Top-`top` classes and probabilities for each image, in fp32 on the CPU."""
+    model, state, cfg = load_export(Path(weights)) if is_export(Path(weights)) else load_run(weights)
+    norm = state.get("normalization")
+    if norm is None:
+        raise DataError(f"{weights}: this checkpoint predates saved normalisation; resume it for one checkpoint")
+    read = [read_image(p) for p in paths]  # every image checked before any output
+    for _, note in read:
+        if note:
+            print(f"fastres: note: {note}", file=sys.stderr)
+    wrapped = WithPreprocessing(model, norm["mean"], norm["std"]).eval()
+    with torch.no_grad():
+        probs = wrapped(torch.from_numpy(np.stack([image for image, _ in read]))).softmax(1)
+    values, indices = probs.topk(min(top, len(CLASSES)), dim=1)
+    return [{"image": str(p), "model": cfg.spec.tag,
+             "top": [{"class": CLASSES[i], "probability": round(v, 6)} for v, i in zip(vs.tolist(), ix.tolist(),
+                                                                                      strict=True)]}
+            for p, vs, ix in zip(paths, values, indices, strict=True)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = Parser(prog="python -m fastres.predict", description=__doc__.split("\n\n")[0])
+    p.add_argument("weights", help="a run directory, its checkpoint.pt, or weights exported by fastres.export")
+    p.add_argument("images", nargs="+", type=Path)
+    p.add_argument("--top", type=int, default=3, help="how many classes per image (default 3)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    args = p.parse_args(argv)
+    if args.top < 1:
+        p.error("--top must be at least 1")
+    results = predict(args.weights, args.images, args.top)
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{results[0]['model']}: top {args.top}")
+    for col in ("image", "class", "probability"):
+        table.add_column(col, justify="right" if col == "probability" else "left")
+    for r in results:
+        for k, t in enumerate(r["top"]):
+            table.add_row(r["image"] if k == 0 else "", t["class"], f"{100 * t['probability']:.1f}%")
+    Console().print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))
