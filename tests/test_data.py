@@ -150,3 +150,31 @@ def test_val_split_is_seeded_and_disjoint(tiny_tree: Path) -> None:
 def test_real_classes_are_alphabetical() -> None:
     assert list(CLASSES) == sorted(CLASSES)
 
+
+
+def test_the_extracted_folder_torchvision_leaves(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                 capsys: pytest.CaptureFixture) -> None:
+    """`--data ~/data` or `--data ~/data/cifar-10-batches-py`: each file held to its md5 (here the
+    tiny files' own, standing in for the published ones), a missing or altered file named."""
+    import tarfile
+
+    from fastres.cli import run_main
+    from fastres.train import main as train_main
+
+    archive, train_images = write_official(tmp_path / "tiny.tar.gz")
+    root = tmp_path / "data"
+    with tarfile.open(archive) as tar:
+        tar.extractall(root, filter="data")
+    folder = root / "cifar-10-batches-py"
+    monkeypatch.setattr(official, "BATCH_MD5", {p.name: official.md5_of(p) for p in folder.iterdir()})
+    for data in (root, folder):
+        splits = sources.load(sources.resolve(data), tmp_path / f"cache-{data.name}")
+        assert np.array_equal(splits.train.images, train_images) and len(splits.test) == 10
+    (folder / "data_batch_3").write_bytes((folder / "data_batch_3").read_bytes()[:-1] + b"x")
+    assert run_main(train_main, ["resnet8", "--data", str(root), "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "data_batch_3: md5" in err and "altered or corrupt" in err
+    (folder / "data_batch_3").unlink()
+    assert run_main(train_main, ["resnet8", "--data", str(folder), "--out", str(tmp_path / "r")]) == 2
+    assert "data_batch_3: missing from the extracted CIFAR-10 folder" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()

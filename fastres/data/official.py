@@ -23,6 +23,10 @@ ARCHIVE_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 BATCH_DIR = "cifar-10-batches-py"
 TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
 TEST_BATCH = "test_batch"
+# The published md5 of each file of the extracted folder (as torchvision's dataset code lists them).
+BATCH_MD5 = {"data_batch_1": "c99cafc152244af753f735de768cd75f", "data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
+             "data_batch_3": "54ebc095f3ab1f0389bbae665268c751", "data_batch_4": "634d18415352ddfa80567beed471001a",
+             "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb", "test_batch": "40351d587109b95175f43aff81a1287e"}
 CHUNK = 1 << 20
 
 
@@ -118,4 +122,29 @@ def read_archive(path: Path, md5: str | None = None) -> Splits:
         test = _read_batch(raw[TEST_BATCH], TEST_BATCH)
     except (pickle.UnpicklingError, KeyError, EOFError, ValueError, TypeError) as e:
         raise DataError(f"{path}: a batch could not be read ({e!r}); the archive is corrupt") from None
+    return Splits(train, test)
+
+
+def folder_files(folder: Path) -> list[Path]:
+    """The batch files of an extracted `cifar-10-batches-py/` folder."""
+    return [folder / name for name in (*TRAIN_BATCHES, TEST_BATCH)]
+
+
+def read_folder(folder: Path) -> Splits:
+    """The extracted folder torchvision leaves (`cifar-10-batches-py/`), each file held to
+    its published md5 and read with the same restricted unpickler as the archive."""
+    raw = {}
+    for path in folder_files(folder):
+        if not path.is_file():
+            raise DataError(f"{path}: missing from the extracted CIFAR-10 folder")
+        got = md5_of(path)
+        if got != BATCH_MD5[path.name]:
+            raise DataError(f"{path}: md5 {got} is not the published {BATCH_MD5[path.name]}: the file is altered "
+                            "or corrupt; extract it again")
+        raw[path.name] = path.read_bytes()
+    try:
+        train = Split.concat([_read_batch(raw[b], b) for b in TRAIN_BATCHES])
+        test = _read_batch(raw[TEST_BATCH], TEST_BATCH)
+    except (pickle.UnpicklingError, KeyError, EOFError, ValueError, TypeError) as e:
+        raise DataError(f"{folder}: a batch could not be read ({e!r}); it is corrupt") from None
     return Splits(train, test)

@@ -77,26 +77,32 @@ def _resolve(data: str | Path | None, cache_dir: Path, url: str, splits: tuple[s
         return Source("images", (path,), str(data))
     if (path / official.ARCHIVE_NAME).is_file():
         return Source("official", (path / official.ARCHIVE_NAME,), str(data))
+    for folder in (path, path / official.BATCH_DIR):  # the extracted folder, or a root holding it
+        if folder.name == official.BATCH_DIR and folder.is_dir():
+            return Source("official", (folder,), str(data))
     if all((path / split).is_dir() for split in splits):
         return Source("images", (path,), str(data))
     archives = images.split_archives(path)
     if all(split in archives for split in splits):
         return Source("images", tuple(archives[split] for split in splits), str(data))
-    raise DataError(f"--data {path}: no CIFAR-10 there; expected {official.ARCHIVE_NAME}, train/ and "
-                    "test/ image folders, or train.tar.gz and test.tar.gz")
+    raise DataError(f"--data {path}: no CIFAR-10 there; expected {official.ARCHIVE_NAME}, "
+                    f"{official.BATCH_DIR}/, train/ and test/ image folders, or train.tar.gz and test.tar.gz")
 
 
 def fingerprint(source: Source) -> str:
     """Identify a source by its files' paths, sizes and modification times."""
     h = hashlib.sha256(f"{CACHE_FORMAT} {source.kind} {source.splits}".encode())
     for root in source.paths:
-        for f in [root] if root.is_file() else images.tree_files(root, source.splits):
+        files = (official.folder_files(root) if source.kind == "official" else images.tree_files(root, source.splits))
+        for f in [root] if root.is_file() else [f for f in files if f.exists()]:
             st = f.stat()
             h.update(os.fsencode(f.resolve()) + f" {st.st_size} {st.st_mtime_ns}\n".encode())
     return h.hexdigest()[:20]
 
 
 def _read(source: Source) -> Splits:
+    if source.kind == "official" and source.paths[0].is_dir():
+        return official.read_folder(source.paths[0])
     if source.kind == "official":
         path = source.paths[0]
         # The real archive is held to its published md5; small archives built the same way
