@@ -117,11 +117,16 @@ def read_archive(path: Path, md5: str | None = None) -> Splits:
     if missing:
         raise DataError(f"{path}: missing {', '.join(missing)} under {BATCH_DIR}/; not a complete "
                         "CIFAR-10 python archive")
+    return _splits(raw, path)
+
+
+def _splits(raw: dict[str, bytes], where: Path) -> Splits:
+    """The training and test splits from the raw batch files, read with the restricted unpickler."""
     try:
         train = Split.concat([_read_batch(raw[b], b) for b in TRAIN_BATCHES])
         test = _read_batch(raw[TEST_BATCH], TEST_BATCH)
     except (pickle.UnpicklingError, KeyError, EOFError, ValueError, TypeError) as e:
-        raise DataError(f"{path}: a batch could not be read ({e!r}); the archive is corrupt") from None
+        raise DataError(f"{where}: a batch could not be read ({e!r}); it is corrupt") from None
     return Splits(train, test)
 
 
@@ -142,9 +147,4 @@ def read_folder(folder: Path) -> Splits:
             raise DataError(f"{path}: md5 {got} is not the published {BATCH_MD5[path.name]}: the file is altered "
                             "or corrupt; extract it again")
         raw[path.name] = path.read_bytes()
-    try:
-        train = Split.concat([_read_batch(raw[b], b) for b in TRAIN_BATCHES])
-        test = _read_batch(raw[TEST_BATCH], TEST_BATCH)
-    except (pickle.UnpicklingError, KeyError, EOFError, ValueError, TypeError) as e:
-        raise DataError(f"{folder}: a batch could not be read ({e!r}); it is corrupt") from None
-    return Splits(train, test)
+    return _splits(raw, folder)
