@@ -13,6 +13,7 @@ from typing import Any
 
 from fastres import schedule
 from fastres.cli import Parser
+from fastres.data.dataset import DATASETS
 from fastres.data.pixels import NORMALIZATIONS
 from fastres.errors import UsageError
 from fastres.models import SHORTCUTS, ModelSpec
@@ -43,6 +44,7 @@ class RunConfig:
     weight_decay: float = PAPER_WEIGHT_DECAY
     batch_size: int = 128
     seed: int = 0
+    dataset: str = "cifar10"  # cifar10 or cifar100 (its 100 fine labels)
     data: str | None = None
     val_split: int = 0
     normalize: str = "pixel"
@@ -106,6 +108,8 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise UsageError("--momentum must be in [0, 1) and --wd not negative")
     if cfg.precision is not None and cfg.precision not in PRECISIONS:
         raise UsageError(f"precision {cfg.precision!r}: expected one of {', '.join(PRECISIONS)}")
+    if cfg.dataset not in DATASETS:
+        raise UsageError(f"unknown dataset {cfg.dataset!r}: choose one of {', '.join(DATASETS)}")
     if cfg.val_split < 0:
         raise UsageError(f"--val-split must be 0 or more, got {cfg.val_split}")
     return cfg
@@ -133,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wd", dest="weight_decay", type=float, help="weight decay (default 1e-4)")
     p.add_argument("--batch-size", type=int, help="global batch size (default 128)")
     p.add_argument("--seed", type=int)
+    p.add_argument("--dataset", choices=tuple(DATASETS), help="cifar10 (default) or cifar100 (its 100 fine labels)")
     p.add_argument("--data", help="CIFAR-10 archive, image tree or folder (default: the official archive, "
                    "downloaded to the cache)")
     p.add_argument("--val-split", type=int, help="hold out this many training images as validation (default 0)")
@@ -167,7 +172,9 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     spec = parse_spec(args.model, given.get("shortcut"))
     given.update(model=spec.name, shortcut=spec.shortcut)
     given.setdefault("warmup_iters", schedule.default_warmup_iters(spec.depth))
-    given.setdefault("out", str(Path("runs") / f"{spec.tag}-seed{given.get('seed', 0)}"))
+    dataset = given.get("dataset", "cifar10")
+    prefix = "" if dataset == "cifar10" else f"{dataset}-"
+    given.setdefault("out", str(Path("runs") / f"{prefix}{spec.tag}-seed{given.get('seed', 0)}"))
     return validate(RunConfig(**given))
 
 

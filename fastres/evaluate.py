@@ -16,7 +16,7 @@ from fastres.atomic import write_json
 from fastres.cli import Parser, run_main
 from fastres.config import LOADERS, RunConfig
 from fastres.data import loaders
-from fastres.data.dataset import CLASSES
+from fastres.data.dataset import DATASETS
 from fastres.models import build_model
 from fastres.runtime import PRECISIONS, pick_device, requested_precision, resolve_precision
 from fastres.step import class_errors
@@ -44,7 +44,8 @@ Loaded = tuple[nn.Module, dict[str, Any], RunConfig]  # the model, a checkpoint-
 def load_run(path: str) -> Loaded:
     state = checkpoint.load(path)
     cfg = checkpoint.config_of(state)
-    return weights.load_into(build_model(cfg.model, cfg.shortcut), state["model"], path), state, cfg
+    model = build_model(cfg.model, cfg.shortcut, DATASETS[cfg.dataset].num_classes)
+    return weights.load_into(model, state["model"], path), state, cfg
 
 
 def load_export(path: Path) -> Loaded:
@@ -52,8 +53,9 @@ def load_export(path: Path) -> Loaded:
     state, meta = weights.read(path)
     norm = {k: torch.tensor(v) for k, v in meta["normalization"].items()}
     cfg = RunConfig(model=meta["model"], shortcut=meta.get("shortcut"), normalize=meta["normalize"],
-                    precision=meta.get("precision"))
-    model = weights.load_into(build_model(cfg.model, cfg.shortcut), state, str(path))
+                    precision=meta.get("precision"), dataset=meta.get("dataset", "cifar10"))
+    model = build_model(cfg.model, cfg.shortcut, DATASETS[cfg.dataset].num_classes)
+    model = weights.load_into(model, state, str(path))
     return model, {"step": meta.get("step"), "normalization": norm}, cfg
 
 
@@ -91,16 +93,18 @@ def main(argv: list[str] | None = None) -> int:
     # from the training split) or an old checkpoint lacks its normalisation.
     need_train = "normalization" not in state or (cfg.val_split > 0 and not args.data)
     prepared = loaders.prepare(cfg.data, cfg.val_split if need_train else 0, cfg.seed, cfg.normalize,
-                               splits=("train", "test") if need_train else ("test",))
+                               splits=("train", "test") if need_train else ("test",), dataset=cfg.dataset)
     mean, std = normalization_of(state, prepared)
     evals = loaders.build_evals(prepared, loaders.Placement(device, dtype or torch.float32, cfg.channels_last),
                                 mean=mean, std=std, eval_batch_size=cfg.eval_batch_size, loader=cfg.loader)
     at = f" at iteration {state['step']}" if state.get("step") is not None else ""
-    report: dict[str, Any] = {"model": cfg.spec.tag, "step": state.get("step"), "data": prepared.source.describe()}
+    classes = DATASETS[cfg.dataset].classes
+    report: dict[str, Any] = {"model": cfg.spec.tag, "dataset": cfg.dataset, "step": state.get("step"),
+                              "data": prepared.source.describe()}
     for name, loader in evals.items():
-        wrong, total = class_errors(model, loader, device, dtype, len(CLASSES))
+        wrong, total = class_errors(model, loader, device, dtype, len(classes))
         report[name] = {"error": sum(wrong) / sum(total), "images": sum(total),
-                        "per_class": {c: w / t if t else None for c, w, t in zip(CLASSES, wrong, total, strict=True)}}
+                        "per_class": {c: w / t if t else None for c, w, t in zip(classes, wrong, total, strict=True)}}
         print(f"{cfg.spec.tag}{at}: {name} error {100 * report[name]['error']:.2f}%")
         if args.per_class:
             print_classes(name, report[name]["per_class"])

@@ -16,7 +16,7 @@ import torch
 
 from fastres import atomic, checkpoint
 from fastres.cli import Parser, run_main
-from fastres.data.dataset import CLASSES
+from fastres.data.dataset import DATASETS
 from fastres.errors import RunError, UsageError
 
 
@@ -31,8 +31,9 @@ def export(run: Path, out: Path) -> dict:
         raise RunError(f"{run}: this checkpoint predates saved normalisation (format 0); resume it for one "
                        "checkpoint, then export")
     results = Path(run) / checkpoint.RESULTS if Path(run).is_dir() else None
-    meta = {"model": cfg.model, "shortcut": cfg.shortcut, "tag": cfg.spec.tag, "dataset": "cifar10",
-            "classes": list(CLASSES), "num_classes": len(CLASSES), "step": state["step"], "iters": cfg.iters,
+    classes = DATASETS[cfg.dataset].classes
+    meta = {"model": cfg.model, "shortcut": cfg.shortcut, "tag": cfg.spec.tag, "dataset": cfg.dataset,
+            "classes": list(classes), "num_classes": len(classes), "step": state["step"], "iters": cfg.iters,
             "normalize": cfg.normalize, "normalization": {"mean": norm["mean"].tolist(), "std": norm["std"].tolist()},
             "input": "RGB, 32x32, scaled to [0, 1], then (x - mean) / std, NCHW", "precision": cfg.precision,
             "test_error": None, "format": 1}

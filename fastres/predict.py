@@ -17,7 +17,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from fastres.cli import Parser, run_main
-from fastres.data.dataset import CLASSES, IMAGE_SHAPE
+from fastres.data.dataset import DATASETS, IMAGE_SHAPE
 from fastres.data.images import to_rgb
 from fastres.errors import DataError
 from fastres.evaluate import is_export, load_export, load_run
@@ -51,9 +51,10 @@ def predict(weights: str, paths: list[Path], top: int) -> list[dict[str, Any]]:
     wrapped = WithPreprocessing(model, norm["mean"], norm["std"]).eval()
     with torch.no_grad():
         probs = wrapped(torch.from_numpy(np.stack([image for image, _ in read]))).softmax(1)
-    values, indices = probs.topk(min(top, len(CLASSES)), dim=1)
-    return [{"image": str(p), "model": cfg.spec.tag,
-             "top": [{"class": CLASSES[i], "probability": round(v, 6)} for v, i in zip(vs.tolist(), ix.tolist(),
+    classes = DATASETS[cfg.dataset].classes
+    values, indices = probs.topk(min(top, len(classes)), dim=1)
+    return [{"image": str(p), "model": cfg.spec.tag, "dataset": cfg.dataset,
+             "top": [{"class": classes[i], "probability": round(v, 6)} for v, i in zip(vs.tolist(), ix.tolist(),
                                                                                       strict=True)]}
             for p, vs, ix in zip(paths, values, indices, strict=True)]
 

@@ -28,6 +28,7 @@ from fastres.atomic import write_json
 from fastres.cli import run_main
 from fastres.config import RunConfig, build_parser, config_from_args, parse_spec, validate
 from fastres.data import loaders
+from fastres.data.dataset import DATASETS
 from fastres.errors import RunError, UsageError
 from fastres.metrics import Window
 from fastres.models import count_parameters
@@ -124,12 +125,12 @@ def setup(cfg: RunConfig, dist: distributed.DistInfo) -> Session:
     precision, note = resolve_precision(device, cfg.precision or requested_precision(cfg.amp, cfg.amp_dtype))
     cfg = dataclasses.replace(cfg, precision=precision)
     dtype = PRECISIONS[precision]
-    prepared = loaders.prepare(cfg.data, cfg.val_split, cfg.seed, cfg.normalize)
+    prepared = loaders.prepare(cfg.data, cfg.val_split, cfg.seed, cfg.normalize, dataset=cfg.dataset)
     where = loaders.Placement(device, dtype or torch.float32, cfg.channels_last, dist.rank, dist.world_size)
     data = loaders.build(prepared, where, batch_size=cfg.batch_size, eval_batch_size=cfg.eval_batch_size,
                          seed=cfg.seed, loader=cfg.loader)
     torch.manual_seed(cfg.seed)
-    model = cfg.spec.build().to(device)
+    model = cfg.spec.build(DATASETS[cfg.dataset].num_classes).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     step = TrainStep(distributed.wrap(model, dist), device, dtype, cfg.compile, momentum=cfg.momentum,
@@ -268,7 +269,8 @@ def finish(s: Session, run_dir: Path, final: dict[str, float], clock: Clock, rep
     """The results of a finished run: the final-iteration errors and what produced them."""
     cfg = s.cfg
     results = {
-        "model": cfg.model, "shortcut": cfg.shortcut, "params": count_parameters(s.model), "iters": cfg.iters,
+        "model": cfg.model, "shortcut": cfg.shortcut, "dataset": cfg.dataset, "params": count_parameters(s.model),
+        "iters": cfg.iters,
         "test_error": final.get("test_error"), "val_error": final.get("val_error"), "precision": cfg.precision,
         "train_time_s": round(clock.train_time, 3), "wall_time_s": round(clock.wall(), 3),
         "mean_it_s": round(cfg.iters / clock.train_time, 3),

@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from fastres import checkpoint, report, schedule  # noqa: E402
 from fastres.cli import Parser, run_main  # noqa: E402
 from fastres.config import RunConfig, validate  # noqa: E402
+from fastres.data.dataset import DATASETS  # noqa: E402
 from fastres.errors import UsageError  # noqa: E402
 from fastres.models import ModelSpec  # noqa: E402
 from fastres.train import train  # noqa: E402
@@ -42,14 +43,15 @@ def run_configs(args: argparse.Namespace) -> list[RunConfig]:
             spec = ModelSpec.parse(text)
         except ValueError as e:
             raise UsageError(f"--runs: {e}") from None
+        prefix = "" if args.dataset == "cifar10" else f"{args.dataset}-"
         for seed in range(args.seeds):
             cfg = RunConfig(
                 model=spec.name, shortcut=spec.shortcut, iters=iters, milestones=milestones,
                 warmup_iters=round(schedule.default_warmup_iters(spec.depth) * args.scale), seed=seed, data=args.data,
                 loader=args.loader, device=args.device, amp=args.amp, channels_last=args.channels_last,
                 compile=args.compile, eval_every=max(1, iters // args.curve_points), log_every=max(1, iters // 200),
-                checkpoint_every=max(1, iters // 20), out=str(args.out / "runs" / f"{spec.tag}-seed{seed}"),
-                progress=args.progress, extra={"reproduce_scale": args.scale})
+                checkpoint_every=max(1, iters // 20), out=str(args.out / "runs" / f"{prefix}{spec.tag}-seed{seed}"),
+                dataset=args.dataset, progress=args.progress, extra={"reproduce_scale": args.scale})
             configs.append(validate(cfg))
     return configs
 
@@ -60,6 +62,7 @@ def build_parser() -> Parser:
     p.add_argument("--seeds", type=int, default=1)
     p.add_argument("--scale", type=float, default=1.0, help="multiply iterations and milestones (quick runs)")
     p.add_argument("--out", type=Path, default=Path("results/reproduce"))
+    p.add_argument("--dataset", default="cifar10", choices=tuple(DATASETS))
     p.add_argument("--data")
     p.add_argument("--loader", default="torch", choices=("torch", "dali"))
     p.add_argument("--device", default="auto")

@@ -10,7 +10,7 @@ from conftest import class_images, write_official, write_tree
 from PIL import Image
 
 from fastres.data import images, official, sources
-from fastres.data.dataset import CLASSES, hold_out
+from fastres.data.dataset import CIFAR10, CLASSES, hold_out
 from fastres.errors import DataError
 
 
@@ -166,7 +166,8 @@ def test_the_extracted_folder_torchvision_leaves(tmp_path: Path, monkeypatch: py
     with tarfile.open(archive) as tar:
         tar.extractall(root, filter="data")
     folder = root / "cifar-10-batches-py"
-    monkeypatch.setattr(official, "BATCH_MD5", {p.name: official.md5_of(p) for p in folder.iterdir()})
+    for p in folder.iterdir():
+        monkeypatch.setitem(CIFAR10.file_md5, p.name, official.md5_of(p))
     for data in (root, folder):
         splits = sources.load(sources.resolve(data), tmp_path / f"cache-{data.name}")
         assert np.array_equal(splits.train.images, train_images) and len(splits.test) == 10
@@ -176,5 +177,5 @@ def test_the_extracted_folder_torchvision_leaves(tmp_path: Path, monkeypatch: py
     assert err.count("\n") == 1 and "data_batch_3: md5" in err and "altered or corrupt" in err
     (folder / "data_batch_3").unlink()
     assert run_main(train_main, ["resnet8", "--data", str(folder), "--out", str(tmp_path / "r")]) == 2
-    assert "data_batch_3: missing from the extracted CIFAR-10 folder" in capsys.readouterr().err
+    assert "data_batch_3: missing from the extracted cifar10 folder" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()

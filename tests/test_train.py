@@ -244,4 +244,4 @@ def test_evaluation_reads_a_test_split_alone(tiny_tree: Path, tmp_path: Path, ca
         assert run_main(evaluate_main, [str(run), "--data", str(data)]) == 0
         assert f"test error {100 * results['test_error']:.2f}%" in capsys.readouterr().out
     assert run_main(train_main, ["resnet8", "--data", str(only_test), "--out", str(tmp_path / "r2")]) == 2
-    assert "no CIFAR-10 there" in capsys.readouterr().err and not (tmp_path / "r2").exists()
+    assert "no cifar10 there" in capsys.readouterr().err and not (tmp_path / "r2").exists()

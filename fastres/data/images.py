@@ -37,7 +37,14 @@ def split_archives(folder: Path) -> dict[str, Path]:
     return found
 
 
-def _classify(name: str) -> tuple[str, int] | None:
+def _image_path(name: str) -> bool:
+    """Whether a path has the shape `<split>/<class>/<file>.jpg|png` (class not checked)."""
+    parts = name.split("/")
+    return (len(parts) >= 3 and parts[-1].lower().endswith(IMAGE_SUFFIXES) and not parts[-1].startswith(".")
+            and parts[-3] in SPLIT_NAMES)
+
+
+def _classify(name: str, classes: tuple[str, ...] = CLASSES) -> tuple[str, int] | None:
     """(split, label) of an image path ending in `<split>/<class>/<file>`, else None."""
     parts = name.replace("\\", "/").split("/")
     if len(parts) < 3 or not parts[-1].lower().endswith(IMAGE_SUFFIXES) or parts[-1].startswith("."):
@@ -45,9 +52,11 @@ def _classify(name: str) -> tuple[str, int] | None:
     split, cls = parts[-3], parts[-2]
     if split not in SPLIT_NAMES:
         return None
-    if cls not in CLASSES:
-        raise DataError(f"{name}: unknown class {cls!r}; expected the CIFAR-10 classes {', '.join(CLASSES)}")
-    return split, CLASSES.index(cls)
+    if cls not in classes:
+        listed = ", ".join(classes[:10]) + (", ..." if len(classes) > 10 else "")
+        raise DataError(f"{name}: unknown class {cls!r}; expected the {len(classes)} classes {listed} "
+                        "(is it the other CIFAR? see --dataset)")
+    return split, classes.index(cls)
 
 
 def tree_files(root: Path, splits: tuple[str, ...] = SPLIT_NAMES) -> list[Path]:
@@ -71,7 +80,7 @@ def _walk_archive(path: Path) -> Iterator[tuple[str, bytes]]:
                 name = member.name.replace("\\", "/")
                 if name.startswith("/") or ".." in name.split("/"):
                     raise DataError(f"{path}: member {member.name!r} has an unsafe name (absolute or with '..')")
-                if _classify(name) is None:
+                if not _image_path(name):
                     continue
                 if not member.isfile():
                     raise DataError(f"{path}: member {member.name!r} is a link or device, not an image file")
@@ -80,13 +89,14 @@ def _walk_archive(path: Path) -> Iterator[tuple[str, bytes]]:
         raise DataError(f"{path}: unreadable archive ({e}); it is truncated or corrupt") from None
 
 
-def read_encoded(sources: list[Path], splits: tuple[str, ...] = SPLIT_NAMES) -> Splits:
+def read_encoded(sources: list[Path], splits: tuple[str, ...] = SPLIT_NAMES,
+                 classes: tuple[str, ...] = CLASSES) -> Splits:
     """Collect the encoded files of the wanted splits (both, or the test split alone for
     evaluation), sorted by split, class and file name; a split not wanted is empty."""
     found: dict[str, list[tuple[int, str, bytes]]] = {s: [] for s in splits}
     for source in sources:
         for name, data in (_walk_archive(source) if is_archive(source) else _walk_tree(source, splits)):
-            tag = _classify(name)
+            tag = _classify(name, classes)
             if tag is not None and tag[0] in found:
                 found[tag[0]].append((tag[1], name, data))
     read = {}
@@ -94,9 +104,10 @@ def read_encoded(sources: list[Path], splits: tuple[str, ...] = SPLIT_NAMES) -> 
         if not items:
             raise DataError(f"{', '.join(map(str, sources))}: no {split}/<class>/*.jpg|png images found")
         items.sort(key=lambda t: (t[0], t[1]))
-        missing = sorted(set(range(len(CLASSES))) - {label for label, _, _ in items})
+        missing = sorted(set(range(len(classes))) - {label for label, _, _ in items})
         if missing:
-            raise DataError(f"{split}: no images of class {', '.join(CLASSES[i] for i in missing)}")
+            raise DataError(f"{split}: no images of class {', '.join(classes[i] for i in missing[:5])}"
+                            + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
         read[split] = EncodedSplit([np.frombuffer(d, dtype=np.uint8) for _, _, d in items],
                                    np.array([label for label, _, _ in items], dtype=np.int64))
     return Splits(read.get("train", EncodedSplit([], np.zeros(0, np.int64))), read["test"])

@@ -57,11 +57,11 @@ class Prepared:
 
 
 def prepare(data: str | None, val_split: int = 0, seed: int = 0, normalize: str = "pixel",
-            splits: tuple[str, ...] = SPLIT_NAMES) -> Prepared:
+            splits: tuple[str, ...] = SPLIT_NAMES, dataset: str = "cifar10") -> Prepared:
     """Resolve, load (from the decoded cache when possible), split and normalise, once per
     process for the same files and arguments: a benchmark or GPU check building many
     loaders pays for it once. `splits=("test",)` reads no training images (evaluation)."""
-    source = sources.resolve(data, splits=splits)
+    source = sources.resolve(data, splits=splits, dataset=dataset)
     return _prepare(source, sources.fingerprint(source), val_split, seed, normalize)
 
 

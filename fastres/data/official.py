@@ -1,4 +1,5 @@
-"""The official CIFAR-10 python archive: download, verify, read its pickled batches."""
+"""The official CIFAR-10 and CIFAR-100 python archives and the folders they extract to:
+download, verify, read their pickled batches."""
 
 from __future__ import annotations
 
@@ -14,19 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
-from fastres.data.dataset import NUM_CLASSES, Split, Splits
+from fastres.data.dataset import CIFAR10, DATASETS, Cifar, Split, Splits
 from fastres.errors import DataError
 
-ARCHIVE_NAME = "cifar-10-python.tar.gz"
-ARCHIVE_MD5 = "c58f30108f718f92721af3b95e74349a"
-ARCHIVE_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
-BATCH_DIR = "cifar-10-batches-py"
-TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
-TEST_BATCH = "test_batch"
-# The published md5 of each file of the extracted folder (as torchvision's dataset code lists them).
-BATCH_MD5 = {"data_batch_1": "c99cafc152244af753f735de768cd75f", "data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
-             "data_batch_3": "54ebc095f3ab1f0389bbae665268c751", "data_batch_4": "634d18415352ddfa80567beed471001a",
-             "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb", "test_batch": "40351d587109b95175f43aff81a1287e"}
+# CIFAR-10's, kept by name for its callers.
+ARCHIVE_NAME, ARCHIVE_MD5, ARCHIVE_URL, BATCH_DIR = CIFAR10.archive, CIFAR10.archive_md5, CIFAR10.url, CIFAR10.folder
 CHUNK = 1 << 20
 
 
@@ -63,7 +56,7 @@ def download(url: str, dest: Path, md5: str | None = ARCHIVE_MD5) -> Path:
     except (urllib.error.URLError, OSError) as e:
         part.unlink(missing_ok=True)
         reason = getattr(e, "reason", e)
-        raise DataError(f"could not download CIFAR-10 from {url} ({reason}); put {ARCHIVE_NAME} in "
+        raise DataError(f"could not download {url} ({reason}); put {dest.name} in "
                         f"{dest.parent} or pass --data PATH to a copy of the data") from None
     if md5 is not None:
         try:
@@ -88,23 +81,23 @@ class _ArrayUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
-def _read_batch(raw: bytes, name: str) -> Split:
+def _read_batch(raw: bytes, name: str, cifar: Cifar) -> Split:
     batch = _ArrayUnpickler(io.BytesIO(raw), encoding="bytes").load()
     data = np.asarray(batch[b"data"])
-    labels = np.asarray(batch[b"labels"], dtype=np.int64)
+    labels = np.asarray(batch[cifar.label_key], dtype=np.int64)
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
         raise DataError(f"{name}: expected uint8 rows of 3072 pixels, got {data.dtype} {data.shape}")
-    if len(labels) != len(data) or labels.min(initial=0) < 0 or labels.max(initial=0) >= NUM_CLASSES:
-        raise DataError(f"{name}: labels do not match the images or fall outside 0-9")
+    if len(labels) != len(data) or labels.min(initial=0) < 0 or labels.max(initial=0) >= cifar.num_classes:
+        raise DataError(f"{name}: labels do not match the images or fall outside 0-{cifar.num_classes - 1}")
     # Rows are 1024 red, 1024 green, 1024 blue values: to HWC like every other source.
     return Split(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).copy(), labels)
 
 
-def read_archive(path: Path, md5: str | None = None) -> Splits:
+def read_archive(path: Path, md5: str | None = None, cifar: Cifar = CIFAR10) -> Splits:
     """Read the official python-format archive (or a small one built the same way)."""
     if md5 is not None:
         verify_md5(path, md5)
-    wanted = {f"{BATCH_DIR}/{b}" for b in (*TRAIN_BATCHES, TEST_BATCH)}
+    wanted = {f"{cifar.folder}/{b}" for b in (*cifar.train_files, cifar.test_file)}
     raw: dict[str, bytes] = {}
     try:
         with tarfile.open(path, "r:*") as tar:
@@ -113,38 +106,43 @@ def read_archive(path: Path, md5: str | None = None) -> Splits:
                     raw[member.name.rsplit("/", 1)[1]] = tar.extractfile(member).read()
     except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
         raise DataError(f"{path}: unreadable archive ({e}); it is truncated or corrupt") from None
-    missing = [b for b in (*TRAIN_BATCHES, TEST_BATCH) if b not in raw]
+    missing = [b for b in (*cifar.train_files, cifar.test_file) if b not in raw]
     if missing:
-        raise DataError(f"{path}: missing {', '.join(missing)} under {BATCH_DIR}/; not a complete "
-                        "CIFAR-10 python archive")
-    return _splits(raw, path)
+        raise DataError(f"{path}: missing {', '.join(missing)} under {cifar.folder}/; not a complete "
+                        f"{cifar.name} python archive")
+    return _splits(raw, path, cifar)
 
 
-def _splits(raw: dict[str, bytes], where: Path) -> Splits:
+def _splits(raw: dict[str, bytes], where: Path, cifar: Cifar) -> Splits:
     """The training and test splits from the raw batch files, read with the restricted unpickler."""
     try:
-        train = Split.concat([_read_batch(raw[b], b) for b in TRAIN_BATCHES])
-        test = _read_batch(raw[TEST_BATCH], TEST_BATCH)
+        train = Split.concat([_read_batch(raw[b], b, cifar) for b in cifar.train_files])
+        test = _read_batch(raw[cifar.test_file], cifar.test_file, cifar)
     except (pickle.UnpicklingError, KeyError, EOFError, ValueError, TypeError) as e:
         raise DataError(f"{where}: a batch could not be read ({e!r}); it is corrupt") from None
     return Splits(train, test)
 
 
-def folder_files(folder: Path) -> list[Path]:
-    """The batch files of an extracted `cifar-10-batches-py/` folder."""
-    return [folder / name for name in (*TRAIN_BATCHES, TEST_BATCH)]
+def folder_files(folder: Path, cifar: Cifar = CIFAR10) -> list[Path]:
+    """The batch files of an extracted folder (`cifar-10-batches-py/`, `cifar-100-python/`)."""
+    return [folder / name for name in (*cifar.train_files, cifar.test_file)]
 
 
-def read_folder(folder: Path) -> Splits:
+def dataset_of_folder(name: str) -> Cifar | None:
+    """The data set whose archive extracts to a folder of this name."""
+    return next((d for d in DATASETS.values() if d.folder == name), None)
+
+
+def read_folder(folder: Path, cifar: Cifar = CIFAR10) -> Splits:
     """The extracted folder torchvision leaves (`cifar-10-batches-py/`), each file held to
     its published md5 and read with the same restricted unpickler as the archive."""
     raw = {}
-    for path in folder_files(folder):
+    for path in folder_files(folder, cifar):
         if not path.is_file():
-            raise DataError(f"{path}: missing from the extracted CIFAR-10 folder")
+            raise DataError(f"{path}: missing from the extracted {cifar.name} folder")
         got = md5_of(path)
-        if got != BATCH_MD5[path.name]:
-            raise DataError(f"{path}: md5 {got} is not the published {BATCH_MD5[path.name]}: the file is altered "
-                            "or corrupt; extract it again")
+        if got != cifar.file_md5[path.name]:
+            raise DataError(f"{path}: md5 {got} is not the published {cifar.file_md5[path.name]}: the file is "
+                            "altered or corrupt; extract it again")
         raw[path.name] = path.read_bytes()
-    return _splits(raw, folder)
+    return _splits(raw, folder, cifar)

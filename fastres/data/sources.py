@@ -15,7 +15,7 @@ import numpy as np
 
 from fastres import atomic
 from fastres.data import images, official
-from fastres.data.dataset import Split, Splits, check_split
+from fastres.data.dataset import DATASETS, Cifar, Split, Splits, check_split
 from fastres.errors import DataError, RunError
 
 CACHE_FORMAT = 2  # bump when the cached arrays' layout changes (2: with a checksum)
@@ -36,64 +36,84 @@ class Source:
     paths: tuple[Path, ...]
     named: str = ""  # `--data` as the user wrote it: what result files record, never a resolved path
     splits: tuple[str, ...] = images.SPLIT_NAMES  # ("test",): evaluation, which needs no training set
+    dataset: str = "cifar10"
 
     def describe(self) -> str:
         return f"{self.kind}: {self.named or ', '.join(p.name for p in self.paths)}"
 
 
-def _archive_holds_batches(path: Path) -> bool:
+def _archive_dataset(path: Path) -> Cifar | None:
+    """The CIFAR whose official archive this is (by name, or by the folder of its first
+    member), or None for an archive of images."""
+    named = next((d for d in DATASETS.values() if path.name == d.archive), None)
+    if named is not None:
+        return named
     try:
         with tarfile.open(path, "r:*") as tar:
             first = tar.next()
     except (tarfile.TarError, EOFError, OSError) as e:
         raise DataError(f"{path}: unreadable archive ({e}); it is truncated or corrupt") from None
-    return first is not None and first.name.split("/")[0] == official.BATCH_DIR
+    return None if first is None else official.dataset_of_folder(first.name.split("/")[0])
 
 
-def resolve(data: str | Path | None, cache_dir: Path | None = None, url: str = official.ARCHIVE_URL,
-            splits: tuple[str, ...] = images.SPLIT_NAMES) -> Source:
-    """Map `--data` to a source; with no `--data`, the official archive in the cache,
-    downloaded on first use. With `splits=("test",)` an image source needs no training
-    images (a folder with test/ or test.tar.gz alone will do)."""
-    source = _resolve(data, cache_dir or default_cache_dir(), url, splits)
-    return dataclasses.replace(source, splits=splits) if source.kind == "images" else source
+def _same(found: Cifar, wanted: Cifar, path: Path) -> None:
+    if found is not wanted:
+        raise DataError(f"--data {path} holds {found.name}, not {wanted.name}: pass --dataset {found.name}, or other "
+                        "data")
 
 
-def _resolve(data: str | Path | None, cache_dir: Path, url: str, splits: tuple[str, ...]) -> Source:
+def resolve(data: str | Path | None, cache_dir: Path | None = None, url: str | None = None,
+            splits: tuple[str, ...] = images.SPLIT_NAMES, dataset: str = "cifar10") -> Source:
+    """Map `--data` to a source of `dataset` (cifar10 or cifar100); with no `--data`, its
+    official archive in the cache, downloaded on first use. With `splits=("test",)` an
+    image source needs no training images (a folder with test/ or test.tar.gz alone)."""
+    cifar = DATASETS[dataset]
+    source = _resolve(data, cache_dir or default_cache_dir(), url or cifar.url, splits, cifar)
+    return dataclasses.replace(source, splits=splits if source.kind == "images" else source.splits, dataset=dataset)
+
+
+def _resolve(data: str | Path | None, cache_dir: Path, url: str, splits: tuple[str, ...], cifar: Cifar) -> Source:
     if data is None:
-        archive = cache_dir / official.ARCHIVE_NAME
+        archive = cache_dir / cifar.archive
         if not archive.is_file():
-            official.download(url, archive)
-        return Source("official", (archive,), "official archive in the fastres cache")
+            official.download(url, archive, cifar.archive_md5)
+        return Source("official", (archive,), f"official {cifar.name} archive in the fastres cache")
     path = Path(data).expanduser()
     if not path.exists():
         raise DataError(f"--data {path}: no such file or folder")
     if path.is_file():
         if not images.is_archive(path):
-            raise DataError(f"--data {path}: expected {official.ARCHIVE_NAME}, a .tar/.tar.gz of "
+            raise DataError(f"--data {path}: expected {cifar.archive}, a .tar/.tar.gz of "
                             "train/<class>/ and test/<class>/ images, or a folder")
-        if path.name == official.ARCHIVE_NAME or _archive_holds_batches(path):
-            return Source("official", (path,), str(data))
-        return Source("images", (path,), str(data))
-    if (path / official.ARCHIVE_NAME).is_file():
-        return Source("official", (path / official.ARCHIVE_NAME,), str(data))
-    for folder in (path, path / official.BATCH_DIR):  # the extracted folder, or a root holding it
-        if folder.name == official.BATCH_DIR and folder.is_dir():
+        found = _archive_dataset(path)
+        if found is None:
+            return Source("images", (path,), str(data))
+        _same(found, cifar, path)
+        return Source("official", (path,), str(data))
+    for d in DATASETS.values():
+        if (path / d.archive).is_file() and d is cifar:
+            return Source("official", (path / d.archive,), str(data))
+    for folder in (path, *(path / d.folder for d in DATASETS.values())):  # an extracted folder, or a root holding it
+        found = official.dataset_of_folder(folder.name) if folder.is_dir() else None
+        if found is not None:
+            _same(found, cifar, path)
             return Source("official", (folder,), str(data))
     if all((path / split).is_dir() for split in splits):
         return Source("images", (path,), str(data))
     archives = images.split_archives(path)
     if all(split in archives for split in splits):
         return Source("images", tuple(archives[split] for split in splits), str(data))
-    raise DataError(f"--data {path}: no CIFAR-10 there; expected {official.ARCHIVE_NAME}, "
-                    f"{official.BATCH_DIR}/, train/ and test/ image folders, or train.tar.gz and test.tar.gz")
+    raise DataError(f"--data {path}: no {cifar.name} there; expected {cifar.archive}, "
+                    f"{cifar.folder}/, train/ and test/ image folders, or train.tar.gz and test.tar.gz")
 
 
 def fingerprint(source: Source) -> str:
     """Identify a source by its files' paths, sizes and modification times."""
-    h = hashlib.sha256(f"{CACHE_FORMAT} {source.kind} {source.splits}".encode())
+    h = hashlib.sha256(f"{CACHE_FORMAT} {source.dataset} {source.kind} {source.splits}".encode())
+    cifar = DATASETS[source.dataset]
     for root in source.paths:
-        files = (official.folder_files(root) if source.kind == "official" else images.tree_files(root, source.splits))
+        files = (official.folder_files(root, cifar) if source.kind == "official"
+                 else images.tree_files(root, source.splits))
         for f in [root] if root.is_file() else [f for f in files if f.exists()]:
             st = f.stat()
             h.update(os.fsencode(f.resolve()) + f" {st.st_size} {st.st_mtime_ns}\n".encode())
@@ -101,15 +121,16 @@ def fingerprint(source: Source) -> str:
 
 
 def _read(source: Source) -> Splits:
+    cifar = DATASETS[source.dataset]
     if source.kind == "official" and source.paths[0].is_dir():
-        return official.read_folder(source.paths[0])
+        return official.read_folder(source.paths[0], cifar)
     if source.kind == "official":
         path = source.paths[0]
         # The real archive is held to its published md5; small archives built the same way
         # (tests, subsets) are read as they are.
-        md5 = official.ARCHIVE_MD5 if path.name == official.ARCHIVE_NAME else None
-        return official.read_archive(path, md5)
-    encoded = images.read_encoded(list(source.paths), source.splits)
+        md5 = cifar.archive_md5 if path.name == cifar.archive else None
+        return official.read_archive(path, md5, cifar)
+    encoded = images.read_encoded(list(source.paths), source.splits, cifar.classes)
     return Splits(images.decode(encoded.train, "train"), images.decode(encoded.test, "test"))
 
 
@@ -150,7 +171,7 @@ def load(source: Source, cache_dir: Path | None = None, key: str | None = None) 
         return splits
     splits = _read(source)
     for name in source.splits:
-        check_split(getattr(splits, name), name)
+        check_split(getattr(splits, name), name, DATASETS[source.dataset].classes)
     arrays = dict(train_x=splits.train.images, train_y=splits.train.labels, test_x=splits.test.images,
                   test_y=splits.test.labels)
     try:
@@ -164,4 +185,6 @@ def load(source: Source, cache_dir: Path | None = None, key: str | None = None) 
 
 def load_encoded(source: Source) -> Splits | None:
     """The encoded files of an image source (for GPU decoding), or None for raw arrays."""
-    return images.read_encoded(list(source.paths), source.splits) if source.kind == "images" else None
+    if source.kind != "images":
+        return None
+    return images.read_encoded(list(source.paths), source.splits, DATASETS[source.dataset].classes)
