@@ -10,14 +10,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from fastres import atomic
 from fastres.config import RunConfig
 from fastres.errors import RunError
+from fastres.weights import CHECKPOINT, load_file
 
 CONFIG = "config.json"
-CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
 RESULTS = "results.json"
 LOCK = ".lock"
@@ -127,10 +125,7 @@ def save(run_dir: Path, state: dict[str, Any]) -> None:
 
 def load(path: str | Path) -> dict[str, Any]:
     ckpt = checkpoint_path(path)
-    try:
-        state = torch.load(ckpt, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many types for a damaged file
-        raise RunError(f"{ckpt}: unreadable checkpoint ({type(e).__name__})") from None
+    state = load_file(ckpt, "checkpoint")
     if not isinstance(state, dict) or "config" not in state or "model" not in state:
         raise RunError(f"{ckpt}: not a fastres checkpoint")
     if state.get("format", 0) > FORMAT:

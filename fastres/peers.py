@@ -25,10 +25,7 @@ def akamaster(path: str | Path) -> tuple[CifarResNet, np.ndarray, np.ndarray]:
     the peer's mean and std (HWC, on the 0-1 scale). The peer's option A puts half of the new
     zero channels in front of the old ones and half behind; fastres appends them all, so the
     imported model's shortcuts are told to pad the peer's way."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many types for a damaged file
-        raise RunError(f"{path}: unreadable checkpoint ({type(e).__name__})") from None
+    state = weights.load_file(Path(path), "checkpoint")
     raw = state.get("state_dict", state) if isinstance(state, dict) else None
     if not isinstance(raw, dict) or not all(isinstance(v, torch.Tensor) for v in raw.values()):
         raise RunError(f"{path}: not an akamaster checkpoint (a dict with a state_dict of tensors)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import torch
@@ -67,6 +68,8 @@ class TrainStep:
         # Steps the scaler skipped (an overflow lowers the scale and skips the update): normal
         # under fp16, counted on the device and read at log points, never taken for divergence.
         self.skipped = torch.zeros((), dtype=torch.int64, device=device)
+        self._scale_before = torch.zeros((), device=device)  # reused every step: no allocation
+        self._lowered = torch.zeros((), dtype=torch.bool, device=device)
 
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
@@ -82,10 +85,11 @@ class TrainStep:
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         if self.scaler.is_enabled():
-            scale = self.scaler._scale.clone()  # the live scale tensor: compared on the device, no sync
+            self._scale_before.copy_(self.scaler._scale)  # the live scale tensor: compared on the device, no sync
             self.scaler.step(self.optimizer)
             self.scaler.update()
-            self.skipped += self.scaler._scale < scale
+            torch.lt(self.scaler._scale, self._scale_before, out=self._lowered)
+            self.skipped += self._lowered
         else:
             self.optimizer.step()
         return loss.detach(), wrong
@@ -102,20 +106,30 @@ class TrainStep:
         return error_rate(self.model, loader, self.device, self.amp_dtype, self.forward)
 
 
+def _predictions(model: nn.Module, loader: Loader, device: torch.device, amp_dtype: torch.dtype | None,
+                 forward: nn.Module | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(predicted, true) labels of every batch of an evaluation loader, single view, BN in
+    eval mode; `forward` is the callable to run (e.g. the compiled model), default `model`."""
+    forward = model if forward is None else forward
+    model.eval()
+    try:
+        for x, y in loader.epoch(0):
+            with autocast(device, amp_dtype):
+                predicted = forward(x).argmax(1)
+            yield predicted, y
+    finally:
+        model.train()
+
+
 @torch.no_grad()
 def error_rate(model: nn.Module, loader: Loader, device: torch.device, amp_dtype: torch.dtype | None,
                forward: nn.Module | None = None) -> float:
-    """Top-1 error over a whole evaluation loader, single view, BN in eval mode. `forward`
-    is the callable to run (e.g. the compiled model); it defaults to `model`."""
-    forward = model if forward is None else forward
-    model.eval()
+    """Top-1 error over a whole evaluation loader."""
     wrong = torch.zeros((), dtype=torch.int64, device=device)
     seen = 0
-    for x, y in loader.epoch(0):
-        with autocast(device, amp_dtype):
-            wrong += (forward(x).argmax(1) != y).sum()
+    for predicted, y in _predictions(model, loader, device, amp_dtype, forward):
+        wrong += (predicted != y).sum()
         seen += len(y)
-    model.train()
     return wrong.item() / seen  # note: a CPU-GPU sync point, once per evaluation
 
 
@@ -123,14 +137,10 @@ def error_rate(model: nn.Module, loader: Loader, device: torch.device, amp_dtype
 def class_errors(model: nn.Module, loader: Loader, device: torch.device, amp_dtype: torch.dtype | None,
                  num_classes: int) -> tuple[list[int], list[int]]:
     """Wrong predictions and images per true class over a whole evaluation loader (the
-    per-class table of `fastres.evaluate`); BN in eval mode."""
-    model.eval()
+    per-class table of `fastres.evaluate`)."""
     wrong = torch.zeros(num_classes, dtype=torch.int64, device=device)
     total = torch.zeros(num_classes, dtype=torch.int64, device=device)
-    for x, y in loader.epoch(0):
-        with autocast(device, amp_dtype):
-            predicted = model(x).argmax(1)
+    for predicted, y in _predictions(model, loader, device, amp_dtype):
         total += torch.bincount(y, minlength=num_classes)
         wrong += torch.bincount(y[predicted != y], minlength=num_classes)
-    model.train()
     return wrong.tolist(), total.tolist()  # note: a CPU-GPU sync point, once per evaluation

@@ -18,7 +18,15 @@ from torch import nn
 
 from fastres.errors import RunError
 
-CHECKPOINT, CONFIG = "checkpoint.pt", "config.json"
+CHECKPOINT = "checkpoint.pt"  # a run directory's checkpoint (checkpoint.py takes the name from here)
+
+
+def load_file(path: Path, what: str) -> Any:
+    """`torch.load` of tensors only, on the CPU; a damaged file is one line."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for a damaged file
+        raise RunError(f"{path}: unreadable {what} ({type(e).__name__})") from None
 
 
 def meta_path(weights: Path) -> Path:
@@ -33,10 +41,7 @@ def read(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     file = path / CHECKPOINT if path.is_dir() else path
     if not file.is_file():
         raise RunError(f"{path}: no weights there (a run directory, its {CHECKPOINT}, or an exported .pt)")
-    try:
-        state = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many types for a damaged file
-        raise RunError(f"{file}: unreadable weights ({type(e).__name__})") from None
+    state = load_file(file, "weights")
     if isinstance(state, dict) and "model" in state and "config" in state:  # a fastres checkpoint
         cfg, norm = state["config"], state.get("normalization")
         meta = {"model": cfg["model"], "shortcut": cfg.get("shortcut"), "dataset": cfg.get("dataset", "cifar10"),

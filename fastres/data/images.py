@@ -39,19 +39,16 @@ def split_archives(folder: Path) -> dict[str, Path]:
 
 def _image_path(name: str) -> bool:
     """Whether a path has the shape `<split>/<class>/<file>.jpg|png` (class not checked)."""
-    parts = name.split("/")
+    parts = name.replace("\\", "/").split("/")
     return (len(parts) >= 3 and parts[-1].lower().endswith(IMAGE_SUFFIXES) and not parts[-1].startswith(".")
             and parts[-3] in SPLIT_NAMES)
 
 
 def _classify(name: str, classes: tuple[str, ...] = CLASSES) -> tuple[str, int] | None:
     """(split, label) of an image path ending in `<split>/<class>/<file>`, else None."""
-    parts = name.replace("\\", "/").split("/")
-    if len(parts) < 3 or not parts[-1].lower().endswith(IMAGE_SUFFIXES) or parts[-1].startswith("."):
+    if not _image_path(name):
         return None
-    split, cls = parts[-3], parts[-2]
-    if split not in SPLIT_NAMES:
-        return None
+    split, cls = name.replace("\\", "/").split("/")[-3:-1]
     if cls not in classes:
         listed = ", ".join(classes[:10]) + (", ..." if len(classes) > 10 else "")
         raise DataError(f"{name}: unknown class {cls!r}; expected the {len(classes)} classes {listed} "
