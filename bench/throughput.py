@@ -14,6 +14,11 @@ and the full fastres step of every model run first, so a run cut short keeps the
 figures. Each row runs on its own: a row that fails is recorded with its error and the
 others still run. The JSON is rewritten atomically after every row, and no row starts
 after `--budget-s`.
+
+Fused rows ("fused xN"): N runs of one model fused into one step (`fastres.fused`), with
+the full fastres step (channels_last, AMP, compile); `run_it_s` counts run-iterations
+(N per step), and `fused_speedup` is that over the "fused x1" row of the same model in the
+same run: what fusing N runs gains over training them one after another.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 from bench import baseline  # noqa: E402
+from fastres import fused  # noqa: E402
 from fastres.atomic import write_json  # noqa: E402
 from fastres.cli import Parser, run_main  # noqa: E402
 from fastres.data import loaders  # noqa: E402
@@ -51,7 +57,7 @@ from fastres.runtime import (  # noqa: E402
     resolve_precision,
     versions,
 )
-from fastres.step import TrainStep, error_rate  # noqa: E402
+from fastres.step import TrainStep, error_rates  # noqa: E402
 
 REAL_DATA = ROOT.parent / "shared" / "data" / "cifar10-jpeg"
 BATCH = 128
@@ -67,6 +73,7 @@ class Setup:
     amp: bool = False
     compile: bool = False
     key: bool = False  # a headline row: run first for every model
+    runs: int | None = None  # a fused row: this many runs of the model in one step
 
 
 MATRIX = (
@@ -77,7 +84,9 @@ MATRIX = (
     Setup("+ compile", channels_last=True, amp=True, compile=True, key=True),
     Setup("+ compile, DALI loader", loader="dali", channels_last=True, amp=True, compile=True),
     Setup("+ compile, host loader", loader="host", channels_last=True, amp=True, compile=True),
+    *(Setup(f"fused x{n}", channels_last=True, amp=True, compile=True, runs=n) for n in (1, 2, 4, 8)),
 )
+QUICK_FUSED = (1, 2, 4)  # on a CPU the x8 row alone would take minutes
 
 LOADERS = (
     ("baseline DataLoader, per-image NumPy", MATRIX[0]),
@@ -152,8 +161,9 @@ class Bench:
 
     def fastres_data(self, setup: Setup, dtype: torch.dtype | None) -> loaders.Data:
         where = loaders.Placement(self.device, dtype or torch.float32, setup.channels_last, host=setup.loader == "host")
+        seeds = list(range(setup.runs)) if setup.runs and setup.runs > 1 else 0
         return loaders.build(self.data, where, batch_size=BATCH, eval_batch_size=self.args.eval_batch,
-                             loader="dali" if setup.loader == "dali" else "torch")
+                             seed=seeds, loader="dali" if setup.loader == "dali" else "torch")
 
     def row(self, model_name: str, setup: Setup) -> dict[str, Any]:
         """Measure one row; the caller records its failure, if any."""
@@ -162,7 +172,8 @@ class Bench:
         held = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        model = build_model(model_name).to(device)
+        runs = setup.runs or 1
+        model = fused.fuse([build_model(model_name) for _ in range(runs)]).to(device)
         row: dict[str, Any] = {}
         if setup.loader == "baseline":
             split = self.data.splits.train
@@ -179,20 +190,22 @@ class Bench:
             row["precision"] = str(dtype or torch.float32).removeprefix("torch.")
             data = self.fastres_data(setup, dtype)
             train_batches = endless(data.train)
-            step = TrainStep(model, device, dtype, setup.compile)
+            step = TrainStep(model, device, dtype, setup.compile, runs=runs)
 
             def steps(n: int) -> None:
-                acc = torch.zeros((), device=device)
+                acc = torch.zeros(runs, device=device)
                 for _ in range(n):
                     loss, _ = step(*next(train_batches))
                     acc += loss  # accumulated on the device, as the trainer does
 
             def evaluate() -> None:
-                error_rate(model, data.evals["test"], device, dtype, step.forward)
+                error_rates(model, data.evals["test"], device, dtype, step.forward, runs)
         # The first steps compile, capture graphs and autotune: timed apart (cold compile time).
         row["first_steps_s"] = round(timed(lambda: steps(args.warmup), device), 3)
         rates = [args.steps / timed(lambda: steps(args.steps), device) for _ in range(args.repeats)]
         row.update(it_s=statistics.median(rates), it_s_min=min(rates), it_s_max=max(rates), repeats=rates)
+        if setup.runs:
+            row["run_it_s"] = row["it_s"] * runs
         if evaluate is not None:
             row["eval_first_s"] = round(timed(evaluate, device), 3)  # eval-mode compile, graphs, autotuning
             row["eval_img_s"] = len(self.data.splits.test) / timed(evaluate, device)  # the whole test set
@@ -222,6 +235,7 @@ class Bench:
 
     def run(self, matrix: list[Setup]) -> dict[str, Any]:
         base: dict[str, float] = {}
+        alone: dict[str, float] = {}  # each model's "fused x1" run-iterations/s
         for model_name, setup in order_rows(self.args.models.split(","), matrix):
             row: dict[str, Any] = {"model": model_name, **dataclasses.asdict(setup)}
             reason = available(setup) or ("budget spent" if self.out_of_time() else None)
@@ -238,6 +252,10 @@ class Bench:
                 if setup.loader == "baseline":
                     base[model_name] = row["it_s"]
                 row["speedup"] = row["it_s"] / base[model_name] if model_name in base else None
+            if "run_it_s" in row:
+                if setup.runs == 1:
+                    alone[model_name] = row["run_it_s"]
+                row["fused_speedup"] = row["run_it_s"] / alone[model_name] if model_name in alone else None
             self.result["rows"].append(row)
             self.save()
             print(f"{model_name:10s} {setup.name:36s} {describe(row)}", flush=True)
@@ -264,6 +282,9 @@ def release(device: torch.device) -> None:
 
 
 def describe(row: dict[str, Any]) -> str:
+    if "run_it_s" in row:
+        gain = f", {row['fused_speedup']:.2f}x x1" if row.get("fused_speedup") else ""
+        return f"{row['it_s']:8.2f} it/s ({row['run_it_s']:.2f} run-it/s{gain})"
     if "it_s" in row:
         return f"{row['it_s']:8.2f} it/s"
     return f"skipped: {row['skipped']}" if "skipped" in row else f"FAILED: {row['error']}"
@@ -274,16 +295,18 @@ def print_table(result: dict[str, Any]) -> None:
     from rich.table import Table
 
     table = Table(title=f"fastres throughput, batch {BATCH}, {result['device']}")
-    for col in ("model", "configuration", "precision", "it/s (median)", "spread", "x baseline", "warm-up s",
-                "peak MiB", "eval img/s"):
+    for col in ("model", "configuration", "precision", "it/s (median)", "spread", "x baseline", "run-it/s",
+                "x fused x1", "warm-up s", "peak MiB", "eval img/s"):
         table.add_column(col, justify="left" if col in ("model", "configuration", "precision") else "right")
     for r in result["rows"]:
         if "it_s" not in r:
-            table.add_row(r["model"], r["name"], "", "-", describe(r).strip(), "", "", "", "")
+            table.add_row(r["model"], r["name"], "", "-", describe(r).strip(), "", "", "", "", "", "")
             continue
         table.add_row(r["model"], r["name"], r.get("precision", "float32"), f"{r['it_s']:.1f}",
                       f"{r['it_s_min']:.1f}-{r['it_s_max']:.1f}",
-                      f"{r['speedup']:.2f}x" if r["speedup"] else "-", f"{r['first_steps_s']:.1f}",
+                      f"{r['speedup']:.2f}x" if r["speedup"] else "-",
+                      f"{r['run_it_s']:.1f}" if "run_it_s" in r else "-",
+                      f"{r['fused_speedup']:.2f}x" if r.get("fused_speedup") else "-", f"{r['first_steps_s']:.1f}",
                       str(r.get("peak_mem_mib", "-")), f"{r['eval_img_s']:.0f}" if "eval_img_s" in r else "-")
     loaders_table = Table(title="loaders alone (images/s)")
     loaders_table.add_column("loader")
@@ -328,6 +351,8 @@ def main(argv: list[str] | None = None, on_save: Callable[[dict[str, Any]], None
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
     matrix = [MATRIX[int(i)] for i in args.setups.split(",")] if args.setups else list(MATRIX)
+    if args.quick and not args.setups:
+        matrix = [s for s in matrix if s.runs is None or s.runs in QUICK_FUSED]
     started = time.perf_counter()
     bench = Bench(args, on_save)
     result = bench.run(matrix)

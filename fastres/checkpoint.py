@@ -19,13 +19,14 @@ CONFIG = "config.json"
 METRICS = "metrics.jsonl"
 RESULTS = "results.json"
 LOCK = ".lock"
+PREVIOUS = "checkpoint.prev.pt"  # a fused run's checkpoint before its latest (see fastres.group)
 # What a checkpoint holds. 0: before it had a version; 1: adds "normalization" (mean, std).
 FORMAT = 1
 
 
 def refuse_overwrite(out: str, resuming: bool) -> None:
     """A new run never writes into a directory that holds another run's checkpoint."""
-    if not resuming and (Path(out) / CHECKPOINT).exists():
+    if not resuming and any((Path(out) / name).exists() for name in (CHECKPOINT, PREVIOUS)):
         raise RunError(f"{out} already holds a run: pass --resume {out}, or choose another --out")
 
 
@@ -119,8 +120,28 @@ def checkpoint_path(path: str | Path) -> Path:
     return ckpt
 
 
-def save(run_dir: Path, state: dict[str, Any]) -> None:
-    atomic.torch_save(run_dir / CHECKPOINT, {"format": FORMAT, **state})
+def save(run_dir: Path, state: dict[str, Any], keep_previous: bool = False) -> None:
+    """Write the checkpoint atomically. `keep_previous` (runs of a fused group): the current
+    one becomes checkpoint.prev.pt first, so a kill between the group's writes leaves a
+    step every run holds. A lone run keeps no previous checkpoint (an old one is removed)."""
+    current, previous = run_dir / CHECKPOINT, run_dir / PREVIOUS
+    try:
+        if keep_previous and current.exists():
+            os.replace(current, previous)
+        elif not keep_previous:
+            previous.unlink(missing_ok=True)
+    except OSError as e:
+        raise RunError(f"cannot keep the previous checkpoint in {run_dir} ({e.strerror or e})") from None
+    atomic.torch_save(current, {"format": FORMAT, **state})
+
+
+def saved_files(run_dir: Path) -> list[Path]:
+    """A run directory's checkpoint files, current first, then the previous one."""
+    return [f for f in (run_dir / CHECKPOINT, run_dir / PREVIOUS) if f.is_file()]
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(path.read_text())
 
 
 def load(path: str | Path) -> dict[str, Any]:

@@ -26,6 +26,7 @@ FLAGS = {"iters": "--iters", "batch_size": "--batch-size", "eval_every": "--eval
          "eval_batch_size": "--eval-batch-size", "log_every": "--log-every", "checkpoint_every": "--checkpoint-every",
          "lr": "--lr", "warmup_lr": "the warm-up lr", "momentum": "--momentum", "weight_decay": "--wd"}
 AMP_DTYPES = ("auto", "bf16", "fp16")
+FUSE = ("auto", "on", "off")
 PROGRESS = ("auto", "rich", "plain", "none")
 
 
@@ -137,6 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wd", dest="weight_decay", type=float, help="weight decay (default 1e-4)")
     p.add_argument("--batch-size", type=int, help="global batch size (default 128)")
     p.add_argument("--seed", type=int)
+    p.add_argument("--seeds", type=_int_list, help="several runs, one per seed (e.g. 0,1,2,3,4), each in its own run "
+                   "directory; fused into one training step where that is faster (see --fuse)")
+    p.add_argument("--fuse", choices=FUSE, help="train the --seeds runs as one fused step: auto (default: on a GPU; "
+                   "on a CPU, where fusing measured slower, one after another), on, or off")
     p.add_argument("--dataset", choices=tuple(DATASETS), help="cifar10 (default) or cifar100 (its 100 fine labels)")
     p.add_argument("--data", help="CIFAR-10 archive, image tree or folder (default: the official archive, "
                    "downloaded to the cache)")
@@ -158,24 +163,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-batch-size", type=int, help="evaluation batch (default 1000; changes no result)")
     p.add_argument("--log-every", type=int, help="read metrics every N iterations (default 100)")
     p.add_argument("--checkpoint-every", type=int, help="checkpoint every N iterations (default 2000)")
-    p.add_argument("--out", help="run directory (default runs/<model>[-<shortcut>]-seed<seed>)")
+    p.add_argument("--out", help="run directory (default runs/<model>[-<shortcut>]-seed<seed>); with --seeds, the "
+                   "folder that holds one such directory per seed")
     p.add_argument("--progress", choices=PROGRESS, help="rich bar, plain log lines, or none (default auto)")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR exactly where it stopped")
+    p.add_argument("--resume", metavar="RUN_DIR", nargs="+", help="continue the run in RUN_DIR exactly where it "
+                   "stopped; a run trained fused resumes with its whole group")
     return p
+
+
+def run_name(spec: ModelSpec, dataset: str, seed: int) -> str:
+    """The default name of a run's directory: `resnet56-A-seed0`, `cifar100-plain20-seed3`."""
+    prefix = "" if dataset == "cifar10" else f"{dataset}-"
+    return f"{prefix}{spec.tag}-seed{seed}"
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     """A validated RunConfig from parsed arguments; unset options keep the defaults."""
     if not args.model:
         raise UsageError("a model is required (e.g. resnet56), or --resume RUN_DIR")
-    given = {k: v for k, v in vars(args).items() if v is not None and k not in ("model", "resume")}
+    given = {k: v for k, v in vars(args).items() if v is not None and k not in ("model", "resume", "seeds", "fuse")}
     spec = parse_spec(args.model, given.get("shortcut"))
     given.update(model=spec.name, shortcut=spec.shortcut)
     given.setdefault("warmup_iters", schedule.default_warmup_iters(spec.depth))
-    dataset = given.get("dataset", "cifar10")
-    prefix = "" if dataset == "cifar10" else f"{dataset}-"
-    given.setdefault("out", str(Path("runs") / f"{prefix}{spec.tag}-seed{given.get('seed', 0)}"))
+    given.setdefault("out", str(Path("runs") / run_name(spec, given.get("dataset", "cifar10"), given.get("seed", 0))))
     return validate(RunConfig(**given))
+
+
+def configs_from_args(args: argparse.Namespace) -> list[RunConfig]:
+    """One config per run: `--seeds 0,1,2` gives three, alike but for the seed, each in its
+    own directory (named as a single run's, under `--out` when given)."""
+    if args.seeds is None:
+        return [config_from_args(args)]
+    if args.seed is not None:
+        raise UsageError("--seed and --seeds: give one of them")
+    if not args.seeds or len(set(args.seeds)) < len(args.seeds):
+        raise UsageError(f"--seeds must list distinct seeds, got {list(args.seeds)}")
+    if not args.model:
+        raise UsageError("a model is required (e.g. resnet56), or --resume RUN_DIR")
+    spec = parse_spec(args.model, args.shortcut)
+    folder, dataset = Path(args.out or "runs"), args.dataset or "cifar10"
+    return [config_from_args(argparse.Namespace(**{**vars(args), "seed": seed, "seeds": None,
+                                                   "out": str(folder / run_name(spec, dataset, seed))}))
+            for seed in args.seeds]
 
 
 def parse_spec(text: str, shortcut: str | None = None) -> ModelSpec:

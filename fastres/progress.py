@@ -20,6 +20,17 @@ def format_record(r: dict[str, Any]) -> str:
     return "  ".join(parts)
 
 
+def format_group(records: list[dict[str, Any]], seeds: list[int]) -> str:
+    """A fused group on one line: lr and the group's it/s, then each run's loss and error."""
+    r = records[0]
+    parts = [f"lr {r['lr']:.4g}"] + ([f"{r['it_s']:.1f} it/s x{len(records)}"] if "it_s" in r else [])
+    for record, seed in zip(records, seeds, strict=True):
+        shown = [f"{record['train_loss']:.3f}"] if "train_loss" in record else []
+        shown += [f"{100 * record[key]:.1f}%" for key in ("train_error", "test_error") if key in record]
+        parts.append(f"s{seed} " + "/".join(shown))
+    return "  ".join(parts)
+
+
 class Reporter:
     """Shows training progress; `advance` is called every step and never touches the device."""
 
@@ -38,11 +49,18 @@ class Reporter:
         if self.bar is not None:
             self.bar.advance(self.task)
 
-    def log(self, record: dict[str, Any]) -> None:
+    def log(self, records: list[dict[str, Any]], seeds: list[int]) -> None:
+        """One record per run of the group (one for a single run): the bar shows the group's
+        it/s and each run's loss and error; plain mode prints a line per run."""
+        if not records:
+            return
         if self.bar is not None:
-            self.bar.update(self.task, stats=format_record(record))
+            stats = format_record(records[0]) if len(records) == 1 else format_group(records, seeds)
+            self.bar.update(self.task, stats=stats)
         elif self.mode == "plain":
-            print(f"iter {record['iter']}/{self.total}  {format_record(record)}", flush=True)
+            for record, seed in zip(records, seeds, strict=True):
+                run = f"  seed {seed}" if len(records) > 1 else ""
+                print(f"iter {record['iter']}/{self.total}{run}  {format_record(record)}", flush=True)
 
     def message(self, text: str) -> None:
         if self.mode != "none":

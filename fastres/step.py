@@ -51,19 +51,25 @@ def uses_cuda_graphs(model: nn.Module, device: torch.device) -> bool:
 
 class TrainStep:
     """forward, loss, backward and update for one batch. Returns the loss and the number of
-    wrong predictions as device tensors: reading them is left to the caller, every N steps.
+    wrong predictions of each run as device tensors of shape (runs,): reading them is left
+    to the caller, every N steps.
+
+    `runs` > 1: the model is a fused group (`fastres.fused`), x holds the runs' batches
+    stacked on the channel axis and y their labels, (B, runs). The loss minimised is the
+    sum of the runs' mean losses, so each run's gradient is the one it has alone.
 
     The optimizer stays eager: fused SGD on CUDA is one kernel for all parameters, and the
     learning rate is a plain float written into the param group each step, so a schedule
     change can never trigger a recompile; it is set by the caller before each step."""
 
     def __init__(self, model: nn.Module, device: torch.device, amp_dtype: torch.dtype | None, compile: bool, *,
-                 momentum: float = PAPER_MOMENTUM, weight_decay: float = PAPER_WEIGHT_DECAY) -> None:
-        self.model, self.device, self.amp_dtype = model, device, amp_dtype
+                 momentum: float = PAPER_MOMENTUM, weight_decay: float = PAPER_WEIGHT_DECAY, runs: int = 1) -> None:
+        self.model, self.device, self.amp_dtype, self.runs = model, device, amp_dtype, runs
         self.optimizer = make_optimizer(model, device, amp_dtype, momentum, weight_decay)
         self.forward = compile_model(model, device) if compile else model
         self.cuda_graphs = compile and uses_cuda_graphs(model, device)
-        # fp16 needs loss scaling; bf16 has fp32's range and does not.
+        # fp16 needs loss scaling; bf16 has fp32's range and does not. One scaler for a fused
+        # group: an overflow in any run skips the step of the whole group.
         self.scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
         # Steps the scaler skipped (an overflow lowers the scale and skips the update): normal
         # under fp16, counted on the device and read at log points, never taken for divergence.
@@ -78,10 +84,12 @@ class TrainStep:
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.cuda_graphs:  # tells the graph replays that the previous step's outputs are consumed
             torch.compiler.cudagraph_mark_step_begin()
+        y = y.view(len(y), self.runs)
         with autocast(self.device, self.amp_dtype):
-            logits = self.forward(x)
-            loss = F.cross_entropy(logits, y)
-        wrong = (logits.detach().argmax(1) != y).sum()  # read the logits before the backward replay
+            logits = self.forward(x).unflatten(1, (self.runs, -1))  # (B, runs, classes)
+            losses = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view_as(y).mean(0)
+            loss = losses.sum()
+        wrong = (logits.detach().argmax(2) != y).sum(0)  # read the logits before the backward replay
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         if self.scaler.is_enabled():
@@ -92,7 +100,7 @@ class TrainStep:
             self.skipped += self._lowered
         else:
             self.optimizer.step()
-        return loss.detach(), wrong
+        return losses.detach(), wrong
 
     def read_skipped(self) -> dict[str, int]:
         """Steps skipped by the fp16 scaler since the last read (nothing without a scaler)."""
@@ -102,35 +110,50 @@ class TrainStep:
         self.skipped.zero_()
         return {"skipped_steps": skipped}
 
-    def error(self, loader: Loader) -> float:
-        return error_rate(self.model, loader, self.device, self.amp_dtype, self.forward)
+    def errors(self, loader: Loader) -> list[float]:
+        """Each run's top-1 error over an evaluation loader."""
+        return error_rates(self.model, loader, self.device, self.amp_dtype, self.forward, self.runs)
 
 
 def _predictions(model: nn.Module, loader: Loader, device: torch.device, amp_dtype: torch.dtype | None,
-                 forward: nn.Module | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                 forward: nn.Module | None = None, runs: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(predicted, true) labels of every batch of an evaluation loader, single view, BN in
-    eval mode; `forward` is the callable to run (e.g. the compiled model), default `model`."""
+    eval mode: predicted (B, runs), true (B,). `forward` is the callable to run (e.g. the
+    compiled model), default `model`; a fused group sees every image once per run."""
     forward = model if forward is None else forward
     model.eval()
     try:
         for x, y in loader.epoch(0):
+            if runs > 1:
+                x = x.repeat(1, runs, 1, 1).contiguous(memory_format=_layout(x))
             with autocast(device, amp_dtype):
-                predicted = forward(x).argmax(1)
+                predicted = forward(x).unflatten(1, (runs, -1)).argmax(2)
             yield predicted, y
     finally:
         model.train()
 
 
+def _layout(x: torch.Tensor) -> torch.memory_format:
+    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
 @torch.no_grad()
+def error_rates(model: nn.Module, loader: Loader, device: torch.device, amp_dtype: torch.dtype | None,
+                forward: nn.Module | None = None, runs: int = 1) -> list[float]:
+    """Top-1 error of each of `runs` fused runs over a whole evaluation loader."""
+    wrong = torch.zeros(runs, dtype=torch.int64, device=device)
+    seen = 0
+    for predicted, y in _predictions(model, loader, device, amp_dtype, forward, runs):
+        wrong += (predicted != y[:, None]).sum(0)
+        seen += len(y)
+    return [w / seen for w in wrong.tolist()]  # note: a CPU-GPU sync point, once per evaluation
+
+
 def error_rate(model: nn.Module, loader: Loader, device: torch.device, amp_dtype: torch.dtype | None,
                forward: nn.Module | None = None) -> float:
-    """Top-1 error over a whole evaluation loader."""
-    wrong = torch.zeros((), dtype=torch.int64, device=device)
-    seen = 0
-    for predicted, y in _predictions(model, loader, device, amp_dtype, forward):
-        wrong += (predicted != y).sum()
-        seen += len(y)
-    return wrong.item() / seen  # note: a CPU-GPU sync point, once per evaluation
+    """Top-1 error of one model over a whole evaluation loader."""
+    return error_rates(model, loader, device, amp_dtype, forward)[0]
 
 
 @torch.no_grad()
@@ -141,6 +164,7 @@ def class_errors(model: nn.Module, loader: Loader, device: torch.device, amp_dty
     wrong = torch.zeros(num_classes, dtype=torch.int64, device=device)
     total = torch.zeros(num_classes, dtype=torch.int64, device=device)
     for predicted, y in _predictions(model, loader, device, amp_dtype):
+        predicted = predicted[:, 0]
         total += torch.bincount(y, minlength=num_classes)
         wrong += torch.bincount(y[predicted != y], minlength=num_classes)
     return wrong.tolist(), total.tolist()  # note: a CPU-GPU sync point, once per evaluation

@@ -10,8 +10,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import json
 import math
+import os
 import signal
 import sys
 import time
@@ -23,10 +23,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from fastres import checkpoint, distributed
+from fastres import checkpoint, distributed, fused, group
 from fastres.atomic import write_json
 from fastres.cli import run_main
-from fastres.config import RunConfig, build_parser, config_from_args, parse_spec, validate
+from fastres.config import RunConfig, build_parser, configs_from_args, parse_spec, validate
 from fastres.data import loaders
 from fastres.data.dataset import DATASETS
 from fastres.errors import RunError, UsageError
@@ -103,61 +103,116 @@ class Clock:
 
 @dataclass
 class Session:
-    """Everything a run trains with, built from its config before anything is written."""
+    """Everything a group of runs trains with (one run, unless fused), built from their
+    configs before anything is written."""
 
-    cfg: RunConfig
+    cfgs: list[RunConfig]  # one per run, alike but for seed and run directory
     dist: distributed.DistInfo
     device: torch.device
-    model: nn.Module
+    model: nn.Module  # the runs' models fused into one (`fastres.fused`); one run's is its own model
     step: TrainStep
     data: loaders.Data
     prepared: loaders.Prepared
     note: str | None  # what the precision choice says, once
 
+    @property
+    def cfg(self) -> RunConfig:
+        """What the runs share (model, schedule, batch size...): the first run's config."""
+        return self.cfgs[0]
 
-def setup(cfg: RunConfig, dist: distributed.DistInfo) -> Session:
-    """Device, precision, data, model and step. Every error found here (bad batch size,
-    bad data) comes before the run directory exists, so it leaves no trace on disk."""
+    @property
+    def runs(self) -> int:
+        return len(self.cfgs)
+
+
+def setup(cfgs: list[RunConfig], dist: distributed.DistInfo) -> Session:
+    """Device, precision, data, models and step. Every error found here (runs that cannot be
+    fused, bad batch size, bad data) comes before any run directory exists, so it leaves no
+    trace on disk. Run k's model is initialised from its own seed, as it would be alone."""
+    cfg = cfgs[0]
     device = pick_device(cfg.device) if dist.world_size == 1 else dist.device
     if cfg.batch_size % dist.world_size:
         raise UsageError(f"--batch-size {cfg.batch_size} does not split over {dist.world_size} processes")
     configure_backends(device, cfg.deterministic)
     precision, note = resolve_precision(device, cfg.precision or requested_precision(cfg.amp, cfg.amp_dtype))
-    cfg = dataclasses.replace(cfg, precision=precision)
+    cfgs = [dataclasses.replace(c, precision=precision) for c in cfgs]
     dtype = PRECISIONS[precision]
     prepared = loaders.prepare(cfg.data, cfg.val_split, cfg.seed, cfg.normalize, dataset=cfg.dataset)
     where = loaders.Placement(device, dtype or torch.float32, cfg.channels_last, dist.rank, dist.world_size)
+    seeds = [c.seed for c in cfgs]
     data = loaders.build(prepared, where, batch_size=cfg.batch_size, eval_batch_size=cfg.eval_batch_size,
-                         seed=cfg.seed, loader=cfg.loader)
-    torch.manual_seed(cfg.seed)
-    model = cfg.spec.build(DATASETS[cfg.dataset].num_classes).to(device)
+                         seed=seeds[0] if len(seeds) == 1 else seeds, loader=cfg.loader)
+    members = []
+    for seed in seeds:
+        torch.manual_seed(seed)
+        members.append(cfg.spec.build(DATASETS[cfg.dataset].num_classes))
+    model = fused.fuse(members).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     step = TrainStep(distributed.wrap(model, dist), device, dtype, cfg.compile, momentum=cfg.momentum,
-                     weight_decay=cfg.weight_decay)
-    return Session(cfg, dist, device, model, step, data, prepared, note)
+                     weight_decay=cfg.weight_decay, runs=len(cfgs))
+    return Session(cfgs, dist, device, model, step, data, prepared, note)
 
 
 def train(cfg: RunConfig, resume: dict[str, Any] | None = None, stop_at: int | None = None) -> dict[str, Any] | None:
-    """Run (or continue) training. Returns the results, or None when stopped early by a
+    """Run (or continue) one run. Returns its results, or None when stopped early by a
     signal or by `stop_at` (the same path: checkpoint, then return)."""
-    checkpoint.refuse_overwrite(cfg.out, resuming=resume is not None)
+    results = train_group([cfg], None if resume is None else [resume], stop_at)
+    return None if results is None else results[0]
+
+
+@dataclass
+class Outcome:
+    """How a group's training ended: the finished runs' results (None when stopped early),
+    why runs diverged, and, when some diverged midway, the others that go on and their
+    states (as a smaller group, from where they are)."""
+
+    results: list[dict[str, Any]] | None
+    diverged: list[str]
+    go_on: tuple[list[int], list[dict[str, Any]]] | None = None
+
+
+def train_group(cfgs: list[RunConfig], resume: list[dict[str, Any]] | None = None,
+                stop_at: int | None = None) -> list[dict[str, Any]] | None:
+    """Train runs alike but for their seed as one fused group (or one run): each writes
+    its own run directory in a single run's format. A run that diverges is stopped and
+    reported, and the others go on; the error for it is raised once they have finished."""
+    group.check(cfgs, int(os.environ.get("WORLD_SIZE", "1")))  # before joining any process group
+    for cfg in cfgs:
+        checkpoint.refuse_overwrite(cfg.out, resuming=resume is not None)
     dist = distributed.setup()
+    failed: list[str] = []
     try:
-        s = setup(cfg, dist)
-        run_dir = checkpoint.prepare_run_dir(cfg.out, resuming=resume is not None) if dist.is_main else Path(cfg.out)
-        with checkpoint.RunLock(run_dir, enabled=dist.is_main):
-            return _train(s, run_dir, resume, stop_at)
+        s = setup(cfgs, dist)
+        run_dirs = [checkpoint.prepare_run_dir(c.out, resuming=resume is not None) if dist.is_main else Path(c.out)
+                    for c in cfgs]
+        with contextlib.ExitStack() as locks:
+            for run_dir in run_dirs:
+                locks.enter_context(checkpoint.RunLock(run_dir, enabled=dist.is_main))
+            outcome = _train(s, run_dirs, resume, stop_at)
+            failed += outcome.diverged
+            while outcome.go_on is not None:
+                live, resume = outcome.go_on
+                run_dirs = [run_dirs[k] for k in live]
+                s = setup([s.cfgs[k] for k in live], dist)
+                outcome = _train(s, run_dirs, resume, stop_at)
+                failed += outcome.diverged
     finally:
         distributed.teardown(dist)
+    if failed:
+        others = f"; the other {len(outcome.results)} run(s) of its group finished" if outcome.results else ""
+        raise RunError(f"{failed[0]}{others}" + (f" ({len(failed) - 1} more diverged)" if len(failed) > 1 else ""))
+    return outcome.results
 
 
-def _train(s: Session, run_dir: Path, resume: dict[str, Any] | None, stop_at: int | None) -> dict[str, Any] | None:
+def _train(s: Session, run_dirs: list[Path], resume: list[dict[str, Any]] | None, stop_at: int | None) -> Outcome:
     cfg, dist = s.cfg, s.dist
-    window, log = Window(s.device, cfg.batch_size), checkpoint.MetricsLog(run_dir)
-    start, clock = restore(s, resume, window, log) if resume is not None else (0, Clock())
-    reporter, saved = start_reporting(s, run_dir, start), start
-    spe, final = s.data.train.steps_per_epoch, {}
+    window, logs = Window(s.device, cfg.batch_size, s.runs), [checkpoint.MetricsLog(d) for d in run_dirs]
+    start, clock = restore(s, resume, window, logs) if resume is not None else (0, Clock())
+    reporter, saved = start_reporting(s, run_dirs, start), start
+    spe, final = s.data.train.steps_per_epoch, [{} for _ in s.cfgs]
+    dead: list[int] = []  # runs that diverged at this iteration
+    messages: list[str] = []
     with StopFlag() as stop:
         batches = s.data.train.epoch(start // spe, start % spe)
         for step in range(start, cfg.iters):
@@ -168,154 +223,221 @@ def _train(s: Session, run_dir: Path, resume: dict[str, Any] | None, stop_at: in
             window.add(*s.step(*next(batches)))
             reporter.advance()
             done = step + 1
-            record: dict[str, Any] = {}
+            records: list[dict[str, Any]] = [{} for _ in s.cfgs]
+            dead, messages = [], []
             logged = done % cfg.log_every == 0 or done == cfg.iters
             if logged:
                 steps, seconds = window.steps, clock.lap_window()
-                record.update(window.read(dist)[0], it_s=steps / seconds, **s.step.read_skipped())
-                if not math.isfinite(record["train_loss"]):
-                    raise diverged(s, log, done, saved)
+                shared = {"it_s": steps / seconds, **s.step.read_skipped()}
+                for record, read in zip(records, window.read(dist), strict=True):
+                    record.update(read, **shared)
+                dead = [k for k, r in enumerate(records) if not math.isfinite(r["train_loss"])]
             if done % cfg.eval_every == 0 or done == cfg.iters:
                 with clock.paused():
-                    final = {f"{name}_error": s.step.error(loader) for name, loader in s.data.evals.items()}
-                record.update(final)
-            if record:
-                record = {"iter": done, "epoch": round(done / spe, 4), "lr": lr, **record,
-                          "wall_s": round(clock.wall(), 3)}
+                    errors = {f"{name}_error": s.step.errors(loader) for name, loader in s.data.evals.items()}
+                final = [{name: errs[k] for name, errs in errors.items()} for k in range(s.runs)]
+                for record, errs in zip(records, final, strict=True):
+                    record.update(errs)
+            if records[0]:
+                head, wall = {"iter": done, "epoch": round(done / spe, 4), "lr": lr}, round(clock.wall(), 3)
+                records = [{**head, **r, "wall_s": wall} for r in records]
                 if dist.is_main:
-                    log.append(record)
-                reporter.log(record)
+                    for k, (log, record) in enumerate(zip(logs, records, strict=True)):
+                        if k not in dead:
+                            log.append(record)
+                reporter.log([r for k, r in enumerate(records) if k not in dead],
+                             [c.seed for k, c in enumerate(s.cfgs) if k not in dead])
             stopping = stop.signum is not None or done == stop_at
             if dist.world_size > 1:  # agree at the log points (a sync there anyway), so all stop together
                 stopping = logged and distributed.any_rank(stopping, dist)
-            if done % cfg.checkpoint_every == 0 or done == cfg.iters or stopping:
+            due = done % cfg.checkpoint_every == 0 or done == cfg.iters or stopping
+            if due or dead:
                 with clock.paused():
-                    if not finite(s, window):  # never overwrite the last good checkpoint with a diverged run
-                        raise diverged(s, log, done, saved)
-                    saved = save(s, run_dir, done, window, clock)
+                    if due:  # never overwrite a run's last good checkpoint with a diverged one
+                        dead = sorted(set(dead) | set(not_finite(s, window)))
+                    messages = [diverged(s, k, logs[k], done, saved) for k in dead]
+                    live = [k for k in range(s.runs) if k not in dead]
+                    if not live:
+                        raise RunError(messages[0] if len(messages) == 1 else
+                                       f"all {len(messages)} runs of the group diverged; {messages[0]}")
+                    for message in messages:
+                        reporter.message(f"fastres: {message}; the other runs go on")
+                    states = member_states(s, done, window, clock, live)
+                    if due:
+                        save(s, [run_dirs[k] for k in live], states)
+                        saved = done
+                    if dead and not stopping and done < cfg.iters:
+                        reporter.close()
+                        return Outcome(None, messages, (live, states))
             if stopping and done < cfg.iters:
                 reporter.close()
                 reporter.message(f"stopped at iteration {done}; checkpoint saved. Continue with: "
-                                 f"python -m fastres.train --resume {run_dir}")
-                return None
+                                 f"python -m fastres.train --resume {run_dirs[0]}")
+                return Outcome(None, messages)
     reporter.close()
-    return finish(s, run_dir, final, clock, reporter)
+    results = [finish(s, k, run_dirs[k], final[k], clock, reporter) for k in range(s.runs) if k not in dead]
+    return Outcome(results, messages)
 
 
-def restore(s: Session, state: dict[str, Any], window: Window, log: checkpoint.MetricsLog) -> tuple[int, Clock]:
-    """Put a checkpoint's model, optimiser, scaler and metric window back; drop the logged
-    iterations past it (they are recomputed). Returns the step to go on from and the clock."""
-    s.model.load_state_dict(state["model"])
-    s.step.optimizer.load_state_dict(state["optimizer"])
-    s.step.scaler.load_state_dict(state["scaler"])
-    window.load(state, s.dist)
+def restore(s: Session, states: list[dict[str, Any]], window: Window, logs: list[checkpoint.MetricsLog]
+            ) -> tuple[int, Clock]:
+    """Put the runs' checkpoints (all at one step) back into the fused model, optimiser,
+    scaler and metric window; drop the logged iterations past them (they are recomputed).
+    Returns the step to go on from and the clock."""
+    first = states[0]
+    if any(state["step"] != first["step"] for state in states):
+        raise RunError(f"the runs' checkpoints are at different steps: {[state['step'] for state in states]}")
+    s.model.load_state_dict(fused.join_states([state["model"] for state in states]))
+    s.step.optimizer.load_state_dict(fused.join_optimizer_states([state["optimizer"] for state in states]))
+    s.step.scaler.load_state_dict(first["scaler"])
+    window.load({"loss_sum": torch.cat([state["loss_sum"].reshape(-1) for state in states]),
+                 "wrong_sum": torch.cat([state["wrong_sum"].reshape(-1) for state in states]),
+                 "window": first["window"]}, s.dist)
     if s.dist.is_main:
-        log.truncate_after(state["step"])
-    return state["step"], Clock(state["train_time"], state["wall_time"])
+        for log in logs:
+            log.truncate_after(first["step"])
+    return first["step"], Clock(first["train_time"], first["wall_time"])
 
 
-def start_reporting(s: Session, run_dir: Path, start: int) -> Reporter:
-    """Write the config, say what is about to run, and return the progress display."""
+def start_reporting(s: Session, run_dirs: list[Path], start: int) -> Reporter:
+    """Write the configs, say what is about to run, and return the progress display."""
     cfg = s.cfg
     if s.dist.is_main:
-        write_json(run_dir / checkpoint.CONFIG, cfg.to_dict())
+        for c, run_dir in zip(s.cfgs, run_dirs, strict=True):
+            write_json(run_dir / checkpoint.CONFIG, c.to_dict())
         if s.note:
             print(f"fastres: {s.note}", file=sys.stderr)
         late = [m for m in cfg.milestones if m >= cfg.iters]
         if late:  # allowed (a prefix of a longer schedule), but never silent
             print(f"fastres: note: milestones {', '.join(map(str, late))} are not below --iters {cfg.iters}: "
                   "the learning rate does not drop there", file=sys.stderr)
-    reporter = Reporter(cfg.progress if s.dist.is_main else "none", cfg.iters, start, cfg.model)
-    reporter.message(f"fastres: {cfg.model} ({count_parameters(s.model):,} parameters) on {device_name(s.device)}; "
-                     f"data {s.data.source}; {s.data.train_size} training images, "
+    title = cfg.model if s.runs == 1 else f"{cfg.model} x{s.runs}"
+    reporter = Reporter(cfg.progress if s.dist.is_main else "none", cfg.iters, start, title)
+    fused_note = f", {s.runs} runs fused (seeds {', '.join(str(c.seed) for c in s.cfgs)})" if s.runs > 1 else ""
+    reporter.message(f"fastres: {cfg.model} ({count_parameters(s.model) // s.runs:,} parameters{fused_note}) on "
+                     f"{device_name(s.device)}; data {s.data.source}; {s.data.train_size} training images, "
                      f"{s.data.train.steps_per_epoch} steps/epoch")
-    reporter.message(f"config: {cfg}")
+    for c in s.cfgs:
+        reporter.message(f"config: {c}")
     return reporter
 
 
-def finite(s: Session, window: Window) -> bool:
-    """Whether the losses since the last read and every weight are finite (a host sync,
-    at checkpoints only)."""
-    checks = [window.loss.isfinite().all(), *(p.detach().isfinite().all() for p in s.model.parameters())]
-    return bool(torch.stack(checks).all())
+def not_finite(s: Session, window: Window) -> list[int]:
+    """The runs whose losses since the last read or whose weights are not all finite (a
+    host sync, at checkpoints only). Every tensor of a fused model is the runs' tensors
+    stacked on dim 0, so each run's share is checked apart."""
+    checks = [window.loss.isfinite()]
+    for t in s.model.state_dict().values():
+        if t.is_floating_point():
+            checks.append(t.detach().reshape(s.runs, -1).isfinite().all(1))
+    ok = torch.stack(checks).all(0).tolist()
+    return [k for k, fine in enumerate(ok) if not fine]
 
 
-def diverged(s: Session, log: checkpoint.MetricsLog, step: int, saved: int) -> RunError:
-    """The error that stops a diverged run, after noting it in metrics.jsonl."""
+def diverged(s: Session, k: int, log: checkpoint.MetricsLog, step: int, saved: int) -> str:
+    """What stops run k of a diverged run or group, after noting it in its metrics.jsonl."""
     cause = f"the learning rate ({s.cfg.lr_at(step - 1):g}) is too high for this run"
     if s.cfg.precision == "fp16":
         cause += ", or fp16 overflowed"
-    message = (f"training diverged at iteration {step}: the training loss is not finite (likely cause: {cause}); "
-               f"the last good checkpoint, iteration {saved}, is kept")
+    where = f"{s.cfgs[k].out}: " if s.runs > 1 else ""
+    message = (f"{where}training diverged at iteration {step}: the training loss is not finite (likely cause: "
+               f"{cause}); the last good checkpoint, iteration {saved}, is kept")
     if s.dist.is_main:
         log.append({"iter": step, "diverged": message})
-    return RunError(message)
+    return message
 
 
-def save(s: Session, run_dir: Path, step: int, window: Window, clock: Clock) -> int:
-    """The checkpoint: config, weights, optimiser, position, metric window (summed over
-    processes: every process takes part), clocks, and the normalisation evaluation needs."""
-    state = window.state(s.dist)
+def member_states(s: Session, step: int, window: Window, clock: Clock, members: list[int]) -> list[dict[str, Any]]:
+    """The checkpoint of each of `members`, in a single run's format: its config, weights,
+    optimiser, position, metric window (summed over processes: every process takes part),
+    clocks and the normalisation evaluation needs; a fused run also names its group."""
+    models = fused.split_state(s.model.state_dict(), s.runs)
+    optimizers = fused.split_optimizer_state(s.step.optimizer.state_dict(), s.runs)
+    sums = window.state(s.dist)
+    outs = [s.cfgs[k].out for k in members]
+    states = []
+    for k in members:
+        state = {"config": s.cfgs[k].to_dict(), "step": step, "model": models[k], "optimizer": optimizers[k],
+                 "scaler": s.step.scaler.state_dict(), "loss_sum": sums["loss_sum"][k:k + 1].clone(),
+                 "wrong_sum": sums["wrong_sum"][k:k + 1].clone(), "window": sums["window"],
+                 "train_time": clock.train_time, "wall_time": clock.wall(),
+                 "normalization": {"mean": torch.from_numpy(s.prepared.mean), "std": torch.from_numpy(s.prepared.std)}}
+        if len(outs) > 1:
+            state["group"] = group.relative_group(s.cfgs[k].out, outs)
+        states.append(state)
+    return states
+
+
+def save(s: Session, run_dirs: list[Path], states: list[dict[str, Any]]) -> None:
+    """Write the runs' checkpoints, one after another; runs of a group keep their previous
+    checkpoint, so a kill between two writes leaves a step every run holds."""
     if s.dist.is_main:
-        checkpoint.save(run_dir, {
-            "config": s.cfg.to_dict(), "step": step, "model": s.model.state_dict(),
-            "optimizer": s.step.optimizer.state_dict(), "scaler": s.step.scaler.state_dict(), **state,
-            "train_time": clock.train_time, "wall_time": clock.wall(),
-            "normalization": {"mean": torch.from_numpy(s.prepared.mean), "std": torch.from_numpy(s.prepared.std)}})
-    return step
+        for run_dir, state in zip(run_dirs, states, strict=True):
+            checkpoint.save(run_dir, state, keep_previous=len(states) > 1)
 
 
-def finish(s: Session, run_dir: Path, final: dict[str, float], clock: Clock, reporter: Reporter) -> dict[str, Any]:
-    """The results of a finished run: the final-iteration errors and what produced them."""
-    cfg = s.cfg
+def finish(s: Session, k: int, run_dir: Path, final: dict[str, float], clock: Clock,
+           reporter: Reporter) -> dict[str, Any]:
+    """The results of run k, finished: the final-iteration errors and what produced them."""
+    cfg = s.cfgs[k]
     results = {
-        "model": cfg.model, "shortcut": cfg.shortcut, "dataset": cfg.dataset, "params": count_parameters(s.model),
-        "iters": cfg.iters,
+        "model": cfg.model, "shortcut": cfg.shortcut, "dataset": cfg.dataset,
+        "params": count_parameters(s.model) // s.runs, "iters": cfg.iters,
         "test_error": final.get("test_error"), "val_error": final.get("val_error"), "precision": cfg.precision,
         "train_time_s": round(clock.train_time, 3), "wall_time_s": round(clock.wall(), 3),
         "mean_it_s": round(cfg.iters / clock.train_time, 3),
         "device": device_name(s.device), "world_size": s.dist.world_size, "versions": versions(),
         "commit": git_commit(), "seed": cfg.seed, "data": s.data.source, "config": cfg.to_dict(),
+        "fused_with": [c.out for c in s.cfgs] if s.runs > 1 else None,
     }
     if s.dist.is_main:
         write_json(run_dir / checkpoint.RESULTS, results)
-        reporter.message(f"final test error {100 * results['test_error']:.2f}% after {cfg.iters} iterations "
+        prefix = f"{cfg.out}: " if s.runs > 1 else ""
+        reporter.message(f"{prefix}final test error {100 * results['test_error']:.2f}% after {cfg.iters} iterations "
                          f"({results['mean_it_s']} it/s); results in {run_dir / checkpoint.RESULTS}")
     return results
 
 
-def resumed_config(args: argparse.Namespace) -> tuple[RunConfig, dict[str, Any] | None]:
-    """The saved config of `--resume RUN_DIR` and its checkpoint; None for a run killed
-    before its first checkpoint, which starts again from iteration 0 with its saved config."""
-    run = Path(args.resume)
-    if (run / checkpoint.CHECKPOINT).is_file() or not (run / checkpoint.CONFIG).is_file():
-        state = checkpoint.load(run)
-        cfg = checkpoint.config_of(state)
-    else:
-        state = None
-        try:
-            cfg = RunConfig.from_dict(json.loads((run / checkpoint.CONFIG).read_text()))
-        except (OSError, ValueError, TypeError) as e:
-            raise RunError(f"{run / checkpoint.CONFIG}: unreadable config ({e})") from None
-    if args.model and parse_spec(args.model, args.shortcut) != cfg.spec:
-        raise UsageError(f"--resume {args.resume} holds a {cfg.spec.tag} run, not {args.model}")
-    fixed = {"model", "resume", *RESUME_OVERRIDES}
+def resumed_group(args: argparse.Namespace) -> tuple[list[RunConfig], list[dict[str, Any]] | None]:
+    """The saved configs of `--resume RUN_DIR...` (a fused run brings its whole group) and
+    the checkpoints of the latest step every run holds; None to start again from
+    iteration 0 (runs killed before their first checkpoints were all written)."""
+    saved, step = group.resume_point([Path(d) for d in args.resume])
+    cfgs = [s.config for s in saved]
+    if args.model and parse_spec(args.model, args.shortcut) != cfgs[0].spec:
+        raise UsageError(f"--resume {' '.join(args.resume)} holds {cfgs[0].spec.tag} runs, not {args.model}")
+    fixed = {"model", "resume", "fuse", *RESUME_OVERRIDES}
     changed = [k for k, v in vars(args).items() if v is not None and k not in fixed]
     if changed:
         raise UsageError(f"--resume continues the saved config; it cannot change {', '.join(changed)}")
     overrides = {k: getattr(args, k) for k in RESUME_OVERRIDES if getattr(args, k)}
-    return validate(dataclasses.replace(cfg, out=str(args.resume), **overrides)), state
+    cfgs = [validate(dataclasses.replace(c, out=str(s.path), **overrides)) for c, s in zip(cfgs, saved, strict=True)]
+    return cfgs, group.states_at(saved, step)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if not args.resume:
-        return 0 if train(config_from_args(args)) is not None else 130
-    cfg, state = resumed_config(args)
-    if state is not None and state["step"] >= cfg.iters:
-        print(f"fastres: {args.resume} already finished {cfg.iters} iterations; nothing to do")
-        return 0
-    return 0 if train(cfg, resume=state) is not None else 130
+    if args.resume:
+        cfgs, states = resumed_group(args)
+        if states is not None and states[0]["step"] >= cfgs[0].iters:
+            print(f"fastres: {' '.join(args.resume)} already finished {cfgs[0].iters} iterations; nothing to do")
+            return 0
+    else:
+        cfgs, states = configs_from_args(args), None
+    device = pick_device(cfgs[0].device)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if states is not None and len(cfgs) > 1 and args.fuse != "off":
+        groups, note = [cfgs], None  # a fused group resumes fused, wherever it runs
+    else:
+        groups, note = group.plan(cfgs, args.fuse or "auto", device.type, world_size)
+    if note:
+        print(f"fastres: {note}", file=sys.stderr)
+    by_out = {c.out: state for c, state in zip(cfgs, states or [None] * len(cfgs), strict=True)}
+    for members in groups:
+        resume = None if states is None else [by_out[c.out] for c in members]
+        if train_group(members, resume) is None:
+            return 130
+    return 0
 
 
 if __name__ == "__main__":

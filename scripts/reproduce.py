@@ -5,7 +5,9 @@
     python scripts/reproduce.py --scale 0.05 --runs resnet20,resnet56,plain20,plain56   # quick
 
 Each run has its own directory under `OUT/runs/`; finished runs are skipped and stopped
-ones resume, so the command can simply be run again after an interruption. The report
+ones resume (a fused group as a group), so the command can simply be run again after an
+interruption. On a GPU the seeds of each model train fused into one step (`--fuse`,
+`--group-size`); on a CPU, where fusing measured slower, one after another. The report
 (`OUT/report.md`, `.csv`, `.json` and figures) is redrawn from all finished runs at the end;
 `python -m fastres.report OUT/runs --out OUT` redraws it alone.
 """
@@ -14,18 +16,20 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from fastres import checkpoint, report, schedule  # noqa: E402
+from fastres import checkpoint, group, report, schedule  # noqa: E402
 from fastres.cli import Parser, run_main  # noqa: E402
-from fastres.config import RunConfig, validate  # noqa: E402
+from fastres.config import FUSE, RunConfig, run_name, validate  # noqa: E402
 from fastres.data.dataset import DATASETS  # noqa: E402
 from fastres.errors import UsageError  # noqa: E402
 from fastres.models import ModelSpec  # noqa: E402
-from fastres.train import train  # noqa: E402
+from fastres.runtime import pick_device  # noqa: E402
+from fastres.train import train_group  # noqa: E402
 
 DEFAULT_RUNS = "resnet20,resnet32,resnet44,resnet56,resnet110,resnet56:B,plain20,plain32,plain44,plain56"
 
@@ -43,14 +47,13 @@ def run_configs(args: argparse.Namespace) -> list[RunConfig]:
             spec = ModelSpec.parse(text)
         except ValueError as e:
             raise UsageError(f"--runs: {e}") from None
-        prefix = "" if args.dataset == "cifar10" else f"{args.dataset}-"
         for seed in range(args.seeds):
             cfg = RunConfig(
                 model=spec.name, shortcut=spec.shortcut, iters=iters, milestones=milestones,
                 warmup_iters=round(schedule.default_warmup_iters(spec.depth) * args.scale), seed=seed, data=args.data,
                 loader=args.loader, device=args.device, amp=args.amp, channels_last=args.channels_last,
                 compile=args.compile, eval_every=max(1, iters // args.curve_points), log_every=max(1, iters // 200),
-                checkpoint_every=max(1, iters // 20), out=str(args.out / "runs" / f"{prefix}{spec.tag}-seed{seed}"),
+                checkpoint_every=max(1, iters // 20), out=str(args.out / "runs" / run_name(spec, args.dataset, seed)),
                 dataset=args.dataset, progress=args.progress, extra={"reproduce_scale": args.scale})
             configs.append(validate(cfg))
     return configs
@@ -59,7 +62,10 @@ def run_configs(args: argparse.Namespace) -> list[RunConfig]:
 def build_parser() -> Parser:
     p = Parser(prog="python scripts/reproduce.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--runs", default=DEFAULT_RUNS, help="comma-separated models; resnetN:B for option B")
-    p.add_argument("--seeds", type=int, default=1)
+    p.add_argument("--seeds", type=int, default=1, help="runs per model, seeds 0..N-1")
+    p.add_argument("--fuse", default="auto", choices=FUSE, help="train each model's seeds as one fused step: auto "
+                   "(default: on a GPU; one after another on a CPU, where fusing measured slower), on, or off")
+    p.add_argument("--group-size", type=int, help="at most this many seeds in one fused group (default: all)")
     p.add_argument("--scale", type=float, default=1.0, help="multiply iterations and milestones (quick runs)")
     p.add_argument("--out", type=Path, default=Path("results/reproduce"))
     p.add_argument("--dataset", default="cifar10", choices=tuple(DATASETS))
@@ -74,28 +80,50 @@ def build_parser() -> Parser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = build_parser()
-    args = p.parse_args(argv)
-    if not 0 < args.scale <= 1 or args.seeds < 1 or args.curve_points < 1:
-        p.error("--scale must be in (0, 1], --seeds and --curve-points at least 1")
-    for cfg in run_configs(args):
+def same_run(saved: RunConfig, cfg: RunConfig) -> bool:
+    """Whether a saved run is the one asked for (device, progress and the resolved
+    precision may differ: they change no result)."""
+    keep = ("device", "progress", "precision")
+    return dataclasses.replace(saved, **{k: getattr(cfg, k) for k in keep}) == cfg
+
+
+def train_model(p: Parser, args: argparse.Namespace, cfgs: list[RunConfig], device_type: str) -> bool:
+    """Train the seeds of one model: finished runs are skipped, stopped ones resume with
+    the group they were trained in, and the rest train in fused groups. False when stopped."""
+    wanted = {os.path.normpath(c.out): c for c in cfgs}
+    pending, resumed = [], set()
+    for cfg in cfgs:
         run_dir = Path(cfg.out)
         if (run_dir / checkpoint.RESULTS).exists():
             print(f"done already: {run_dir}")
-            continue
-        if (run_dir / checkpoint.CHECKPOINT).exists():
-            state = checkpoint.load(run_dir)
-            saved = checkpoint.config_of(state)
-            keep = ("device", "progress", "precision")  # precision: resolved at the start, then kept
-            if dataclasses.replace(saved, **{k: getattr(cfg, k) for k in keep}) != cfg:
-                p.error(f"{run_dir} holds a run with another configuration; move it away or choose another --out")
-            print(f"resuming: {run_dir} at iteration {state['step']}")
-            result = train(cfg, resume=state)
-        else:
-            result = train(cfg)
-        if result is None:  # stopped by a signal: the checkpoint is written
-            return 130
+        elif not checkpoint.saved_files(run_dir):
+            pending.append(cfg)
+        elif os.path.normpath(cfg.out) not in resumed:
+            saved, step = group.resume_point([run_dir])
+            names = [os.path.normpath(s.path) for s in saved]
+            for s, name in zip(saved, names, strict=True):
+                if name not in wanted or not same_run(s.config, wanted[name]):
+                    p.error(f"{s.path} holds a run with another configuration; move it away or choose another --out")
+            resumed |= set(names)
+            print(f"resuming: {', '.join(map(str, names))} at iteration {step}")
+            if train_group([wanted[n] for n in names], group.states_at(saved, step)) is None:
+                return False
+    groups, note = group.plan(pending, args.fuse, device_type, max_size=args.group_size)
+    if note:
+        print(f"fastres: {cfgs[0].model}: {note}", file=sys.stderr)
+    return all(train_group(members) is not None for members in groups)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
+    args = p.parse_args(argv)
+    if not 0 < args.scale <= 1 or args.seeds < 1 or args.curve_points < 1 or (args.group_size or 1) < 1:
+        p.error("--scale must be in (0, 1], --seeds, --curve-points and --group-size at least 1")
+    configs = run_configs(args)
+    device_type = pick_device(args.device).type
+    for start in range(0, len(configs), args.seeds):  # the seeds of one model after another
+        if not train_model(p, args, configs[start:start + args.seeds], device_type):
+            return 130  # stopped by a signal: the checkpoints are written
     report.write_report([args.out / "runs"], args.out)
     return 0
 

@@ -22,11 +22,11 @@ def imports() -> dict[str, set[str]]:
     return {m: {d for d in deps if d in modules and d != m} for m, deps in graph.items()}
 
 
-def test_errors_import_nothing_and_data_and_step_know_no_run_config() -> None:
+def test_errors_import_nothing_and_data_step_and_fusion_know_no_run_config() -> None:
     graph = imports()
     assert graph["fastres.errors"] == set()
     for module, deps in graph.items():
-        if module.startswith("fastres.data") or module == "fastres.step":
+        if module.startswith("fastres.data") or module in ("fastres.step", "fastres.fused"):
             assert not deps & {"fastres.config", "fastres.cli", "fastres.train"}, module
 
 

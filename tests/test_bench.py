@@ -31,6 +31,19 @@ def test_throughput_harness_smoke(tiny_tree: Path, tmp_path: Path) -> None:
     assert all(isinstance(v, float) and v > 0 for v in result["loaders"].values())
 
 
+def test_fused_rows_count_run_iterations_against_x1_of_the_same_run(tiny_tree: Path, tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    fused_rows = [str(i) for i, s in enumerate(throughput.MATRIX) if s.runs in (1, 2)]
+    assert throughput.main(["--device", "cpu", "--models", "resnet8", "--data", str(tiny_tree), "--warmup", "1",
+                            "--steps", "1", "--repeats", "1", "--loader-batches", "1", "--eval-batch", "20",
+                            "--setups", ",".join(fused_rows), "--out", str(out)]) == 0
+    x1, x2 = json.loads(out.read_text())["rows"]
+    assert (x1["name"], x2["name"]) == ("fused x1", "fused x2")
+    assert x1["run_it_s"] == x1["it_s"] and x2["run_it_s"] == 2 * x2["it_s"]
+    assert x1["fused_speedup"] == 1 and x2["fused_speedup"] == pytest.approx(x2["run_it_s"] / x1["run_it_s"])
+    assert x2["eval_img_s"] > 0
+
+
 def test_a_failing_row_is_recorded_and_the_others_still_run(tiny_tree: Path, tmp_path: Path,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     real_row = throughput.Bench.row

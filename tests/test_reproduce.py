@@ -11,7 +11,7 @@ import reproduce  # noqa: E402
 from fastres import checkpoint, report  # noqa: E402
 from fastres.cli import run_main  # noqa: E402
 from fastres.models import ModelSpec  # noqa: E402
-from fastres.train import train  # noqa: E402
+from fastres.train import train, train_group  # noqa: E402
 
 
 def argv(tree: Path, out: Path) -> list[str]:
@@ -43,6 +43,29 @@ def test_reproduce_trains_resumes_skips_and_reports(tiny_tree: Path, tmp_path: P
     assert all((out / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
     assert reproduce.main(argv(tiny_tree, out)) == 0  # everything done: skipped, report redrawn
     assert capsys.readouterr().out.count("done already") == 4
+
+
+def test_reproduce_fuses_the_seeds_of_each_model_and_resumes_a_group(tiny_tree: Path, tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "repro"
+    args = [*argv(tiny_tree, out), "--runs", "resnet8", "--seeds", "3", "--fuse", "on", "--group-size", "2"]
+    configs = reproduce.run_configs(reproduce.build_parser().parse_args(args))
+    assert train_group(configs[:2], stop_at=7) is None  # an interrupted fused group
+    assert reproduce.main(args) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("resuming: ") == 1 and "iteration 7" in printed
+    fused_with = [json.loads((Path(c.out) / "results.json").read_text())["fused_with"] for c in configs]
+    assert fused_with == [[c.out for c in configs[:2]]] * 2 + [None]  # seeds 0-1 together, seed 2 alone
+    rows = list(csv.DictReader((out / "report.csv").open()))
+    assert [(r["model"], r["seeds"]) for r in rows] == [("resnet8-A", "3")]
+    assert reproduce.main([*argv(tiny_tree, out), "--runs", "resnet8", "--seeds", "3"]) == 0
+    assert capsys.readouterr().out.count("done already") == 3
+
+
+def test_reproduce_trains_seeds_one_after_another_on_a_cpu(tiny_tree: Path, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture) -> None:
+    assert reproduce.main([*argv(tiny_tree, tmp_path), "--runs", "resnet8"]) == 0
+    assert "resnet8: training the 2 seeds one after another (on a CPU" in capsys.readouterr().err
 
 
 def test_report_cli_on_run_dirs(tiny_tree: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -36,7 +36,7 @@ def test_step_returns_device_tensors_and_the_set_lr_drives_the_update() -> None:
         step = TrainStep(model, CPU, None, False)
         step.set_lr(lr)
         loss, wrong = step(x, y)
-        assert loss.shape == () and loss.requires_grad is False and wrong.dtype == torch.int64
+        assert loss.shape == wrong.shape == (1,) and loss.requires_grad is False and wrong.dtype == torch.int64
         moved[lr] = model.conv1.weight.detach() - base.conv1.weight.detach()
     assert moved[0.01].abs().max() > 0
     torch.testing.assert_close(moved[0.02], 2 * moved[0.01], rtol=1e-4, atol=1e-7)

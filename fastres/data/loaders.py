@@ -4,7 +4,7 @@ arguments: the data once prepared, batch sizes, a seed and where batches are mad
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -15,7 +15,7 @@ from fastres.data import pixels, sources
 from fastres.data.dataset import Splits, hold_out
 from fastres.data.images import SPLIT_NAMES
 from fastres.data.torch_loader import TorchLoader
-from fastres.errors import DataError
+from fastres.errors import DataError, UsageError
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -119,7 +119,7 @@ class HostToDevice:
             yield to_device(batch, self.device)
 
 
-def _source_splits(data: Prepared, loader: str, seed: int) -> tuple[Splits, type]:
+def _source_splits(data: Prepared, loader: str, seed: int | Sequence[int]) -> tuple[Splits, type]:
     """The splits a loader reads (DALI decodes the encoded files itself: same files, order
     and split as the arrays) and the loader class."""
     if loader != "dali":
@@ -148,8 +148,11 @@ def build_evals(data: Prepared, where: Placement, *, mean: np.ndarray, std: np.n
 
 
 def build(data: Prepared, where: Placement, *, batch_size: int = 128, eval_batch_size: int = 1000,
-          seed: int = 0, loader: str = "torch") -> Data:
-    """Loaders for a run: training batches are `batch_size / num_shards` per process."""
+          seed: int | Sequence[int] = 0, loader: str = "torch") -> Data:
+    """Loaders for a run: training batches are `batch_size / num_shards` per process. Several
+    seeds: the training batches of a fused group of runs (the torch loader only)."""
+    if loader == "dali" and not isinstance(seed, int):
+        raise UsageError(f"--loader dali feeds one run: train fused runs ({len(seed)} seeds) with --loader torch")
     splits, loader_cls = _source_splits(data, loader, seed)
     train = loader_cls(splits.train, batch_size // where.num_shards, train=True, seed=seed, mean=data.mean,
                        std=data.std, device=torch.device("cpu") if where.host else where.device, dtype=where.dtype,
