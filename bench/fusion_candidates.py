@@ -7,7 +7,9 @@ one process on one device, and writes the figures as JSON:
 - grouped: the HFTA fusion fastres trains with (`fastres.fused`): grouped convolutions,
   BatchNorm over N*C channels, one batched classifier;
 - vmap: `torch.func.stack_module_state` + `vmap` over `functional_call`, the members'
-  BN running statistics stacked and updated in place under vmap.
+  BN running statistics stacked and updated in place under vmap;
+- streams (a GPU only): N separate eager steps, each on its own CUDA stream, so the
+  device may overlap them.
 
 Rates are aggregate run-iterations per second (N steps of one run each count N).
 """
@@ -77,7 +79,26 @@ def vmapped(models: list[torch.nn.Module], device: torch.device) -> Callable[[to
     return step
 
 
-CANDIDATES = {"sequential": sequential, "grouped": grouped, "vmap": vmapped}
+def streams(models: list[torch.nn.Module], device: torch.device) -> Callable[[torch.Tensor, torch.Tensor], None]:
+    if device.type != "cuda":
+        raise NotImplementedError("CUDA streams need a GPU")
+    opts = [make_optimizer(m, device, None) for m in models]
+    side = [torch.cuda.Stream(device) for _ in models]
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> None:
+        main = torch.cuda.current_stream(device)
+        for m, opt, stream, xi, yi in zip(models, opts, side, x, y, strict=True):
+            stream.wait_stream(main)  # the batch is ready before the side stream reads it
+            with torch.cuda.stream(stream):
+                opt.zero_grad(set_to_none=True)
+                F.cross_entropy(m(xi), yi).backward()
+                opt.step()
+        for stream in side:
+            main.wait_stream(stream)
+    return step
+
+
+CANDIDATES = {"sequential": sequential, "grouped": grouped, "vmap": vmapped, "streams": streams}
 
 
 def measure(step: Callable, x: torch.Tensor, y: torch.Tensor, device: torch.device, iters: int,
@@ -117,12 +138,14 @@ def main(argv: list[str] | None = None) -> int:
                 for seed in range(runs):
                     torch.manual_seed(seed)
                     models.append(spec.build().to(device))
+                row = {"model": name, "runs": runs, "candidate": cand}
                 try:
                     rates = measure(make(models, device), x, y, device, args.iters, args.repeats)
-                    row = {"model": name, "runs": runs, "candidate": cand,
-                           "run_it_s": round(statistics.median(rates), 2), "spread": [round(r, 2) for r in rates]}
+                    row.update(run_it_s=round(statistics.median(rates), 2), spread=[round(r, 2) for r in rates])
+                except NotImplementedError as e:
+                    row["skipped"] = str(e)
                 except Exception as e:  # a candidate that cannot run is a result too
-                    row = {"model": name, "runs": runs, "candidate": cand, "error": f"{type(e).__name__}: {e}"[:300]}
+                    row["error"] = f"{type(e).__name__}: {e}"[:300]
                 rows.append(row)
                 print(json.dumps(row), flush=True)
                 write_json(args.out, {"device": device_name(device), "versions": versions(),

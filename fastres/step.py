@@ -15,6 +15,7 @@ from fastres.schedule import PAPER_LR
 if TYPE_CHECKING:
     from fastres.data.loaders import Loader
 
+RECOMPILE_LIMIT = 64  # compiled models and modes per process before Dynamo gives up (see compile_model)
 PAPER_MOMENTUM = 0.9
 PAPER_WEIGHT_DECAY = 1e-4
 
@@ -40,7 +41,14 @@ def compile_model(model: nn.Module, device: torch.device) -> nn.Module:
     another size makes Dynamo mark the batch dimension dynamic, and every later compile of
     the same code (the next model in a benchmark, the train graph after an evaluation)
     becomes a different, dynamic graph. The training loop, the benchmark and the GPU check
-    all compile through this one function."""
+    all compile through this one function.
+
+    Every model and mode compiled in a process is one more cache entry of the one shared
+    `forward` code: past `recompile_limit` entries (8 by default) Dynamo silently runs that
+    code eager. A benchmark over 2 models and fused groups of 1, 2 and 4, or a reproduction
+    of the paper's 10 models, needs more (measured: the ninth entry, ResNet-56 fused x2,
+    fell back to eager), so the limit is raised to RECOMPILE_LIMIT."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     return torch.compile(model, mode="reduce-overhead" if uses_cuda_graphs(model, device) else None, dynamic=False)
 
 

@@ -260,8 +260,8 @@ def _train(s: Session, run_dirs: list[Path], resume: list[dict[str, Any]] | None
                     if not live:
                         raise RunError(messages[0] if len(messages) == 1 else
                                        f"all {len(messages)} runs of the group diverged; {messages[0]}")
-                    for message in messages:
-                        reporter.message(f"fastres: {message}; the other runs go on")
+                    for message in messages:  # the error of the last run to end says it again
+                        print(f"fastres: {message}; the other runs go on", file=sys.stderr)
                     states = member_states(s, done, window, clock, live)
                     if due:
                         save(s, [run_dirs[k] for k in live], states)

@@ -6,7 +6,7 @@ part) and OUT_DIR/gpu_check.log, so a kill at any moment keeps what was measured
 most valuable first, each started only while the budget lasts:
 
 1. throughput: ResNet-20 and ResNet-56, baseline and full fastres step of both first, then
-   the rest of the matrix (bench/throughput.py), with cold compile times;
+   the rest of the matrix (bench/throughput.py), fused runs last, with cold compile times;
 2. agreement: eager and compiled training steps on the same batches, in the configuration
    training uses (bf16, channels_last), then fp32;
 3. the 64,000-iteration ResNet-20 run, if the measured it/s says it ends in time, else a
@@ -124,9 +124,10 @@ class Check:
 
 def throughput_part(check: Check, data: str, gpu: bool) -> dict[str, Any]:
     """The benchmark matrix, each row saved into the summary as it is measured."""
+    rehearsed = [str(i) for i, s in enumerate(throughput.MATRIX) if (s.runs or 1) <= 2]  # fused x1, x2 stand for all
     sizes = (["--models", "resnet20,resnet56", "--warmup", "30", "--steps", "100", "--repeats", "5"] if gpu else
              ["--models", "resnet8", "--warmup", "1", "--steps", "2", "--repeats", "2", "--loader-batches", "2",
-              "--eval-batch", "100"])
+              "--eval-batch", "100", "--setups", ",".join(rehearsed)])
     budget = max(check.left() - (RESERVE_GPU_S if gpu else RESERVE_CPU_S), 1.0)  # keep time for the later parts
     argv = ["--device", "auto" if gpu else "cpu", "--data", data, "--budget-s", f"{budget:.0f}", *sizes]
 

@@ -44,6 +44,19 @@ def test_fused_rows_count_run_iterations_against_x1_of_the_same_run(tiny_tree: P
     assert x2["eval_img_s"] > 0
 
 
+def test_fusion_candidates_time_each_way_and_skip_streams_without_a_gpu(tmp_path: Path) -> None:
+    from bench import fusion_candidates
+
+    out = tmp_path / "candidates.json"
+    assert fusion_candidates.main(["--models", "resnet8", "--runs", "1,2", "--batch-size", "8", "--iters", "1",
+                                   "--repeats", "1", "--device", "cpu", "--out", str(out)]) == 0
+    rows = {(r["runs"], r["candidate"]): r for r in json.loads(out.read_text())["rows"]}
+    assert len(rows) == 8
+    for runs in (1, 2):
+        assert all(rows[runs, c]["run_it_s"] > 0 for c in ("sequential", "grouped", "vmap"))
+        assert rows[runs, "streams"]["skipped"] == "CUDA streams need a GPU"
+
+
 def test_a_failing_row_is_recorded_and_the_others_still_run(tiny_tree: Path, tmp_path: Path,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     real_row = throughput.Bench.row

@@ -17,6 +17,7 @@ from fastres.config import RunConfig, build_parser, configs_from_args
 from fastres.data.dataset import Split
 from fastres.data.torch_loader import TorchLoader
 from fastres.errors import UsageError
+from fastres.evaluate import main as evaluate_main
 from fastres.models import ModelSpec
 from fastres.step import TrainStep, make_optimizer
 from fastres.train import main as train_main
@@ -168,6 +169,10 @@ def test_run_k_of_a_group_is_the_run_seed_k_trains_alone(tiny_tree: Path, tmp_pa
         assert checkpoint.config_of(state).seed == seed and state["model"]["fc.weight"].shape == (10, 64)
         assert result["fused_with"] == [str(tmp_path / f"fused-{s}") for s in (0, 1, 2)]
         assert result["params"] == 75_290
+        if precision == "fp32":  # evaluated alone, as any run: its single model, its own normalisation
+            assert evaluate_main([str(run), "--device", "cpu", "--json", str(tmp_path / "eval.json")]) == 0
+            alone_error = json.loads((tmp_path / "eval.json").read_text())["test"]["error"]
+            assert abs(alone_error - result["test_error"]) <= 1 / 40  # a near-tie may flip one of 40 images
 
 
 def test_a_group_resumes_bit_for_bit_from_any_of_its_runs(tiny_tree: Path, tmp_path: Path) -> None:
@@ -181,6 +186,22 @@ def test_a_group_resumes_bit_for_bit_from_any_of_its_runs(tiny_tree: Path, tmp_p
         assert deterministic(a) == deterministic(b)
         fa, fb = (checkpoint.load(tmp_path / d / f"s{s}") for d in ("full", "cut"))
         assert all(torch.equal(fa["model"][k], fb["model"][k]) for k in fa["model"])
+
+
+def test_a_group_can_resume_one_run_at_a_time(tiny_tree: Path, tmp_path: Path) -> None:
+    """`--fuse off` on resume: each run goes on alone from the group's common step, in the
+    single-run format from then on (no previous checkpoint kept, no group named)."""
+    full = [tiny_config(tiny_tree, tmp_path / "full" / f"s{s}", seed=s) for s in (0, 1)]
+    cut = [tiny_config(tiny_tree, tmp_path / "cut" / f"s{s}", seed=s) for s in (0, 1)]
+    train_group(full)
+    assert train_group(cut, stop_at=13) is None
+    assert train_main(["--resume", str(tmp_path / "cut" / "s0"), "--fuse", "off"]) == 0
+    for s in (0, 1):
+        a, b = losses(tmp_path / "full" / f"s{s}"), losses(tmp_path / "cut" / f"s{s}")
+        assert a[:2] == b[:2] and max(abs(x - y) / y for x, y in zip(a, b, strict=True)) < FUSED_REL["fp32"]
+        state = checkpoint.load(tmp_path / "cut" / f"s{s}")
+        assert state["step"] == 30 and "group" not in state
+        assert not (tmp_path / "cut" / f"s{s}" / checkpoint.PREVIOUS).exists()
 
 
 @pytest.mark.parametrize("cut", ["previous-only", "current-missing"])

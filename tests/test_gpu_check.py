@@ -24,8 +24,9 @@ def test_rehearsal_runs_every_part_and_keeps_what_it_measured(tiny_tree: Path, t
     summary = json.loads((out / "gpu_check.json").read_text())
     assert summary["mode"] == "cpu rehearsal" and summary["versions"]["torch"]
     rows = {r["name"]: r for r in summary["throughput"]["result"]["rows"]}
+    assert "fused x4" not in rows and rows["fused x2"]["fused_speedup"] > 0
     dali = pytest.importorskip("nvidia.dali") and rows["+ compile, DALI loader"]
-    for row in (rows["+ compile"], rows["+ compile, host loader"], dali):
+    for row in (rows["+ compile"], rows["+ compile, host loader"], dali, rows["fused x2"]):
         assert row["it_s"] > 0 and row["eval_img_s"] > 0 and row["first_steps_s"] > 0 and row["eval_first_s"] > 0
     for precision in ("bf16", "fp32"):
         part = summary[f"agreement_{precision}"]
