@@ -426,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
         cfgs, states = configs_from_args(args), None
     device = pick_device(cfgs[0].device)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if states is not None and len(cfgs) > 1 and args.fuse != "off":
+    if args.resume and len(cfgs) > 1 and args.fuse != "off":
         groups, note = [cfgs], None  # a fused group resumes fused, wherever it runs
     else:
         groups, note = group.plan(cfgs, args.fuse or "auto", device.type, world_size)

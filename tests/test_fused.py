@@ -342,3 +342,15 @@ def test_fp16_and_compile_train_fused(tiny_tree: Path, tmp_path: Path) -> None:
     assert [r["precision"] for r in results] == ["fp16", "fp16"]
     records = checkpoint.MetricsLog(tmp_path / "s1").read()
     assert "skipped_steps" in records[-1] and np.isfinite(records[-1]["train_loss"])
+
+
+def test_progress_shows_the_group_and_each_run(capsys: pytest.CaptureFixture) -> None:
+    from fastres.progress import Reporter, format_group
+
+    records = [{"iter": 100, "lr": 0.1, "train_loss": 1.5 + k, "train_error": 0.5, "test_error": 0.25, "it_s": 40.0}
+               for k in range(2)]
+    line = format_group(records, [3, 7])
+    assert line.startswith("lr 0.1  40.0 it/s x2") and "s3 1.500/50.0%/25.0%" in line and "s7 2.500/" in line
+    Reporter("plain", 1000, 0, "resnet20 x2").log(records, [3, 7])
+    out = capsys.readouterr().out.splitlines()
+    assert [o.split("  ")[1] for o in out] == ["seed 3", "seed 7"] and "loss 2.5000" in out[1]
