@@ -20,6 +20,7 @@ METRICS = "metrics.jsonl"
 RESULTS = "results.json"
 LOCK = ".lock"
 PREVIOUS = "checkpoint.prev.pt"  # a fused run's checkpoint before its latest (see fastres.group)
+GROUP = "group.json"  # a fused run's group: its runs' directories, relative to its own
 # What a checkpoint holds. 0: before it had a version; 1: adds "normalization" (mean, std).
 FORMAT = 1
 

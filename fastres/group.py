@@ -1,12 +1,14 @@
 """Fused groups of runs (`--seeds 0,1,2`): which runs may train as one step, and the
 checkpoint set a group resumes from.
 
-Every run of a group keeps its own directory in a single run's format. A group's
-checkpoints are written one run after another, so a kill can come between two of them;
-each run of a group of several therefore keeps its previous checkpoint until its next one
-is complete (`checkpoint.PREVIOUS`), and a group resumes from the latest step that every
-run holds. A run saved only once may also start again from iteration 0, the step before
-its first checkpoint.
+Every run of a group keeps its own directory in a single run's format, plus `group.json`
+naming the group's run directories (written when the group starts, so `--resume` of any
+run finds the others even before their first checkpoint). A group's checkpoints are
+written one run after another, so a kill can come between two of them; each run of a
+group of several therefore keeps its previous checkpoint until its next one is complete
+(`checkpoint.PREVIOUS`), and a group resumes from the latest step that every run holds. A
+run saved only once may also start again from iteration 0, the step before its first
+checkpoint.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from fastres import checkpoint
+from fastres import atomic, checkpoint
 from fastres.config import RunConfig
 from fastres.errors import RunError, UsageError
 
@@ -73,10 +75,13 @@ def member_paths(run_dir: Path, group: Sequence[str]) -> list[Path]:
     return [Path(os.path.normpath(run_dir / rel)) for rel in group]
 
 
-def relative_group(run_dir: str, outs: Sequence[str]) -> list[str]:
-    """How a run's checkpoint names its group: paths relative to its own directory, so a
-    folder of runs can be moved as a whole."""
-    return [os.path.relpath(out, run_dir) for out in outs]
+def write_group(run_dir: Path, outs: Sequence[str]) -> None:
+    """Name a run's group in its directory (paths relative to it, so a folder of runs can be
+    moved as a whole); a run trained alone has no group file."""
+    if len(outs) > 1:
+        atomic.write_json(run_dir / checkpoint.GROUP, {"runs": [os.path.relpath(out, run_dir) for out in outs]})
+    else:
+        (run_dir / checkpoint.GROUP).unlink(missing_ok=True)
 
 
 @dataclasses.dataclass
@@ -95,9 +100,13 @@ class Saved:
 
     @property
     def group(self) -> list[Path]:
-        if not self.states or "group" not in self.states[0]:
+        """The run directories this run was last trained with (itself alone if not fused)."""
+        try:
+            return member_paths(self.path, checkpoint.read_json(self.path / checkpoint.GROUP)["runs"])
+        except FileNotFoundError:
             return [self.path]
-        return member_paths(self.path, self.states[0]["group"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise RunError(f"{self.path / checkpoint.GROUP}: unreadable ({e})") from None
 
     def at(self, step: int) -> dict[str, Any] | None:
         """The checkpoint at `step`; None for a fresh start."""
@@ -134,7 +143,7 @@ def resume_point(dirs: Sequence[Path]) -> tuple[list[Saved], int]:
         saved = [read(d) for d in members]
     names = {Path(os.path.normpath(s.path)) for s in saved}
     for s in saved:
-        if s.states and not names <= set(s.group):
+        if not names <= set(s.group):
             raise UsageError(f"{s.path} was trained in a group of {len(s.group)} ({', '.join(map(str, s.group))}), "
                              f"not with {', '.join(str(o.path) for o in saved if o is not s)}: resume one group at a "
                              "time")

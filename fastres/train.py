@@ -305,6 +305,7 @@ def start_reporting(s: Session, run_dirs: list[Path], start: int) -> Reporter:
     if s.dist.is_main:
         for c, run_dir in zip(s.cfgs, run_dirs, strict=True):
             write_json(run_dir / checkpoint.CONFIG, c.to_dict())
+            group.write_group(run_dir, [c.out for c in s.cfgs])
         if s.note:
             print(f"fastres: {s.note}", file=sys.stderr)
         late = [m for m in cfg.milestones if m >= cfg.iters]
@@ -350,11 +351,10 @@ def diverged(s: Session, k: int, log: checkpoint.MetricsLog, step: int, saved: i
 def member_states(s: Session, step: int, window: Window, clock: Clock, members: list[int]) -> list[dict[str, Any]]:
     """The checkpoint of each of `members`, in a single run's format: its config, weights,
     optimiser, position, metric window (summed over processes: every process takes part),
-    clocks and the normalisation evaluation needs; a fused run also names its group."""
+    clocks and the normalisation evaluation needs."""
     models = fused.split_state(s.model.state_dict(), s.runs)
     optimizers = fused.split_optimizer_state(s.step.optimizer.state_dict(), s.runs)
     sums = window.state(s.dist)
-    outs = [s.cfgs[k].out for k in members]
     states = []
     for k in members:
         state = {"config": s.cfgs[k].to_dict(), "step": step, "model": models[k], "optimizer": optimizers[k],
@@ -362,8 +362,6 @@ def member_states(s: Session, step: int, window: Window, clock: Clock, members: 
                  "wrong_sum": sums["wrong_sum"][k:k + 1].clone(), "window": sums["window"],
                  "train_time": clock.train_time, "wall_time": clock.wall(),
                  "normalization": {"mean": torch.from_numpy(s.prepared.mean), "std": torch.from_numpy(s.prepared.std)}}
-        if len(outs) > 1:
-            state["group"] = group.relative_group(s.cfgs[k].out, outs)
         states.append(state)
     return states
 

@@ -164,7 +164,8 @@ def test_run_k_of_a_group_is_the_run_seed_k_trains_alone(tiny_tree: Path, tmp_pa
     for seed, result in enumerate(results):
         run = tmp_path / f"fused-{seed}"
         assert {p.name for p in run.iterdir()} == {"checkpoint.pt", "checkpoint.prev.pt", "config.json",
-                                                   "metrics.jsonl", "results.json"}
+                                                   "group.json", "metrics.jsonl", "results.json"}
+        assert group.read(run).group == [tmp_path / f"fused-{k}" for k in (0, 1, 2)]  # relative paths in group.json
         state = checkpoint.load(run)
         assert checkpoint.config_of(state).seed == seed and state["model"]["fc.weight"].shape == (10, 64)
         assert result["fused_with"] == [str(tmp_path / f"fused-{s}") for s in (0, 1, 2)]
@@ -200,7 +201,7 @@ def test_a_group_can_resume_one_run_at_a_time(tiny_tree: Path, tmp_path: Path) -
         a, b = losses(tmp_path / "full" / f"s{s}"), losses(tmp_path / "cut" / f"s{s}")
         assert a[:2] == b[:2] and max(abs(x - y) / y for x, y in zip(a, b, strict=True)) < FUSED_REL["fp32"]
         state = checkpoint.load(tmp_path / "cut" / f"s{s}")
-        assert state["step"] == 30 and "group" not in state
+        assert state["step"] == 30 and not (tmp_path / "cut" / f"s{s}" / checkpoint.GROUP).exists()
         assert not (tmp_path / "cut" / f"s{s}" / checkpoint.PREVIOUS).exists()
 
 
@@ -228,16 +229,23 @@ def test_a_kill_between_the_groups_checkpoint_writes_resumes_from_the_common_ste
         assert deterministic(a) == deterministic(b)
 
 
-def test_a_group_killed_in_its_first_checkpoint_writes_starts_again(tiny_tree: Path, tmp_path: Path) -> None:
-    run = [tiny_config(tiny_tree, tmp_path / f"s{s}", seed=s) for s in (0, 1)]
+@pytest.mark.parametrize("written", ["run 0's", "none"])
+def test_a_group_killed_before_its_first_checkpoints_starts_again(tiny_tree: Path, tmp_path: Path,
+                                                                  written: str) -> None:
+    """Killed while the first checkpoints were written (run 0's is, run 1's is not), or
+    before any: `--resume` of either run finds the other through group.json and the group
+    starts again from iteration 0, ending as the unbroken group."""
+    full = [tiny_config(tiny_tree, tmp_path / "full" / f"s{s}", seed=s) for s in (0, 1)]
+    run = [tiny_config(tiny_tree, tmp_path / "run" / f"s{s}", seed=s) for s in (0, 1)]
+    train_group(full)
     assert train_group(run, stop_at=10) is None
-    for name in (checkpoint.CHECKPOINT, checkpoint.PREVIOUS):
-        (tmp_path / "s1" / name).unlink(missing_ok=True)  # run 1's first checkpoint was never written
-    assert group.resume_point([tmp_path / "s0", tmp_path / "s1"])[1] == 0
-    assert train_main(["--resume", str(tmp_path / "s0"), str(tmp_path / "s1")]) == 0
-    ref = tiny_config(tiny_tree, tmp_path / "ref", seed=1)
-    train(ref)
-    assert len(losses(tmp_path / "s1")) == len(losses(tmp_path / "ref")) == 6
+    for s in (1,) if written == "run 0's" else (0, 1):
+        (tmp_path / "run" / f"s{s}" / checkpoint.CHECKPOINT).unlink()
+    assert group.resume_point([tmp_path / "run" / "s1"])[1] == 0
+    assert train_main(["--resume", str(tmp_path / "run" / "s1")]) == 0
+    for s in (0, 1):
+        a, b = (checkpoint.MetricsLog(tmp_path / d / f"s{s}").read() for d in ("full", "run"))
+        assert deterministic(a) == deterministic(b)
 
 
 def test_a_diverging_run_stops_and_the_others_go_on(tiny_tree: Path, tmp_path: Path,

@@ -130,27 +130,31 @@ def test_a_run_killed_before_its_first_checkpoint_starts_clean(tiny_tree: Path, 
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("fused", [False, True])
 def test_kill_9_at_random_moments_then_resume_gives_the_unbroken_run(tiny_tree: Path, tmp_path: Path,
-                                                                      _private_cache: Path) -> None:
+                                                                      _private_cache: Path, fused: bool) -> None:
     """SIGKILL a training process at random moments (checkpoint writes included: one every
     2 iterations), resume after each, until it finishes: the final metrics and weights are
-    those of a run that was never killed, bit for bit, and every directory left was resumable."""
+    those of a run that was never killed, bit for bit, and every directory left was resumable.
+    Fused: a group of two runs, resumed through one of them; each ends as in the unbroken group."""
     import random
     import signal
 
     from conftest import subprocess_env
 
     args = ["--iters", "300", "--milestones", "150,225", "--log-every", "1", "--eval-every", "50",
-            "--checkpoint-every", "2", "--batch-size", "32"]
-    ref, run = tmp_path / "ref", tmp_path / "run"
+            "--checkpoint-every", "2", "--batch-size", "32", *(["--seeds", "0,1", "--fuse", "on"] if fused else [])]
+    refs, outs = (tmp_path / "ref", tmp_path / "run")
+    ref, run = (refs / "resnet8-A-seed1", outs / "resnet8-A-seed1") if fused else (refs, outs)
     env = subprocess_env(_private_cache)
     base = [sys.executable, "-m", "fastres.train", "resnet8", "--data", str(tiny_tree), "--device", "cpu",
             "--progress", "none", *args]
-    assert subprocess.run([*base, "--out", str(ref)], env=env, timeout=300).returncode == 0
+    assert subprocess.run([*base, "--out", str(refs)], env=env, timeout=300).returncode == 0
     rng, kills, starts = random.Random(0), 0, 0
-    while not (run / checkpoint.RESULTS).exists():
+    done = [outs / f"resnet8-A-seed{s}" / checkpoint.RESULTS for s in (0, 1)] if fused else [run / checkpoint.RESULTS]
+    while not all(d.exists() for d in done):
         cmd = [sys.executable, "-m", "fastres.train", "--resume", str(run)] if run.exists() else [*base, "--out",
-                                                                                                   str(run)]
+                                                                                                   str(outs)]
         proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
         starts += 1
         try:
@@ -164,11 +168,13 @@ def test_kill_9_at_random_moments_then_resume_gives_the_unbroken_run(tiny_tree: 
         assert starts < 200
     print(f"kill -9: {kills} kills survived in {starts} starts")
     assert kills >= 5
-    assert deterministic(checkpoint.MetricsLog(run).read()) == deterministic(checkpoint.MetricsLog(ref).read())
-    a, b = checkpoint.load(run)["model"], checkpoint.load(ref)["model"]
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    assert json.loads((run / checkpoint.RESULTS).read_text())["test_error"] == \
-        json.loads((ref / checkpoint.RESULTS).read_text())["test_error"]
+    for name in ("resnet8-A-seed0", "resnet8-A-seed1") if fused else ("",):
+        run, ref = outs / name, refs / name
+        assert deterministic(checkpoint.MetricsLog(run).read()) == deterministic(checkpoint.MetricsLog(ref).read())
+        a, b = checkpoint.load(run)["model"], checkpoint.load(ref)["model"]
+        assert all(torch.equal(a[k], b[k]) for k in a)
+        assert json.loads((run / checkpoint.RESULTS).read_text())["test_error"] == \
+            json.loads((ref / checkpoint.RESULTS).read_text())["test_error"]
 
 
 def test_deterministic_is_recorded_and_sets_the_backends(tiny_tree: Path, tmp_path: Path) -> None:
