@@ -3,6 +3,9 @@
 One flat loop, top to bottom. The learning rate is a pure function of the iteration; the
 loader position is a pure function of the iteration too, so a checkpoint holds all the
 state a run needs and a resumed run continues bit for bit (on CPU).
+
+The loop trains a group of runs alike but for their seed (`--seeds`, fused into one step
+by `fastres.fused`); a single run is a group of one, through the same code.
 """
 
 from __future__ import annotations
