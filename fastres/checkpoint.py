@@ -142,6 +142,7 @@ def saved_files(run_dir: Path) -> list[Path]:
 
 
 def read_json(path: Path) -> Any:
+    """A run directory's JSON file (config.json, group.json); the caller words its errors."""
     return json.loads(path.read_text())
 
 

@@ -71,7 +71,7 @@ def plan(cfgs: list[RunConfig], fuse: str, device_type: str, world_size: int = 1
 
 
 def member_paths(run_dir: Path, group: Sequence[str]) -> list[Path]:
-    """The group's run directories as a checkpoint of `run_dir` names them (relative to it)."""
+    """The group's run directories as `run_dir`'s group.json names them (relative to it)."""
     return [Path(os.path.normpath(run_dir / rel)) for rel in group]
 
 
@@ -134,12 +134,13 @@ def diverged(run_dir: Path) -> bool:
 
 def resume_point(dirs: Sequence[Path]) -> tuple[list[Saved], int]:
     """The runs to resume together and the step they resume from. One directory resumes
-    the whole group its checkpoint names; several must be exactly one group."""
+    the whole group its group.json names (less any run that diverged); several must be
+    runs of one group."""
     saved = [read(Path(d)) for d in dirs]
     if len(saved) == 1 and len(saved[0].group) > 1:
         members = [d for d in saved[0].group if not diverged(d)]  # a run that diverged was dropped from its group
-        print(f"fastres: {dirs[0]} was trained fused with {len(members) - 1} other runs: resuming the group "
-              f"({', '.join(map(str, members))})", file=sys.stderr)
+        print(f"fastres: {dirs[0]} was trained fused: resuming its group ({', '.join(map(str, members))})",
+              file=sys.stderr)
         saved = [read(d) for d in members]
     names = {Path(os.path.normpath(s.path)) for s in saved}
     for s in saved:
