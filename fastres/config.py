@@ -193,6 +193,8 @@ def configs_from_args(args: argparse.Namespace) -> list[RunConfig]:
     """One config per run: `--seeds 0,1,2` gives three, alike but for the seed, each in its
     own directory (named as a single run's, under `--out` when given)."""
     if args.seeds is None:
+        if args.fuse is not None:
+            raise UsageError("--fuse says how to train the runs of --seeds (or of a resumed group): give --seeds")
         return [config_from_args(args)]
     if args.seed is not None:
         raise UsageError("--seed and --seeds: give one of them")

@@ -314,6 +314,8 @@ def test_seeds_name_one_directory_per_run() -> None:
     assert [c.out for c in configs_from_args(args)] == ["mine/resnet20-A-seed1"]
     with pytest.raises(UsageError, match="distinct"):
         configs_from_args(build_parser().parse_args(["resnet20", "--seeds", "1,1"]))
+    with pytest.raises(UsageError, match="give --seeds"):
+        configs_from_args(build_parser().parse_args(["resnet20", "--fuse", "on"]))
 
 
 def test_the_plan_fuses_on_a_gpu_and_not_on_a_cpu() -> None:
