@@ -200,13 +200,11 @@ def configs_from_args(args: argparse.Namespace) -> list[RunConfig]:
         raise UsageError("--seed and --seeds: give one of them")
     if not args.seeds or len(set(args.seeds)) < len(args.seeds):
         raise UsageError(f"--seeds must list distinct seeds, got {list(args.seeds)}")
-    if not args.model:
-        raise UsageError("a model is required (e.g. resnet56), or --resume RUN_DIR")
-    spec = parse_spec(args.model, args.shortcut)
-    folder, dataset = Path(args.out or "runs"), args.dataset or "cifar10"
-    return [config_from_args(argparse.Namespace(**{**vars(args), "seed": seed, "seeds": None,
-                                                   "out": str(folder / run_name(spec, dataset, seed))}))
-            for seed in args.seeds]
+    folder, cfgs = Path(args.out or "runs"), []
+    for seed in args.seeds:
+        cfg = config_from_args(argparse.Namespace(**{**vars(args), "seed": seed, "seeds": None, "out": None}))
+        cfgs.append(dataclasses.replace(cfg, out=str(folder / Path(cfg.out).name)))  # the single run's name
+    return cfgs
 
 
 def parse_spec(text: str, shortcut: str | None = None) -> ModelSpec:

@@ -117,18 +117,31 @@ def fuse(members: list[nn.Module]) -> nn.Module:
     return fused.to(next(members[0].parameters()).device)
 
 
+def _part(v: Any, runs: int, i: int) -> Any:
+    """Member i's share of one fused value: a slice of a stacked tensor, a copy of a shared
+    scalar (BN's batch count), anything else as it is."""
+    if not isinstance(v, torch.Tensor):
+        return v
+    return v.chunk(runs)[i].clone() if v.dim() else v.clone()
+
+
+def _split(d: dict[Any, Any], runs: int) -> list[dict[Any, Any]]:
+    return [{k: _part(v, runs, i) for k, v in d.items()} for i in range(runs)]
+
+
+def _join(ds: list[dict[Any, Any]]) -> dict[Any, Any]:
+    return {k: torch.cat([d[k] for d in ds]) if isinstance(v, torch.Tensor) and v.dim() else v
+            for k, v in ds[0].items()}
+
+
 def split_state(state: dict[str, torch.Tensor], runs: int) -> list[dict[str, torch.Tensor]]:
     """The members' state dicts (copies, in the single model's format) from a fused one."""
-    if runs == 1:
-        return [state]
-    return [{k: v.chunk(runs)[i].clone() if v.dim() else v.clone() for k, v in state.items()} for i in range(runs)]
+    return [state] if runs == 1 else _split(state, runs)
 
 
 def join_states(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """A fused state dict from the members' (the inverse of `split_state`)."""
-    if len(states) == 1:
-        return states[0]
-    return {k: torch.cat([s[k] for s in states]) if v.dim() else v for k, v in states[0].items()}
+    return states[0] if len(states) == 1 else _join(states)
 
 
 def split_optimizer_state(state: dict[str, Any], runs: int) -> list[dict[str, Any]]:
@@ -136,8 +149,8 @@ def split_optimizer_state(state: dict[str, Any], runs: int) -> list[dict[str, An
     format: the parameters of the fused and the single model come in the same order."""
     if runs == 1:
         return [state]
-    return [{"state": {p: {k: v.chunk(runs)[i].clone() if isinstance(v, torch.Tensor) and v.dim() else v
-                           for k, v in s.items()} for p, s in state["state"].items()},
+    parts = {p: _split(s, runs) for p, s in state["state"].items()}
+    return [{"state": {p: shares[i] for p, shares in parts.items()},
              "param_groups": copy.deepcopy(state["param_groups"])} for i in range(runs)]
 
 
@@ -145,8 +158,5 @@ def join_optimizer_states(states: list[dict[str, Any]]) -> dict[str, Any]:
     """A fused SGD state dict from the members' (the inverse of `split_optimizer_state`)."""
     if len(states) == 1:
         return states[0]
-    first = states[0]
-    return {"state": {p: {k: torch.cat([st["state"][p][k] for st in states])
-                          if isinstance(v, torch.Tensor) and v.dim() else v for k, v in s.items()}
-                      for p, s in first["state"].items()},
-            "param_groups": first["param_groups"]}
+    return {"state": {p: _join([st["state"][p] for st in states]) for p in states[0]["state"]},
+            "param_groups": states[0]["param_groups"]}

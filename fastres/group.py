@@ -28,7 +28,8 @@ FREE_FIELDS = ("seed", "out")  # what may differ between the runs of a group: th
 
 
 def check(cfgs: Sequence[RunConfig], world_size: int = 1) -> None:
-    """Refuse, in one line, runs that cannot train as one fused step."""
+    """Refuse, in one line, runs that cannot train as one fused step (`--loader dali` is
+    refused where the loaders are built)."""
     if len(cfgs) < 2:
         return
     first = cfgs[0]
@@ -47,9 +48,6 @@ def check(cfgs: Sequence[RunConfig], world_size: int = 1) -> None:
     if first.val_split:
         raise UsageError("--val-split holds out different images for each seed: fused runs share one training set; "
                          "train these seeds one after another (--fuse off)")
-    if first.loader == "dali":
-        raise UsageError(f"--loader dali feeds one run: train fused runs ({len(cfgs)} seeds) with --loader torch, "
-                         "or the seeds one after another (--fuse off)")
 
 
 def plan(cfgs: list[RunConfig], fuse: str, device_type: str, world_size: int = 1,

@@ -192,14 +192,14 @@ def train_group(cfgs: list[RunConfig], resume: list[dict[str, Any]] | None = Non
         with contextlib.ExitStack() as locks:
             for run_dir in run_dirs:
                 locks.enter_context(checkpoint.RunLock(run_dir, enabled=dist.is_main))
-            outcome = _train(s, run_dirs, resume, stop_at)
-            failed += outcome.diverged
-            while outcome.go_on is not None:
-                live, resume = outcome.go_on
-                run_dirs = [run_dirs[k] for k in live]
-                s = setup([s.cfgs[k] for k in live], dist)
+            while True:
                 outcome = _train(s, run_dirs, resume, stop_at)
                 failed += outcome.diverged
+                if outcome.go_on is None:
+                    break
+                live, resume = outcome.go_on  # the runs that did not diverge go on as a smaller group
+                run_dirs = [run_dirs[k] for k in live]
+                s = setup([s.cfgs[k] for k in live], dist)
     finally:
         distributed.teardown(dist)
     if failed:
@@ -213,7 +213,8 @@ def _train(s: Session, run_dirs: list[Path], resume: list[dict[str, Any]] | None
     window, logs = Window(s.device, cfg.batch_size, s.runs), [checkpoint.MetricsLog(d) for d in run_dirs]
     start, clock = restore(s, resume, window, logs) if resume is not None else (0, Clock())
     reporter, saved = start_reporting(s, run_dirs, start), start
-    spe, final = s.data.train.steps_per_epoch, [{} for _ in s.cfgs]
+    spe = s.data.train.steps_per_epoch
+    records: list[dict[str, Any]] = [{} for _ in s.cfgs]  # each run's metrics at the latest iteration
     dead: list[int] = []  # runs that diverged at this iteration
     messages: list[str] = []
     with StopFlag() as stop:
@@ -226,21 +227,10 @@ def _train(s: Session, run_dirs: list[Path], resume: list[dict[str, Any]] | None
             window.add(*s.step(*next(batches)))
             reporter.advance()
             done = step + 1
-            records: list[dict[str, Any]] = [{} for _ in s.cfgs]
-            dead, messages = [], []
             logged = done % cfg.log_every == 0 or done == cfg.iters
-            if logged:
-                steps, seconds = window.steps, clock.lap_window()
-                shared = {"it_s": steps / seconds, **s.step.read_skipped()}
-                for record, read in zip(records, window.read(dist), strict=True):
-                    record.update(read, **shared)
-                dead = [k for k, r in enumerate(records) if not math.isfinite(r["train_loss"])]
-            if done % cfg.eval_every == 0 or done == cfg.iters:
-                with clock.paused():
-                    errors = {f"{name}_error": s.step.errors(loader) for name, loader in s.data.evals.items()}
-                final = [{name: errs[k] for name, errs in errors.items()} for k in range(s.runs)]
-                for record, errs in zip(records, final, strict=True):
-                    record.update(errs)
+            records = read_metrics(s, window, clock, logged, done % cfg.eval_every == 0 or done == cfg.iters)
+            dead = [k for k, r in enumerate(records) if not math.isfinite(r.get("train_loss", 0.0))]
+            messages = []
             if records[0]:
                 head, wall = {"iter": done, "epoch": round(done / spe, 4), "lr": lr}, round(clock.wall(), 3)
                 records = [{**head, **r, "wall_s": wall} for r in records]
@@ -278,8 +268,25 @@ def _train(s: Session, run_dirs: list[Path], resume: list[dict[str, Any]] | None
                                  f"python -m fastres.train --resume {run_dirs[0]}")
                 return Outcome(None, messages)
     reporter.close()
-    results = [finish(s, k, run_dirs[k], final[k], clock, reporter) for k in range(s.runs) if k not in dead]
+    # the last iteration is always evaluated: its records hold the final errors
+    results = [finish(s, k, run_dirs[k], records[k], clock, reporter) for k in range(s.runs) if k not in dead]
     return Outcome(results, messages)
+
+
+def read_metrics(s: Session, window: Window, clock: Clock, logged: bool, evaluated: bool) -> list[dict[str, Any]]:
+    """Each run's training loss, error and it/s at a log point, and its test (and val)
+    error at an evaluation; empty records otherwise. Note: a host sync when not empty."""
+    records: list[dict[str, Any]] = [{} for _ in s.cfgs]
+    if logged:
+        shared = {"it_s": window.steps / clock.lap_window(), **s.step.read_skipped()}
+        for record, read in zip(records, window.read(s.dist), strict=True):
+            record.update(read, **shared)
+    if evaluated:
+        with clock.paused():
+            errors = {f"{name}_error": s.step.errors(loader) for name, loader in s.data.evals.items()}
+        for k, record in enumerate(records):
+            record.update({name: errs[k] for name, errs in errors.items()})
+    return records
 
 
 def restore(s: Session, states: list[dict[str, Any]], window: Window, logs: list[checkpoint.MetricsLog]
@@ -377,7 +384,7 @@ def save(s: Session, run_dirs: list[Path], states: list[dict[str, Any]]) -> None
             checkpoint.save(run_dir, state, keep_previous=len(states) > 1)
 
 
-def finish(s: Session, k: int, run_dir: Path, final: dict[str, float], clock: Clock,
+def finish(s: Session, k: int, run_dir: Path, final: dict[str, Any], clock: Clock,
            reporter: Reporter) -> dict[str, Any]:
     """The results of run k, finished: the final-iteration errors and what produced them."""
     cfg = s.cfgs[k]

@@ -152,7 +152,8 @@ def build(data: Prepared, where: Placement, *, batch_size: int = 128, eval_batch
     """Loaders for a run: training batches are `batch_size / num_shards` per process. Several
     seeds: the training batches of a fused group of runs (the torch loader only)."""
     if loader == "dali" and not isinstance(seed, int):
-        raise UsageError(f"--loader dali feeds one run: train fused runs ({len(seed)} seeds) with --loader torch")
+        raise UsageError(f"--loader dali feeds one run: train fused runs ({len(seed)} seeds) with --loader torch, "
+                         "or the seeds one after another (--fuse off)")
     splits, loader_cls = _source_splits(data, loader, seed)
     train = loader_cls(splits.train, batch_size // where.num_shards, train=True, seed=seed, mean=data.mean,
                        std=data.std, device=torch.device("cpu") if where.host else where.device, dtype=where.dtype,
