@@ -53,7 +53,7 @@ class RunConfig:
     device: str = "auto"
     amp: bool = False
     amp_dtype: str = "auto"  # bf16 where the device computes it natively; else fp16 on a GPU, fp32 on a CPU
-    precision: str | None = None  # fp32, bf16 or fp16: resolved from the two above at the start, then kept
+    precision: str | None = None  # fp32, bf16, fp16 (resolved from the two above at the start, then kept) or fp64
     channels_last: bool = False
     compile: bool = False
     deterministic: bool = False  # deterministic GPU algorithms: a GPU run repeats bit for bit

@@ -18,7 +18,7 @@ from fastres.config import LOADERS, RunConfig
 from fastres.data import loaders
 from fastres.data.dataset import DATASETS
 from fastres.models import build_model
-from fastres.runtime import PRECISIONS, pick_device, requested_precision, resolve_precision
+from fastres.runtime import PRECISIONS, param_dtype, pick_device, requested_precision, resolve_precision, tensor_dtype
 from fastres.step import class_errors
 
 
@@ -84,18 +84,18 @@ def main(argv: list[str] | None = None) -> int:
                          else load_run(args.checkpoint))
     cfg = dataclasses.replace(cfg, data=args.data or cfg.data, loader=args.loader or cfg.loader)
     device = pick_device(args.device)
-    model = model.to(device)
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
     precision, _ = resolve_precision(device, cfg.precision or requested_precision(cfg.amp, cfg.amp_dtype))
     dtype = PRECISIONS[precision]
+    model = model.to(device, param_dtype(precision))
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     # The test split alone, unless the run's own validation split is asked for (it is cut
     # from the training split) or an old checkpoint lacks its normalisation.
     need_train = "normalization" not in state or (cfg.val_split > 0 and not args.data)
     prepared = loaders.prepare(cfg.data, cfg.val_split if need_train else 0, cfg.seed, cfg.normalize,
                                splits=("train", "test") if need_train else ("test",), dataset=cfg.dataset)
     mean, std = normalization_of(state, prepared)
-    evals = loaders.build_evals(prepared, loaders.Placement(device, dtype or torch.float32, cfg.channels_last),
+    evals = loaders.build_evals(prepared, loaders.Placement(device, tensor_dtype(precision), cfg.channels_last),
                                 mean=mean, std=std, eval_batch_size=cfg.eval_batch_size, loader=cfg.loader)
     at = f" at iteration {state['step']}" if state.get("step") is not None else ""
     classes = DATASETS[cfg.dataset].classes

@@ -114,7 +114,8 @@ def fuse(members: list[nn.Module]) -> nn.Module:
             layer = _fuse_layer([m.get_submodule(name) for m in members])
             if layer is not None:
                 fused.set_submodule(name, layer)
-    return fused.to(next(members[0].parameters()).device)
+    first = next(members[0].parameters())
+    return fused.to(first.device, first.dtype)  # the new layers are made on the CPU in float32
 
 
 def _part(v: Any, runs: int, i: int) -> Any:

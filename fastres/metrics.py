@@ -17,7 +17,7 @@ class Window:
 
     def __init__(self, device: torch.device, batch_size: int, runs: int = 1) -> None:
         self.batch_size = batch_size  # global: over all processes
-        self.loss = torch.zeros(runs, device=device)
+        self.loss = torch.zeros(runs, dtype=torch.float64, device=device)  # an fp64 run's losses, kept whole
         self.wrong = torch.zeros(runs, dtype=torch.int64, device=device)
         self.steps = 0
 

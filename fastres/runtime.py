@@ -43,7 +43,7 @@ def configure_backends(device: torch.device, deterministic: bool = False) -> Non
         torch.backends.cudnn.benchmark = True
 
 
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": None}  # the autocast dtype
 # oneDNN ISA caps (ONEDNN_MAX_CPU_ISA) below which it has no bf16 instructions to use.
 _NO_BF16_ISAS = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI"}
 
@@ -57,6 +57,21 @@ def cpu_bf16_native() -> bool:
         return False
     probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
     return any(probe() for probe in probes if probe is not None)
+
+
+def tensor_dtype(precision: str) -> torch.dtype:
+    """The dtype of a run's batches: the autocast dtype under AMP, float64 for an fp64 run
+    (weights and batches in float64, no autocast: rounding at 1e-16, a reference that
+    agrees across processors where fp32's rounding, amplified by training, does not),
+    else float32."""
+    if precision == "fp64":
+        return torch.float64
+    return PRECISIONS[precision] or torch.float32
+
+
+def param_dtype(precision: str) -> torch.dtype:
+    """The dtype of a run's weights: float64 for an fp64 run, else float32 (AMP keeps fp32 weights)."""
+    return torch.float64 if precision == "fp64" else torch.float32
 
 
 def requested_precision(amp: bool, amp_dtype: str) -> str:

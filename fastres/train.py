@@ -41,9 +41,11 @@ from fastres.runtime import (
     configure_backends,
     device_name,
     git_commit,
+    param_dtype,
     pick_device,
     requested_precision,
     resolve_precision,
+    tensor_dtype,
     versions,
 )
 from fastres.step import TrainStep
@@ -141,7 +143,7 @@ def setup(cfgs: list[RunConfig], dist: distributed.DistInfo) -> Session:
     cfgs = [dataclasses.replace(c, precision=precision) for c in cfgs]
     dtype = PRECISIONS[precision]
     prepared = loaders.prepare(cfg.data, cfg.val_split, cfg.seed, cfg.normalize, dataset=cfg.dataset)
-    where = loaders.Placement(device, dtype or torch.float32, cfg.channels_last, dist.rank, dist.world_size)
+    where = loaders.Placement(device, tensor_dtype(precision), cfg.channels_last, dist.rank, dist.world_size)
     seeds = [c.seed for c in cfgs]
     data = loaders.build(prepared, where, batch_size=cfg.batch_size, eval_batch_size=cfg.eval_batch_size,
                          seed=seeds[0] if len(seeds) == 1 else seeds, loader=cfg.loader)
@@ -149,7 +151,7 @@ def setup(cfgs: list[RunConfig], dist: distributed.DistInfo) -> Session:
     for seed in seeds:
         torch.manual_seed(seed)
         members.append(cfg.spec.build(DATASETS[cfg.dataset].num_classes))
-    model = fused.fuse(members).to(device)
+    model = fused.fuse(members).to(device, param_dtype(precision))
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     step = TrainStep(distributed.wrap(model, dist), device, dtype, cfg.compile, momentum=cfg.momentum,
@@ -157,10 +159,12 @@ def setup(cfgs: list[RunConfig], dist: distributed.DistInfo) -> Session:
     return Session(cfgs, dist, device, model, step, data, prepared, note)
 
 
-def train(cfg: RunConfig, resume: dict[str, Any] | None = None, stop_at: int | None = None) -> dict[str, Any] | None:
+def train(cfg: RunConfig, resume: dict[str, Any] | None = None, stop_at: int | None = None,
+          deadline: float | None = None) -> dict[str, Any] | None:
     """Run (or continue) one run. Returns its results, or None when stopped early by a
-    signal or by `stop_at` (the same path: checkpoint, then return)."""
-    results = train_group([cfg], None if resume is None else [resume], stop_at)
+    signal, by `stop_at` (an iteration) or by `deadline` (a `time.monotonic()` instant): the
+    same path for all three, checkpoint, then return."""
+    results = train_group([cfg], None if resume is None else [resume], stop_at, deadline)
     return None if results is None else results[0]
 
 
@@ -176,7 +180,7 @@ class Outcome:
 
 
 def train_group(cfgs: list[RunConfig], resume: list[dict[str, Any]] | None = None,
-                stop_at: int | None = None) -> list[dict[str, Any]] | None:
+                stop_at: int | None = None, deadline: float | None = None) -> list[dict[str, Any]] | None:
     """Train runs alike but for their seed as one fused group (or one run): each writes
     its own run directory in a single run's format. A run that diverges is stopped and
     reported, and the others go on; the error for it is raised once they have finished."""
@@ -193,7 +197,7 @@ def train_group(cfgs: list[RunConfig], resume: list[dict[str, Any]] | None = Non
             for run_dir in run_dirs:
                 locks.enter_context(checkpoint.RunLock(run_dir, enabled=dist.is_main))
             while True:
-                outcome = _train(s, run_dirs, resume, stop_at)
+                outcome = _train(s, run_dirs, resume, stop_at, deadline)
                 failed += outcome.diverged
                 if outcome.go_on is None:
                     break
@@ -208,7 +212,8 @@ def train_group(cfgs: list[RunConfig], resume: list[dict[str, Any]] | None = Non
     return outcome.results
 
 
-def _train(s: Session, run_dirs: list[Path], resume: list[dict[str, Any]] | None, stop_at: int | None) -> Outcome:
+def _train(s: Session, run_dirs: list[Path], resume: list[dict[str, Any]] | None, stop_at: int | None,
+           deadline: float | None) -> Outcome:
     cfg, dist = s.cfg, s.dist
     window, logs = Window(s.device, cfg.batch_size, s.runs), [checkpoint.MetricsLog(d) for d in run_dirs]
     start, clock = restore(s, resume, window, logs) if resume is not None else (0, Clock())
@@ -240,7 +245,8 @@ def _train(s: Session, run_dirs: list[Path], resume: list[dict[str, Any]] | None
                             log.append(record)
                 reporter.log([r for k, r in enumerate(records) if k not in dead],
                              [c.seed for k, c in enumerate(s.cfgs) if k not in dead])
-            stopping = stop.signum is not None or done == stop_at
+            stopping = (stop.signum is not None or done == stop_at
+                        or (deadline is not None and time.monotonic() >= deadline))
             if dist.world_size > 1:  # agree at the log points (a sync there anyway), so all stop together
                 stopping = logged and distributed.any_rank(stopping, dist)
             due = done % cfg.checkpoint_every == 0 or done == cfg.iters or stopping

@@ -1,5 +1,6 @@
 """The GPU check's CPU rehearsal: every Python branch the GPU run takes, at tiny size."""
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -24,13 +25,18 @@ def test_rehearsal_runs_every_part_and_keeps_what_it_measured(tiny_tree: Path, t
     summary = json.loads((out / "gpu_check.json").read_text())
     assert summary["mode"] == "cpu rehearsal" and summary["versions"]["torch"]
     rows = {r["name"]: r for r in summary["throughput"]["result"]["rows"]}
-    assert "fused x4" not in rows and rows["fused x2"]["fused_speedup"] > 0
-    dali = pytest.importorskip("nvidia.dali") and rows["+ compile, DALI loader"]
-    for row in (rows["+ compile"], rows["+ compile, host loader"], dali, rows["fused x2"]):
+    assert "fused x4" not in rows and "+ amp" not in rows and rows["fused x2"]["fused_speedup"] > 0
+    measured = [rows["+ compile"], rows["+ compile, host loader"], rows["fused x2"]]
+    dali = rows["+ compile, DALI loader"]
+    if importlib.util.find_spec("nvidia.dali") is None:
+        assert dali["skipped"] == "DALI not installed"
+    else:
+        measured.append(dali)
+    for row in measured:
         assert row["it_s"] > 0 and row["eval_img_s"] > 0 and row["first_steps_s"] > 0 and row["eval_first_s"] > 0
-    for precision in ("bf16", "fp32"):
-        part = summary[f"agreement_{precision}"]
-        assert part["ok"] and part["result"]["max_rel_loss_diff"] <= part["result"]["limit"]
+    part = summary["agreement_fp64"]  # the CPU compares in fp64, where the bound holds on any processor
+    assert part["ok"] and part["result"]["max_rel_loss_diff"] <= part["result"]["limit"] == 1e-9
+    assert "agreement_bf16" not in summary and "agreement_fp32" not in summary
     full = summary["full_run"]["result"]
     # a prefix of the 64k schedule, stopped at its planned length or, on a slow or busy machine, by the deadline
     assert not full["full"] and full["planned_iters"] % 10 == 0 and 0 < full["iters_done"] <= full["planned_iters"]
@@ -67,7 +73,7 @@ def test_the_deadline_stops_the_full_run_with_a_checkpoint(tiny_tree: Path, tmp_
     monkeypatch.setattr(gpu_check, "full_run_length", lambda *a: 64_000)
     out = tmp_path / "out"
     out.mkdir()
-    check = gpu_check.Check(out, gpu_check.time.monotonic(), 8.0, {})
+    check = gpu_check.Check(out, gpu_check.time.monotonic(), 4.0, {})
     result = gpu_check.full_run(check, str(tiny_tree), "resnet8", tmp_path / "run", margin_s=2.0)
     assert result["full"] and not result["finished"] and 0 < result["iters_done"] < 64_000
     assert (out / "resnet8-checkpoint.pt").is_file()

@@ -46,30 +46,38 @@ def test_resume_is_bit_identical(tiny_tree: Path, tmp_path: Path) -> None:
 
 
 def test_sigint_then_resume_is_bit_identical(tiny_tree: Path, tmp_path: Path, _private_cache: Path) -> None:
-    run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "fastres.train", "resnet8", "--data", str(tiny_tree), "--iters", "60",
-           "--milestones", "30,45", "--log-every", "1", "--eval-every", "30", "--out", str(run), "--device", "cpu",
-           "--progress", "plain"]
+    """Ctrl-C mid-run: the process is frozen (SIGSTOP) once it has logged 3 iterations, so
+    where it stands is read before SIGINT reaches it, and the signal cannot lose a race with
+    the end of the run: it arrives with at least 40 of 60 iterations still to go."""
+    run, iters = tmp_path / "run", 60
+    args = ["--iters", str(iters), "--milestones", "30,45", "--batch-size", "16", "--log-every", "1",
+            "--eval-every", "30"]
+    cmd = [sys.executable, "-m", "fastres.train", "resnet8", "--data", str(tiny_tree), *args, "--out", str(run),
+           "--device", "cpu", "--progress", "plain"]
     env = subprocess_env(_private_cache)
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = run / "metrics.jsonl"
     deadline = time.monotonic() + 120
-    while not (run / "metrics.jsonl").exists() or len((run / "metrics.jsonl").read_text().splitlines()) < 3:
+    while not metrics.exists() or len(metrics.read_text().splitlines()) < 3:
         assert proc.poll() is None and time.monotonic() < deadline
-        time.sleep(0.1)
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGSTOP)
+    assert len(metrics.read_text().splitlines()) < iters - 40
     proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGCONT)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert "Traceback" not in err and "--resume" in out
     step = checkpoint.load(run)["step"]
-    assert 3 <= step < 60
+    assert 3 <= step < iters
     resumed = subprocess.run([sys.executable, "-m", "fastres.train", "--resume", str(run)], env=env,
                              capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     reference = tmp_path / "reference"
-    train(tiny_config(tiny_tree, reference, iters=60, milestones=(30, 45), batch_size=128, log_every=1,
+    train(tiny_config(tiny_tree, reference, iters=iters, milestones=(30, 45), batch_size=16, log_every=1,
                       eval_every=30, checkpoint_every=2000))
     a, b = checkpoint.MetricsLog(reference).read(), checkpoint.MetricsLog(run).read()
-    assert deterministic(a) == deterministic(b) and len(a) == 60
+    assert deterministic(a) == deterministic(b) and len(a) == iters
     sa, sb = checkpoint.load(reference)["model"], checkpoint.load(run)["model"]
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
@@ -141,8 +149,8 @@ def test_amp_precision_follows_the_cpu(tiny_tree: Path, tmp_path: Path, native: 
 
 
 def test_fp16_trains_with_a_scaler(tiny_tree: Path, tmp_path: Path) -> None:
-    results = train(tiny_config(tiny_tree, tmp_path / "fp16", iters=4, eval_every=4, amp=True, amp_dtype="fp16",
-                                channels_last=True))
+    results = train(tiny_config(tiny_tree, tmp_path / "fp16", iters=2, eval_every=2, batch_size=16, amp=True,
+                                amp_dtype="fp16", channels_last=True))
     assert results["precision"] == "fp16"
     assert checkpoint.load(tmp_path / "fp16")["scaler"]["scale"] > 0  # a live GradScaler state was saved
 
