@@ -17,8 +17,18 @@ class Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
+def printable_streams() -> None:
+    """Let stdout and stderr print any path: a file name that is not valid UTF-8 (or not in
+    the terminal's encoding) is printed with backslash escapes instead of ending the run in
+    a UnicodeEncodeError, however strict the streams were set up."""
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):  # a real text stream (pytest's capture is not)
+            stream.reconfigure(errors="backslashreplace")
+
+
 def run_main(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:
     """Call `main`, turning the expected errors into `fastres: error: ...` and exit 2."""
+    printable_streams()
     try:
         return main(argv)
     except EXPECTED as e:

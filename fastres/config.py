@@ -57,6 +57,7 @@ class RunConfig:
     channels_last: bool = False
     compile: bool = False
     deterministic: bool = False  # deterministic GPU algorithms: a GPU run repeats bit for bit
+    cpu_threads: int | None = None  # torch's CPU threads, recorded at the start: they order the CPU's sums
     eval_every: int = 2000
     eval_batch_size: int = 1000
     log_every: int = 100

@@ -33,6 +33,7 @@ from torch import nn
 
 from fastres import weights as weights_io
 from fastres.errors import RunError
+from fastres.runtime import memory_bytes
 
 SHORTCUTS = ("A", "B", "C")
 STAGE_WIDTHS = (16, 32, 64)
@@ -202,7 +203,47 @@ class ModelSpec:
         """How runs of this model are named: `resnet56-A`, `plain20`."""
         return f"{self.name}-{self.shortcut}" if self.shortcut else self.name
 
+    def parameter_count(self, num_classes: int = 10) -> int:
+        """The model's learnable parameters, from its depth alone (equal to
+        `count_parameters` of the built model, tested to the unit): what a model needs is
+        known before anything is allocated."""
+        n, total, cin = (self.depth - 2) // 6, 3 * STAGE_WIDTHS[0] * 9 + 2 * STAGE_WIDTHS[0], STAGE_WIDTHS[0]
+        for stage, width in enumerate(STAGE_WIDTHS):
+            first = cin * width * 9 + width * width * 9 + 4 * width + self._projection(cin, width, stage > 0)
+            rest = 2 * width * width * 9 + 4 * width + self._projection(width, width, False)
+            total, cin = total + first + (n - 1) * rest, width
+        return total + cin * num_classes + num_classes
+
+    def _projection(self, cin: int, width: int, strided: bool) -> int:
+        """Parameters of one block's shortcut: a 1x1 conv and BN for C, and for B where the shape changes."""
+        reshapes = strided or cin != width
+        return cin * width + 2 * width if self.shortcut == "C" or (self.shortcut == "B" and reshapes) else 0
+
+    def activations_per_image(self) -> int:
+        """The output elements of every convolution for one image: the least a training step
+        keeps for its backward pass (each is saved at least once, as BN's input)."""
+        n = (self.depth - 2) // 6
+        sizes = [width * (32 >> stage) ** 2 for stage, width in enumerate(STAGE_WIDTHS)]
+        return sizes[0] + 2 * n * sum(sizes)
+
+    def check_fits(self, memory: int, num_classes: int = 10, batch_size: int = 0, runs: int = 1,
+                   element_bytes: int = 4) -> None:
+        """Refuse in one line a model that cannot fit in `memory` bytes, before any of it is
+        built: its weights alone (`batch_size` 0: evaluation, export) or, to train, a lower
+        bound of what a step holds: weights, gradients and momentum in fp32, and one saved
+        activation per convolution output at `element_bytes`, for `runs` fused runs. A lower
+        bound, so nothing that could fit is refused."""
+        params = self.parameter_count(num_classes)
+        need = runs * (params * 4 * (3 if batch_size else 1) + batch_size * self.activations_per_image() * element_bytes)
+        if need > memory:
+            what = f"to train at batch {batch_size}" + (f" x{runs} runs" if runs > 1 else "") if batch_size else ""
+            raise RunError(f"{self.name} ({params:,} parameters) needs at least {need / 2**30:,.1f} GiB {what}"
+                           f"{' ' if what else ''}and this device has {memory / 2**30:,.1f} GiB: choose a smaller depth"
+                           + (" or batch" if batch_size else ""))
+
     def build(self, num_classes: int = 10) -> CifarResNet:
+        """The model, built on the host once its weights are known to fit there."""
+        self.check_fits(memory_bytes(torch.device("cpu")), num_classes)
         return CifarResNet(self.depth, self.shortcut, num_classes)
 
 

@@ -30,6 +30,14 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
+def memory_bytes(device: torch.device) -> int:
+    """All the memory of a device: the GPU's, or the host's physical memory. What a model
+    provably cannot fit in is refused against it (`models.ModelSpec.check_fits`)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
 def configure_backends(device: torch.device, deterministic: bool = False) -> None:
     """cuDNN autotuning: batch shapes are static, so the fastest conv algorithms are found
     once and reused. `deterministic`: deterministic cuDNN and torch algorithms instead (and

@@ -41,6 +41,7 @@ from fastres.runtime import (
     configure_backends,
     device_name,
     git_commit,
+    memory_bytes,
     param_dtype,
     pick_device,
     requested_precision,
@@ -140,8 +141,17 @@ def setup(cfgs: list[RunConfig], dist: distributed.DistInfo) -> Session:
         raise UsageError(f"--batch-size {cfg.batch_size} does not split over {dist.world_size} processes")
     configure_backends(device, cfg.deterministic)
     precision, note = resolve_precision(device, cfg.precision or requested_precision(cfg.amp, cfg.amp_dtype))
-    cfgs = [dataclasses.replace(c, precision=precision) for c in cfgs]
+    threads = torch.get_num_threads()
+    if device.type == "cpu" and cfg.cpu_threads not in (None, threads):
+        note = (f"{note}; " if note else "") + (
+            f"note: this run was trained with {cfg.cpu_threads} CPU threads and goes on with {threads}: it continues "
+            "from its checkpoint, but no longer bit for bit as the unbroken run (the thread count orders the CPU's "
+            f"sums; OMP_NUM_THREADS={cfg.cpu_threads} restores it)")
+    cfgs = [dataclasses.replace(c, precision=precision, cpu_threads=c.cpu_threads or threads) for c in cfgs]
     dtype = PRECISIONS[precision]
+    num_classes = DATASETS[cfg.dataset].num_classes
+    cfg.spec.check_fits(memory_bytes(device), num_classes, cfg.batch_size // dist.world_size, len(cfgs),
+                        tensor_dtype(precision).itemsize)  # before any data is read or anything is built
     prepared = loaders.prepare(cfg.data, cfg.val_split, cfg.seed, cfg.normalize, dataset=cfg.dataset)
     where = loaders.Placement(device, tensor_dtype(precision), cfg.channels_last, dist.rank, dist.world_size)
     seeds = [c.seed for c in cfgs]
@@ -150,7 +160,7 @@ def setup(cfgs: list[RunConfig], dist: distributed.DistInfo) -> Session:
     members = []
     for seed in seeds:
         torch.manual_seed(seed)
-        members.append(cfg.spec.build(DATASETS[cfg.dataset].num_classes))
+        members.append(cfg.spec.build(num_classes))
     model = fused.fuse(members).to(device, param_dtype(precision))
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -357,8 +367,10 @@ def diverged(s: Session, k: int, log: checkpoint.MetricsLog, step: int, saved: i
     if s.cfg.precision == "fp16":
         cause += ", or fp16 overflowed"
     where = f"{s.cfgs[k].out}: " if s.runs > 1 else ""
+    kept = (f"the last good checkpoint, iteration {saved}, is kept" if saved else
+            "no checkpoint was written before it: start again with a lower --lr (or a --warmup-iters)")
     message = (f"{where}training diverged at iteration {step}: the training loss is not finite (likely cause: "
-               f"{cause}); the last good checkpoint, iteration {saved}, is kept")
+               f"{cause}); {kept}")
     if s.dist.is_main:
         log.append({"iter": step, "diverged": message})
     return message

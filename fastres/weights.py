@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fastres.data import pixels
 from fastres.errors import RunError
 
 CHECKPOINT = "checkpoint.pt"  # a run directory's checkpoint (checkpoint.py takes the name from here)
@@ -89,5 +90,5 @@ class WithPreprocessing(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if images.dtype != torch.uint8 or images.shape[1:] != (32, 32, 3):
             raise ValueError(f"expected uint8 images (N, 32, 32, 3), got {images.dtype} {tuple(images.shape)}")
-        x = (images.float() / 255.0 - self.mean) / self.std
+        x = pixels.normalize(images, self.mean, 1.0 / self.std)  # the loaders' own arithmetic, bit for bit
         return self.model(x.permute(0, 3, 1, 2).contiguous())

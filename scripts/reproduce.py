@@ -81,9 +81,9 @@ def build_parser() -> Parser:
 
 
 def same_run(saved: RunConfig, cfg: RunConfig) -> bool:
-    """Whether a saved run is the one asked for (device, progress and the resolved
-    precision may differ: they change no result)."""
-    keep = ("device", "progress", "precision")
+    """Whether a saved run is the one asked for (device, progress, the resolved precision
+    and the recorded thread count may differ: they are what the run found, not what was asked)."""
+    keep = ("device", "progress", "precision", "cpu_threads")
     return dataclasses.replace(saved, **{k: getattr(cfg, k) for k in keep}) == cfg
 
 

@@ -12,15 +12,29 @@ from bench import throughput  # noqa: E402
 from fastres.data import loaders  # noqa: E402
 
 
-def test_throughput_harness_smoke(tiny_tree: Path, tmp_path: Path) -> None:
-    out = tmp_path / "bench.json"
-    saved = []
-    assert throughput.main(["--device", "cpu", "--models", "resnet8", "--data", str(tiny_tree), "--warmup", "1",
-                            "--steps", "1", "--repeats", "2", "--loader-batches", "1", "--eval-batch", "20",
-                            "--setups", "0,1,3,6", "--out", str(out)],
-                           on_save=lambda r: saved.append(len(r["rows"]))) == 0
-    result = json.loads(out.read_text())
-    assert saved[:4] == [1, 2, 3, 4]  # the JSON is rewritten after every row, not only at the end
+@pytest.fixture(scope="module")
+def bench_run(tiny_tree: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """One run of the harness for every check below: eager and compiled rows, the host
+    loader, fused x1 and x2. It counts the passes over the training images
+    (the mean) and the JSON rewrites as they happen."""
+    from fastres.data import pixels
+
+    out, saved, mean_passes = tmp_path_factory.mktemp("bench") / "bench.json", [], []
+    real = pixels.normalization_stats
+    fused_rows = [str(i) for i, s in enumerate(throughput.MATRIX) if s.runs in (1, 2)]
+    loaders._prepare.cache_clear()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(pixels, "normalization_stats", lambda *a, **k: mean_passes.append(1) or real(*a, **k))
+        assert throughput.main(["--device", "cpu", "--models", "resnet8", "--data", str(tiny_tree),
+                                "--warmup", "1", "--steps", "1", "--repeats", "2", "--loader-batches", "1",
+                                "--eval-batch", "20", "--setups", ",".join(["0", "1", "3", "6", *fused_rows]),
+                                "--out", str(out)], on_save=lambda r: saved.append(len(r["rows"]))) == 0
+    return {"result": json.loads(out.read_text()), "saved": saved, "mean_passes": len(mean_passes)}
+
+
+def test_throughput_harness_smoke(tiny_tree: Path, bench_run: dict) -> None:
+    result = bench_run["result"]
+    assert bench_run["saved"][:4] == [1, 2, 3, 4]  # the JSON is rewritten after every row, not only at the end
     rows = {r["name"]: r for r in result["rows"]}
     assert [r["name"] for r in result["rows"]][0] == "baseline (DataLoader, eager fp32)"
     for name in ("fastres eager fp32", "+ amp", "+ compile, host loader"):
@@ -31,17 +45,17 @@ def test_throughput_harness_smoke(tiny_tree: Path, tmp_path: Path) -> None:
     assert all(isinstance(v, float) and v > 0 for v in result["loaders"].values())
 
 
-def test_fused_rows_count_run_iterations_against_x1_of_the_same_run(tiny_tree: Path, tmp_path: Path) -> None:
-    out = tmp_path / "bench.json"
-    fused_rows = [str(i) for i, s in enumerate(throughput.MATRIX) if s.runs in (1, 2)]
-    assert throughput.main(["--device", "cpu", "--models", "resnet8", "--data", str(tiny_tree), "--warmup", "1",
-                            "--steps", "1", "--repeats", "1", "--loader-batches", "1", "--eval-batch", "20",
-                            "--setups", ",".join(fused_rows), "--out", str(out)]) == 0
-    x1, x2 = json.loads(out.read_text())["rows"]
-    assert (x1["name"], x2["name"]) == ("fused x1", "fused x2")
+def test_fused_rows_count_run_iterations_against_x1_of_the_same_run(bench_run: dict) -> None:
+    rows = {r["name"]: r for r in bench_run["result"]["rows"]}
+    x1, x2 = rows["fused x1"], rows["fused x2"]
     assert x1["run_it_s"] == x1["it_s"] and x2["run_it_s"] == 2 * x2["it_s"]
     assert x1["fused_speedup"] == 1 and x2["fused_speedup"] == pytest.approx(x2["run_it_s"] / x1["run_it_s"])
     assert x2["eval_img_s"] > 0
+
+
+def test_the_mean_is_computed_once_for_all_rows(bench_run: dict) -> None:
+    assert len(bench_run["result"]["rows"]) == 6
+    assert bench_run["mean_passes"] == 1  # six rows and the loader measurements, one pass over the training images
 
 
 def test_fusion_candidates_time_each_way_and_skip_streams_without_a_gpu(tmp_path: Path) -> None:
@@ -68,7 +82,7 @@ def test_a_failing_row_is_recorded_and_the_others_still_run(tiny_tree: Path, tmp
     monkeypatch.setattr(throughput.Bench, "row", row)
     out = tmp_path / "bench.json"
     throughput.main(["--device", "cpu", "--models", "resnet8", "--data", str(tiny_tree), "--warmup", "1", "--steps",
-                     "1", "--repeats", "1", "--loader-batches", "1", "--setups", "0,1,3", "--out", str(out)])
+                     "1", "--repeats", "1", "--loader-batches", "1", "--setups", "1,3", "--out", str(out)])
     rows = {r["name"]: r for r in json.loads(out.read_text())["rows"]}
     assert rows["fastres eager fp32"]["error"] == "RuntimeError: Expected all tensors to be on the same device"
     assert rows["+ amp"]["it_s"] > 0
@@ -103,20 +117,6 @@ def test_host_batches_reach_the_device_in_training_and_evaluation(tiny_tree: Pat
     x, y = next(loaders.build(loaders.prepare(str(tiny_tree)), loaders.Placement(torch.device("cpu"), host=True),
                               batch_size=32).train.epoch(0))
     assert x.device.type == "cpu" and x.shape == (32, 3, 32, 32)
-
-
-def test_the_mean_is_computed_once_for_all_rows(tiny_tree: Path, tmp_path: Path,
-                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    from fastres.data import pixels
-
-    calls = []
-    real = pixels.normalization_stats
-    monkeypatch.setattr(pixels, "normalization_stats", lambda *a, **k: calls.append(1) or real(*a, **k))
-    loaders._prepare.cache_clear()
-    throughput.main(["--device", "cpu", "--models", "resnet8,resnet14", "--data", str(tiny_tree), "--warmup", "1",
-                     "--steps", "1", "--repeats", "1", "--loader-batches", "1", "--setups", "0,1,3",
-                     "--out", str(tmp_path / "b.json")])
-    assert len(calls) == 1  # six rows and five loader measurements, one pass over the training images
 
 
 def test_every_compile_is_static(monkeypatch: pytest.MonkeyPatch) -> None:

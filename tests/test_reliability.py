@@ -3,6 +3,7 @@
 import errno
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -190,3 +191,68 @@ def test_deterministic_is_recorded_and_sets_the_backends(tiny_tree: Path, tmp_pa
 def test_milestones_past_the_end_are_said(tiny_tree: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     train(tiny_config(tiny_tree, tmp_path / "run", iters=5, eval_every=5, milestones=(3, 5, 9)))
     assert "milestones 5, 9 are not below --iters 5: the learning rate does not drop there" in capsys.readouterr().err
+
+
+def test_divergence_before_any_checkpoint_says_none_is_kept(tiny_tree: Path, tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture) -> None:
+    run = tmp_path / "run"
+    assert run_main(train_main, [*argv(tiny_tree, run, "--lr", "1e30", "--log-every", "1")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "training diverged at iteration 2:" in err  # the first loss is the init's
+    assert "no checkpoint was written before it" in err and "iteration 0" not in err
+    assert not (run / checkpoint.CHECKPOINT).exists()
+
+
+def test_rewritten_files_keep_the_umasks_mode(tiny_tree: Path, tmp_path: Path) -> None:
+    """Atomic rewrites go through a temporary file that mkstemp makes 0600: the file put in
+    place has the mode a plain open() gives under the umask (here 027: 0640)."""
+    old = os.umask(0o027)
+    try:
+        train(tiny_config(tiny_tree, tmp_path / "run", iters=2, eval_every=2))
+    finally:
+        os.umask(old)
+    for name in (checkpoint.CONFIG, checkpoint.RESULTS, checkpoint.CHECKPOINT, checkpoint.METRICS):
+        assert (tmp_path / "run" / name).stat().st_mode & 0o777 == 0o640, name
+
+
+def test_paths_that_are_not_utf8_print_under_strict_utf8_streams(tiny_tree: Path, tmp_path: Path,
+                                                                 _private_cache: Path) -> None:
+    from conftest import subprocess_env
+
+    data = os.path.join(os.fsencode(tmp_path), b"data-\xff")
+    shutil.copytree(tiny_tree, os.fsdecode(data))
+    out = os.path.join(os.fsencode(tmp_path), b"run-\xfe")
+    env = subprocess_env(_private_cache) | {"PYTHONIOENCODING": "utf-8:strict"}
+    proc = subprocess.run([os.fsencode(sys.executable), b"-m", b"fastres.train", b"resnet8", b"--data", data,
+                           b"--out", out, b"--iters", b"2", b"--eval-every", b"2", b"--batch-size", b"16",
+                           b"--device", b"cpu", b"--progress", b"plain"], env=env, capture_output=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")
+    assert b"results in " in proc.stdout and b"run-\\udcfe" in proc.stdout  # escaped, not an encoding error
+    assert os.path.exists(os.path.join(out, b"results.json"))
+
+
+def test_a_resume_with_another_thread_count_says_bit_identity_is_lost(tiny_tree: Path, tmp_path: Path,
+                                                                       capsys: pytest.CaptureFixture) -> None:
+    run, threads = tmp_path / "run", torch.get_num_threads()
+    torch.set_num_threads(threads + 1)
+    try:
+        assert train(tiny_config(tiny_tree, run, iters=10), stop_at=5) is None
+    finally:
+        torch.set_num_threads(threads)
+    assert json.loads((run / checkpoint.CONFIG).read_text())["cpu_threads"] == threads + 1
+    capsys.readouterr()
+    assert run_main(train_main, ["--resume", str(run)]) == 0
+    err = capsys.readouterr().err
+    assert err.count(f"trained with {threads + 1} CPU threads and goes on with {threads}") == 1
+    assert "no longer bit for bit" in err
+    assert json.loads((run / checkpoint.RESULTS).read_text())["config"]["cpu_threads"] == threads + 1
+
+
+@pytest.mark.parametrize("model", ["resnet2000000", "plain999999999999999999998"])
+def test_a_depth_that_cannot_fit_is_one_line_before_any_data_is_read(model: str, tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture) -> None:
+    assert run_main(train_main, [model, "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "r"),
+                                 "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "needs at least" in err and "choose a smaller depth" in err
+    assert not (tmp_path / "r").exists()

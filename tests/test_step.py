@@ -8,28 +8,15 @@ from fastres.step import TrainStep, error_rate, make_optimizer
 CPU = torch.device("cpu")
 
 
-def test_compiled_step_matches_eager() -> None:
-    torch.manual_seed(0)
-    eager_model = build_model("resnet8")
-    compiled_model = copy.deepcopy(eager_model)
-    eager = TrainStep(eager_model, CPU, None, compile=False)
-    compiled = TrainStep(compiled_model, CPU, None, compile=True)
-    g = torch.Generator().manual_seed(1)
-    for _ in range(3):
-        x, y = torch.randn(32, 3, 32, 32, generator=g), torch.randint(0, 10, (32,), generator=g)
-        (la, wa), (lb, wb) = eager(x, y), compiled(x, y)
-        torch.testing.assert_close(la, lb, rtol=1e-4, atol=1e-5)
-        assert abs(wa.item() - wb.item()) <= 1  # a near-tie may flip one argmax
-    for (name, a), b in zip(eager_model.state_dict().items(), compiled_model.state_dict().values(), strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4, msg=name)
-
-
 def test_step_returns_device_tensors_and_the_set_lr_drives_the_update() -> None:
     """The first SGD step moves every weight by lr * (grad + wd * w) (no momentum yet), so
-    the same step at twice the learning rate moves each weight twice as far."""
+    the same step at twice the learning rate moves each weight twice as far. In float64 the
+    only difference is the rounding of w - lr * d and of the difference taken: at most 2 ulps
+    of |w| each way. (Eager against compiled steps: the GPU check's agreement part, rehearsed
+    in tests/test_gpu_check.py.)"""
     torch.manual_seed(0)
-    base = build_model("resnet8")
-    x, y = torch.randn(8, 3, 32, 32), torch.arange(8) % 10
+    base = build_model("resnet8").double()
+    x, y = torch.randn(8, 3, 32, 32, dtype=torch.float64), torch.arange(8) % 10
     moved = {}
     for lr in (0.01, 0.02):
         model = copy.deepcopy(base)
@@ -39,7 +26,8 @@ def test_step_returns_device_tensors_and_the_set_lr_drives_the_update() -> None:
         assert loss.shape == wrong.shape == (1,) and loss.requires_grad is False and wrong.dtype == torch.int64
         moved[lr] = model.conv1.weight.detach() - base.conv1.weight.detach()
     assert moved[0.01].abs().max() > 0
-    torch.testing.assert_close(moved[0.02], 2 * moved[0.01], rtol=1e-4, atol=1e-7)
+    ulp = torch.finfo(torch.float64).eps * base.conv1.weight.detach().abs().max()
+    torch.testing.assert_close(moved[0.02], 2 * moved[0.01], rtol=0, atol=4 * ulp)
 
 
 class _Batches:
