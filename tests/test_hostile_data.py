@@ -99,12 +99,13 @@ def test_a_stray_folder_beside_the_tree_is_never_walked(tmp_path: Path, monkeypa
         (stray / f"d{i % 10}").mkdir(parents=True, exist_ok=True)
         (stray / f"d{i % 10}" / f"{i}.png").write_bytes(b"x")
     seen: list[Path] = []
-    real_stat = Path.stat
+    real_stat, real_scandir = Path.stat, os.scandir
     monkeypatch.setattr(Path, "stat", lambda self, **kw: seen.append(self) or real_stat(self, **kw))
+    monkeypatch.setattr(os, "scandir", lambda path=".": seen.append(Path(path)) or real_scandir(path))
     source = sources.resolve(tree)
     sources.load(source)
     assert seen and not [p for p in seen if "node_modules" in p.parts]
-    assert len(images.tree_files(tree)) == 30
+    assert len(images.scan_tree(tree)[0]) == 30
 
 
 def test_non_utf8_file_names_are_read(tmp_path: Path) -> None:
