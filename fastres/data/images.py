@@ -117,9 +117,9 @@ _KINDS = ((stat.S_ISDIR, "folder"), (stat.S_ISFIFO, "FIFO"), (stat.S_ISSOCK, "so
           (stat.S_ISBLK, "device"))
 
 
-def file_size(path: Path, limit: int = MAX_IMAGE_BYTES) -> int:
-    """The size of a regular file (or a link to one) of at most `limit` bytes, by stat alone;
-    anything else is one DataError line. Nothing is opened, so a FIFO cannot hang the read and
+def _check_file(path: Path, limit: int) -> None:
+    """Refuse in one line, by stat alone, anything but a regular file (or a link to one) of at
+    most `limit` bytes. Nothing is opened, so a FIFO cannot hang the read and
     a file of gigabytes costs nothing."""
     try:
         st = path.stat()
@@ -132,13 +132,12 @@ def file_size(path: Path, limit: int = MAX_IMAGE_BYTES) -> int:
         raise DataError(f"{path}: is {'a link to ' if path.is_symlink() else ''}a {kind}, not an image file")
     if st.st_size > limit:
         raise DataError(f"{path}: {st.st_size:,} bytes, over the bound of {limit:,} bytes for one image file")
-    return st.st_size
 
 
 def read_file(path: Path, limit: int = MAX_IMAGE_BYTES) -> bytes:
-    """The bytes of an image file checked by `file_size` first, and never more than `limit`
+    """The bytes of an image file, checked by `_check_file` first, and never more than `limit`
     of them (a file may grow after stat, and /proc files report a size of 0)."""
-    file_size(path, limit)
+    _check_file(path, limit)
     try:
         with open(path, "rb") as f:
             data = f.read(limit + 1)

@@ -114,7 +114,7 @@ def _resolve(data: str | Path | None, cache_dir: Path, url: str, splits: tuple[s
 # source. The patterns name what fastres writes in `<cache>/decoded/`, and nothing else is
 # ever removed there (fastres.cache).
 ENTRY = re.compile(r"[0-9a-f]{12}-[0-9a-f]{16}\.npz")
-LEGACY_ENTRY = re.compile(r"[0-9a-f]{20}\.npz")  # fastres 0.1's name: one hash of the source and its files
+LEGACY_ENTRY = re.compile(r"[0-9a-f]{20}\.npz")  # the earlier name: one hash of source and files
 TEMPORARY = re.compile(rf"\.(?:{ENTRY.pattern}|{LEGACY_ENTRY.pattern})\.[a-z0-9_]+\.tmp")  # atomic's, left by a kill
 
 
@@ -215,10 +215,11 @@ def load(source: Source, cache_dir: Path | None = None, key: str | None = None) 
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
         atomic.save_npz(cache, **arrays, checksum=np.array(checksum(arrays)))
-        _remove_older(cache)
     except (OSError, RunError) as e:
         print(f"fastres: warning: cannot cache decoded data in {cache.parent} ({e}); reading the source "
               "again next time", file=sys.stderr)
+    else:
+        _remove_older(cache)
     return splits
 
 
@@ -228,7 +229,11 @@ def _remove_older(entry: Path) -> None:
     source = entry.name.split("-")[0]
     for old in entry.parent.glob(f"{source}-*.npz"):
         if old != entry and ENTRY.fullmatch(old.name):
-            old.unlink(missing_ok=True)
+            try:
+                old.unlink(missing_ok=True)
+            except OSError as e:
+                print(f"fastres: warning: cannot remove the outdated cache entry {old} ({e.strerror or e})",
+                      file=sys.stderr)
 
 
 def load_encoded(source: Source) -> Splits | None:
