@@ -2,11 +2,13 @@
 
 Any image Pillow reads, in any mode (converted as the data loader converts), resized to
 32x32 with a note when it is another size, through the model with the normalisation it was
-trained with. A rich table, or `--json`. An unreadable image is one line and exit 2.
+trained with. A rich table, or `--json`. An unreadable image, one over 4096x4096 pixels, or a
+path that is not a regular file (a FIFO, a device) is one line and exit 2.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import sys
 from pathlib import Path
@@ -17,23 +19,37 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from fastres.cli import Parser, run_main
+from fastres.data import images
 from fastres.data.dataset import DATASETS, IMAGE_SHAPE
-from fastres.data.images import to_rgb
 from fastres.errors import DataError
 from fastres.evaluate import is_export, load_export, load_run
 from fastres.weights import WithPreprocessing
 
+# predict resizes every image to 32x32: one of more than 4096x4096 (16 Mpixel) is no CIFAR-like
+# picture, and refusing it from its header bounds what decoding may cost (64 MB as RGBA).
+MAX_PIXELS = 4096 * 4096
+# The largest file an image within MAX_PIXELS needs: 16-bit RGBA stored uncompressed (8 bytes a
+# pixel), plus the data reader's room for metadata.
+MAX_FILE_BYTES = MAX_PIXELS * 8 + images.MAX_IMAGE_BYTES
+
 
 def read_image(path: Path) -> tuple[np.ndarray, str | None]:
-    """The image as uint8 (32, 32, 3), and a note if it had to be resized."""
+    """The image as uint8 (32, 32, 3), and a note if it had to be resized. A file that is
+    not regular (a FIFO would hang), too large by its size or by its header's pixel count is
+    refused before it is opened or decoded."""
+    data = images.read_file(path, MAX_FILE_BYTES)
     try:
-        with Image.open(path) as img:
+        with Image.open(io.BytesIO(data)) as img:
+            width, height = img.size
+            if width * height > MAX_PIXELS:
+                raise DataError(f"{path}: image is {width}x{height}, over the {MAX_PIXELS:,} pixels (4096x4096) "
+                                "predict takes; it resizes to 32x32, so give it a smaller copy")
             img.load()
             note = None
             if img.size != IMAGE_SHAPE[:2]:
-                note = f"{path}: resized from {img.size[0]}x{img.size[1]} to 32x32"
+                note = f"{path}: resized from {width}x{height} to 32x32"
                 img = img.convert("RGB").resize(IMAGE_SHAPE[:2], Image.Resampling.BILINEAR)
-            return to_rgb(img), note
+            return images.to_rgb(img), note
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise DataError(f"{path}: cannot read image ({type(e).__name__}: {e})") from None
 

@@ -10,7 +10,7 @@ from conftest import class_images, write_official, write_tree
 from PIL import Image
 
 from fastres.data import images, official, sources
-from fastres.data.dataset import CIFAR10, CLASSES, hold_out
+from fastres.data.dataset import CIFAR10, hold_out
 from fastres.errors import DataError
 
 
@@ -147,9 +147,76 @@ def test_val_split_is_seeded_and_disjoint(tiny_tree: Path) -> None:
         hold_out(full, 160, seed=0)
 
 
-def test_real_classes_are_alphabetical() -> None:
-    assert list(CLASSES) == sorted(CLASSES)
+# CIFAR-10's label names in label order, as the official archive's batches.meta lists them.
+OFFICIAL_ORDER = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
+
+def test_a_trees_labels_follow_the_official_order_by_folder_name(tmp_path: Path) -> None:
+    """Folders made in reverse order, each image's pixels holding the official label of its
+    folder: the labels read are those, whatever order the folders were listed in."""
+    for split in ("train", "test"):
+        for label in reversed(range(10)):
+            (tmp_path / split / OFFICIAL_ORDER[label]).mkdir(parents=True)
+            Image.new("RGB", (32, 32), (label, 0, 0)).save(tmp_path / split / OFFICIAL_ORDER[label] / "a.png")
+    splits = sources.load(sources.resolve(tmp_path))
+    assert splits.train.labels.tolist() == list(range(10)) == splits.train.images[:, 0, 0, 0].tolist()
+
+
+def run_files(folder: Path) -> None:
+    folder.mkdir(parents=True)
+    for name in ("checkpoint.pt", "metrics.jsonl", "config.json"):
+        (folder / name).write_bytes(b"{}")
+
+
+def test_the_cache_key_is_the_files_read_so_run_outputs_in_the_tree_do_not_change_it(tmp_path: Path) -> None:
+    tree = write_tree(tmp_path / "t", {"train": 1, "test": 1})
+    cache = tmp_path / "cache"
+    key = sources.fingerprint(sources.resolve(tree))
+    sources.load(sources.resolve(tree), cache)
+    for run in (tree / "runs" / "r1", tree / "train" / "runs" / "r1", tree / "train" / "cat" / "r2"):
+        run_files(run)
+    (tree / "test" / "cat" / "checkpoint.pt").write_bytes(b"{}")
+    assert sources.fingerprint(sources.resolve(tree)) == key
+    sources.load(sources.resolve(tree), cache)
+    assert [p.name for p in (cache / "decoded").iterdir()] == [f"{key}.npz"]
+
+
+def test_a_changed_image_replaces_the_entry_of_its_source_alone(tmp_path: Path) -> None:
+    a, b = write_tree(tmp_path / "a", {"train": 1, "test": 1}), write_tree(tmp_path / "b", {"train": 1, "test": 1})
+    cache = tmp_path / "cache"
+    old_a, key_b = sources.fingerprint(sources.resolve(a)), sources.fingerprint(sources.resolve(b))
+    for tree in (a, b):
+        sources.load(sources.resolve(tree), cache)
+    Image.new("RGB", (32, 32), (1, 2, 3)).save(next((a / "train" / "cat").glob("*.png")))
+    new_a = sources.fingerprint(sources.resolve(a))
+    assert new_a != old_a and new_a.split("-")[0] == old_a.split("-")[0]  # same source, new content
+    got = sources.load(sources.resolve(a), cache)
+    assert got.train.images[3, 0, 0].tolist() == [1, 2, 3]
+    assert sorted(p.name for p in (cache / "decoded").iterdir()) == sorted([f"{new_a}.npz", f"{key_b}.npz"])
+
+
+def test_the_cache_command_lists_and_clears_only_what_fastres_wrote(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    from fastres.cache import main as cache_main
+    from fastres.cli import run_main
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("FASTRES_CACHE", str(cache))
+    key = sources.fingerprint(sources.resolve(write_tree(tmp_path / "t", {"train": 1, "test": 1})))
+    sources.load(sources.resolve(tmp_path / "t"))
+    decoded = cache / "decoded"
+    mine = [decoded / "mine.npz", decoded / "notes.txt", decoded / f".{key}.npz.tmp", cache / "cifar-10-python.tar.gz"]
+    leftovers = [decoded / f".{key}.npz.k2_8xq9a.tmp", cache / "cifar-10-python.tar.gz.part"]
+    for i, path in enumerate(mine + leftovers):
+        path.write_bytes(b"x" * (i + 1))
+    entry = (decoded / f"{key}.npz").stat().st_size
+    assert run_main(cache_main, []) == 0
+    listed = capsys.readouterr().out
+    assert f"{key}.npz  (decoded data)" in listed and "cifar-10-python.tar.gz  (downloaded archive" in listed
+    assert f"{entry + 4 + 5 + 6:,} bytes  in all, 4 files" in listed and "mine.npz" not in listed
+    assert run_main(cache_main, ["--clear"]) == 0
+    assert capsys.readouterr().out.endswith(f"removed 3 files, {entry + 5 + 6:,} bytes\n")
+    assert sorted(cache.rglob("*")) == sorted([decoded, *mine])
 
 
 def test_the_extracted_folder_torchvision_leaves(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

@@ -1,6 +1,7 @@
 """Trained weights out and in: export, strict loading, preprocessing, evaluation."""
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -137,6 +138,40 @@ def test_predict_gives_the_models_own_top_classes(trained: tuple[Path, dict], ti
     assert run_main(predict_main, [str(run), str(files[0]), str(bad)]) == 2
     out = capsys.readouterr()
     assert out.out == "" and out.err.count("\n") == 1 and "fake.png: cannot read image" in out.err
+
+
+def test_predict_refuses_an_image_over_its_pixel_bound_from_the_header(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    from PIL import Image, ImageFile
+
+    from fastres.errors import DataError
+    from fastres.predict import MAX_FILE_BYTES, read_image
+
+    big = tmp_path / "big.png"
+    Image.new("1", (5000, 5000)).save(big)  # 25 Mpixel in a few KB
+    for cls, method in ((ImageFile.ImageFile, "load"), (Image.Image, "load"), (Image.Image, "convert")):
+        monkeypatch.setattr(cls, method, lambda *a, **k: pytest.fail("decoded a huge image"))
+    with pytest.raises(DataError, match="big.png: image is 5000x5000, over the 16,777,216 pixels"):
+        read_image(big)
+    os.truncate(big, MAX_FILE_BYTES + 1)  # sparse: by stat alone it is too big to be such an image
+    with pytest.raises(DataError, match=f"big.png: {MAX_FILE_BYTES + 1:,} bytes, over the bound"):
+        read_image(big)
+
+
+def test_predict_refuses_a_fifo_without_opening_it(trained: tuple[Path, dict], tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch,
+                                                  capsys: pytest.CaptureFixture) -> None:
+    import builtins
+
+    from fastres.predict import main as predict_main
+
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    real = builtins.open
+    monkeypatch.setattr(builtins, "open", lambda f, *a, **k: pytest.fail("opened") if f == fifo else real(f, *a, **k))
+    assert run_main(predict_main, [str(trained[0]), str(fifo)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"fastres: error: {fifo}: is a FIFO, not an image file\n"
 
 
 def loaders_classes() -> tuple[str, ...]:

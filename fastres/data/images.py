@@ -1,16 +1,22 @@
 """Encoded image trees and archives: `train/<class>/*.jpg|png` and `test/<class>/*`.
 
 The layout may sit in a folder, in one `.tar`/`.tar.gz` holding both splits, or in a
-folder with `train.tar.gz` and `test.tar.gz` (the shared CIFAR-10 JPEG copy).
+folder with `train.tar.gz` and `test.tar.gz` (the shared CIFAR-10 JPEG copy). What is read
+is exactly `<split>/<class>/<name>.jpg|jpeg|png` below the folder or archive root, each file
+checked by its size before a byte of it is read, and decoded as it is read.
 """
 
 from __future__ import annotations
 
 import io
+import os
+import stat
+import sys
 import tarfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -21,6 +27,11 @@ from fastres.errors import DataError
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 SPLIT_NAMES = ("train", "test")
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+# One image file at most: a 32x32 RGB image is 3,072 bytes of pixels (the shared JPEG copy's
+# files are about 900 bytes); 1 MiB leaves room for metadata such as EXIF (at most 64 KiB a
+# segment) and ICC profiles, and refuses a file of gigabytes before any of it is read.
+MAX_IMAGE_BYTES = 1 << 20
+T = TypeVar("T")
 
 
 def is_archive(path: Path) -> bool:
@@ -37,18 +48,23 @@ def split_archives(folder: Path) -> dict[str, Path]:
     return found
 
 
-def _image_path(name: str) -> bool:
-    """Whether a path has the shape `<split>/<class>/<file>.jpg|png` (class not checked)."""
-    parts = name.replace("\\", "/").split("/")
-    return (len(parts) >= 3 and parts[-1].lower().endswith(IMAGE_SUFFIXES) and not parts[-1].startswith(".")
-            and parts[-3] in SPLIT_NAMES)
+def _parts(name: str) -> list[str]:
+    """A relative path or tar member name as its parts; `./train/x` is `train/x`."""
+    return [p for p in name.replace("\\", "/").split("/") if p not in ("", ".")]
 
 
-def _classify(name: str, classes: tuple[str, ...] = CLASSES) -> tuple[str, int] | None:
-    """(split, label) of an image path ending in `<split>/<class>/<file>`, else None."""
-    if not _image_path(name):
+def _layout(parts: list[str], splits: tuple[str, ...]) -> str | None:
+    """"image" for `<split>/<class>/<name>.jpg|jpeg|png`, "other" for any other file under a
+    wanted split folder (not read, but counted), None for what is not looked at: hidden
+    entries (.DS_Store) and everything outside the split folders."""
+    if not parts or parts[0] not in splits or any(p.startswith(".") for p in parts):
         return None
-    split, cls = name.replace("\\", "/").split("/")[-3:-1]
+    return "image" if len(parts) == 3 and parts[2].lower().endswith(IMAGE_SUFFIXES) else "other"
+
+
+def _classify(name: str, classes: tuple[str, ...] = CLASSES) -> tuple[str, int]:
+    """(split, label) of an image path `<split>/<class>/<file>`; an unknown class is refused."""
+    split, cls, _ = _parts(name)
     if cls not in classes:
         listed = ", ".join(classes[:10]) + (", ..." if len(classes) > 10 else "")
         raise DataError(f"{name}: unknown class {cls!r}; expected the {len(classes)} classes {listed} "
@@ -56,46 +72,147 @@ def _classify(name: str, classes: tuple[str, ...] = CLASSES) -> tuple[str, int] 
     return split, classes.index(cls)
 
 
-def tree_files(root: Path, splits: tuple[str, ...] = SPLIT_NAMES) -> list[Path]:
-    """The files of an image tree's split folders, sorted; nothing beside them is walked
-    (a stray folder of many files next to train/ and test/ costs nothing)."""
-    return sorted(p for split in splits for p in (root / split).rglob("*") if p.is_file())
+def _listing(folder: str | Path) -> list[os.DirEntry]:
+    """A folder's entries, sorted, hidden ones left out."""
+    try:
+        with os.scandir(folder) as it:
+            return sorted((e for e in it if not e.name.startswith(".")), key=lambda e: e.name)
+    except OSError as e:
+        raise DataError(f"{folder}: cannot list the folder ({e.strerror or e})") from None
 
 
-def _walk_tree(root: Path, splits: tuple[str, ...]) -> Iterator[tuple[str, bytes]]:
-    for path in tree_files(root, splits):
-        yield str(path.relative_to(root)), path.read_bytes()
+def _files_below(entry: os.DirEntry) -> list[str]:
+    """The entry if it is a file, or the files of the folder it is (links not followed, hidden
+    entries left out): what lies where no image may be, counted, never read."""
+    if not entry.is_dir(follow_symlinks=False):
+        return [entry.path]
+    found = []
+    for top, dirs, files in os.walk(entry.path):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        found += [os.path.join(top, f) for f in files if not f.startswith(".")]
+    return found
 
 
-def _walk_archive(path: Path) -> Iterator[tuple[str, bytes]]:
-    """Image members of a tar, read in memory: nothing is ever extracted to disk. A member
-    whose name could escape a folder, or an image name that is a link or a device, is
-    refused in one line."""
+def scan_tree(root: Path, splits: tuple[str, ...] = SPLIT_NAMES) -> tuple[list[Path], list[str]]:
+    """The image files of a tree (`<split>/<class>/<name>.jpg|jpeg|png`, sorted) and the other
+    files under its split folders (relative names, sorted), which are not read. Only the split
+    folders are walked (a stray folder of many files beside train/ and test/ costs nothing);
+    a split or class folder may be a link to a folder."""
+    found: list[Path] = []
+    others: list[str] = []
+    for split in splits:
+        for cls in _listing(root / split):
+            if not cls.is_dir():
+                others.append(cls.path)
+                continue
+            for entry in _listing(cls.path):
+                if entry.name.lower().endswith(IMAGE_SUFFIXES):
+                    found.append(Path(entry.path))
+                else:
+                    others += _files_below(entry)
+    return sorted(found), sorted(os.path.relpath(p, root) for p in others)
+
+
+_KINDS = ((stat.S_ISDIR, "folder"), (stat.S_ISFIFO, "FIFO"), (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "device"),
+          (stat.S_ISBLK, "device"))
+
+
+def _check_file(path: Path, limit: int) -> None:
+    """Refuse in one line, by stat alone, anything but a regular file (or a link to one) of at
+    most `limit` bytes. Nothing is opened, so a FIFO cannot hang the read and
+    a file of gigabytes costs nothing."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise DataError(f"{path}: {'a dangling link' if path.is_symlink() else 'no such file'}") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
+    if not stat.S_ISREG(st.st_mode):
+        kind = next((what for test, what in _KINDS if test(st.st_mode)), "special file")
+        raise DataError(f"{path}: is {'a link to ' if path.is_symlink() else ''}a {kind}, not an image file")
+    if st.st_size > limit:
+        raise DataError(f"{path}: {st.st_size:,} bytes, over the bound of {limit:,} bytes for one image file")
+
+
+def read_file(path: Path, limit: int = MAX_IMAGE_BYTES) -> bytes:
+    """The bytes of an image file, checked by `_check_file` first, and never more than `limit`
+    of them (a file may grow after stat, and /proc files report a size of 0)."""
+    _check_file(path, limit)
+    try:
+        with open(path, "rb") as f:
+            data = f.read(limit + 1)
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
+    if len(data) > limit:
+        raise DataError(f"{path}: more than the bound of {limit:,} bytes for one image file")
+    return data
+
+
+def _walk_tree(root: Path, splits: tuple[str, ...], others: list[str]) -> Iterator[tuple[str, str, bytes]]:
+    """(name, where, bytes) of a tree's image files, one at a time; the other files' names go
+    to `others`."""
+    found, skipped = scan_tree(root, splits)
+    others += skipped
+    for path in found:
+        yield os.path.relpath(path, root), str(path), read_file(path)
+
+
+def _member_name(path: Path, member: tarfile.TarInfo) -> str:
+    name = member.name.replace("\\", "/")
+    if name.startswith("/") or ".." in name.split("/"):
+        raise DataError(f"{path}: member {member.name!r} has an unsafe name (absolute or with '..')")
+    return "/".join(_parts(name))
+
+
+def _walk_archive(path: Path, splits: tuple[str, ...], others: list[str]) -> Iterator[tuple[str, str, bytes]]:
+    """(name, where, bytes) of a tar's image members, one at a time, read in memory: nothing
+    is ever extracted to disk. A member whose name could escape a folder, an image name that
+    is a link or a device, appears twice, or is over MAX_IMAGE_BYTES by its header, is refused
+    in one line before any of it is read."""
+    seen: set[str] = set()
     try:
         with tarfile.open(path, "r:*") as tar:
             for member in tar:
-                name = member.name.replace("\\", "/")
-                if name.startswith("/") or ".." in name.split("/"):
-                    raise DataError(f"{path}: member {member.name!r} has an unsafe name (absolute or with '..')")
-                if not _image_path(name):
+                name = _member_name(path, member)
+                layout = _layout(name.split("/"), splits)
+                if layout == "other" and not member.isdir():
+                    others.append(name)
+                if layout != "image":
                     continue
                 if not member.isfile():
                     raise DataError(f"{path}: member {member.name!r} is a link or device, not an image file")
-                yield name, tar.extractfile(member).read()
+                if name in seen:
+                    raise DataError(f"{path}: member {member.name!r} appears twice; each image must be there once")
+                seen.add(name)
+                if member.size > MAX_IMAGE_BYTES:
+                    raise DataError(f"{path}: member {member.name!r} is {member.size:,} bytes, over the bound of "
+                                    f"{MAX_IMAGE_BYTES:,} bytes for one image file")
+                yield name, f"{path}: member {name}", tar.extractfile(member).read()
     except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
         raise DataError(f"{path}: unreadable archive ({e}); it is truncated or corrupt") from None
 
 
-def read_encoded(sources: list[Path], splits: tuple[str, ...] = SPLIT_NAMES,
-                 classes: tuple[str, ...] = CLASSES) -> Splits:
-    """Collect the encoded files of the wanted splits (both, or the test split alone for
-    evaluation), sorted by split, class and file name; a split not wanted is empty."""
-    found: dict[str, list[tuple[int, str, bytes]]] = {s: [] for s in splits}
+Found = dict[str, list[tuple[int, str, T]]]
+
+
+def _collect(sources: list[Path], splits: tuple[str, ...], classes: tuple[str, ...],
+             convert: Callable[[bytes, str], T]) -> tuple[Found, list[str]]:
+    """Each image of the wanted splits converted as it is read (so no more than one encoded
+    file is held at a time unless `convert` keeps it), by split; and the files not read."""
+    found: Found = {s: [] for s in splits}
+    others: list[str] = []
     for source in sources:
-        for name, data in (_walk_archive(source) if is_archive(source) else _walk_tree(source, splits)):
-            tag = _classify(name, classes)
-            if tag is not None and tag[0] in found:
-                found[tag[0]].append((tag[1], name, data))
+        walk = _walk_archive if is_archive(source) else _walk_tree
+        for name, where, data in walk(source, splits, others):
+            split, label = _classify(name, classes)
+            found[split].append((label, name, convert(data, where)))
+    return found, others
+
+
+def _splits(found: Found, sources: list[Path], classes: tuple[str, ...],
+            make: Callable[[list[T], np.ndarray], Split | EncodedSplit]) -> Splits:
+    """Each wanted split sorted by class and file name, every class present; a split not
+    wanted is empty."""
     read = {}
     for split, items in found.items():
         if not items:
@@ -105,9 +222,33 @@ def read_encoded(sources: list[Path], splits: tuple[str, ...] = SPLIT_NAMES,
         if missing:
             raise DataError(f"{split}: no images of class {', '.join(classes[i] for i in missing[:5])}"
                             + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
-        read[split] = EncodedSplit([np.frombuffer(d, dtype=np.uint8) for _, _, d in items],
-                                   np.array([label for label, _, _ in items], dtype=np.int64))
-    return Splits(read.get("train", EncodedSplit([], np.zeros(0, np.int64))), read["test"])
+        read[split] = make([x for _, _, x in items], np.array([label for label, _, _ in items], dtype=np.int64))
+    empty = make([], np.zeros(0, np.int64))
+    return Splits(read.get("train", empty), read["test"])
+
+
+def read_encoded(sources: list[Path], splits: tuple[str, ...] = SPLIT_NAMES,
+                 classes: tuple[str, ...] = CLASSES) -> Splits:
+    """The encoded files of the wanted splits (both, or the test split alone for evaluation),
+    for decoders such as DALI's that take the files themselves."""
+    found, _ = _collect(sources, splits, classes, lambda data, _: np.frombuffer(data, np.uint8))
+    return _splits(found, sources, classes, EncodedSplit)
+
+
+def read_decoded(sources: list[Path], splits: tuple[str, ...] = SPLIT_NAMES,
+                 classes: tuple[str, ...] = CLASSES) -> Splits:
+    """The wanted splits decoded with Pillow as each file is read (about 12 s for all 60k
+    CIFAR images on one core; the result is cached, so this happens once). Files under the
+    split folders that are not images by the layout are named in one note."""
+    found, others = _collect(sources, splits, classes,
+                             lambda data, where: decode_file(np.frombuffer(data, np.uint8), where))
+    if others:
+        many = len(others) > 1
+        print(f"fastres: note: {len(others)} file{'s' if many else ''} under {' and '.join(s + '/' for s in splits)} "
+              f"{'are' if many else 'is'} not <split>/<class>/<name>.jpg|jpeg|png and {'were' if many else 'was'} "
+              f"not read (e.g. {others[0]})", file=sys.stderr)
+    return _splits(found, sources, classes,
+                   lambda arrays, labels: Split(np.array(arrays, np.uint8).reshape(-1, *IMAGE_SHAPE), labels))
 
 
 def to_rgb(img: Image.Image) -> np.ndarray:
@@ -136,12 +277,3 @@ def decode_file(data: np.ndarray, name: str = "image") -> np.ndarray:
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise DataError(f"{name}: cannot decode image ({type(e).__name__}: {e})") from None
     return pixels
-
-
-def decode(split: EncodedSplit, name: str) -> Split:
-    """Decode every file of a split with Pillow (about 12 s for all 60k CIFAR images on one
-    core; the result is cached, so this happens once)."""
-    if not split.files:  # a split not read (evaluation reads the test split alone)
-        return Split(np.zeros((0, *IMAGE_SHAPE), np.uint8), split.labels)
-    images = np.stack([decode_file(f, f"{name} image {i}") for i, f in enumerate(split.files)])
-    return Split(images, split.labels)

@@ -21,6 +21,10 @@ from fastres.errors import DataError
 # CIFAR-10's, kept by name for its callers.
 ARCHIVE_NAME, ARCHIVE_MD5, ARCHIVE_URL, BATCH_DIR = CIFAR10.archive, CIFAR10.archive_md5, CIFAR10.url, CIFAR10.folder
 CHUNK = 1 << 20
+# One batch file at most: the largest official one, CIFAR-100's `train`, is 50,000 rows of 3,072
+# pixels (153.6 MB) plus labels and file names; an archive member declaring more is refused by
+# its header, before it is read.
+MAX_BATCH_BYTES = 256 << 20
 
 
 def md5_of(path: Path) -> str:
@@ -103,6 +107,9 @@ def read_archive(path: Path, md5: str | None = None, cifar: Cifar = CIFAR10) -> 
         with tarfile.open(path, "r:*") as tar:
             for member in tar:
                 if member.name in wanted and member.isfile():
+                    if member.size > MAX_BATCH_BYTES:
+                        raise DataError(f"{path}: member {member.name!r} is {member.size:,} bytes, over the "
+                                        f"{MAX_BATCH_BYTES:,} any official batch file needs")
                     raw[member.name.rsplit("/", 1)[1]] = tar.extractfile(member).read()
     except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
         raise DataError(f"{path}: unreadable archive ({e}); it is truncated or corrupt") from None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+import re
 import sys
 import tarfile
 import zipfile
@@ -107,17 +108,55 @@ def _resolve(data: str | Path | None, cache_dir: Path, url: str, splits: tuple[s
                     f"{cifar.folder}/, train/ and test/ image folders, or train.tar.gz and test.tar.gz")
 
 
+# A decoded entry is named `<source>-<content>.npz`: a hash of what the source is (kind, data
+# set, splits, resolved paths), then one of the files it reads (names, sizes, modification
+# times). Writing an entry removes the older ones of its source, so the cache holds one per
+# source. The patterns name what fastres writes in `<cache>/decoded/`, and nothing else is
+# ever removed there (fastres.cache).
+ENTRY = re.compile(r"[0-9a-f]{12}-[0-9a-f]{16}\.npz")
+LEGACY_ENTRY = re.compile(r"[0-9a-f]{20}\.npz")  # the earlier name: one hash of source and files
+TEMPORARY = re.compile(rf"\.(?:{ENTRY.pattern}|{LEGACY_ENTRY.pattern})\.[a-z0-9_]+\.tmp")  # atomic's, left by a kill
+
+
 def fingerprint(source: Source) -> str:
-    """Identify a source by its files' paths, sizes and modification times."""
-    h = hashlib.sha256(f"{CACHE_FORMAT} {source.dataset} {source.kind} {source.splits}".encode())
-    cifar = DATASETS[source.dataset]
+    """The name (without .npz) of the source's decoded entry: what it is, then what it holds."""
+    return f"{_identity(source)}-{_content(source)}"
+
+
+def _identity(source: Source) -> str:
+    h = hashlib.sha256(f"{source.kind} {source.dataset} {source.splits}".encode())
     for root in source.paths:
-        files = (official.folder_files(root, cifar) if source.kind == "official"
-                 else images.tree_files(root, source.splits))
-        for f in [root] if root.is_file() else [f for f in files if f.exists()]:
-            st = f.stat()
-            h.update(os.fsencode(f.resolve()) + f" {st.st_size} {st.st_mtime_ns}\n".encode())
-    return h.hexdigest()[:20]
+        h.update(os.fsencode(root.resolve()) + b"\n")
+    return h.hexdigest()[:12]
+
+
+def _content(source: Source) -> str:
+    """A stamp of exactly the files a load reads, so files beside them (a run directory
+    written inside the data tree) cannot change it."""
+    h = hashlib.sha256(f"{CACHE_FORMAT}".encode())
+    for root in source.paths:
+        for f in _files_read(source, root):
+            h.update(_stamp(f, root))
+    return h.hexdigest()[:16]
+
+
+def _files_read(source: Source, root: Path) -> list[Path]:
+    """The files a load of `root` reads: the archive itself, an extracted folder's batch
+    files, or an image tree's images."""
+    if root.is_file():
+        return [root]
+    if source.kind == "official":
+        return official.folder_files(root, DATASETS[source.dataset])
+    return images.scan_tree(root, source.splits)[0]
+
+
+def _stamp(path: Path, root: Path) -> bytes:
+    name = os.fsencode(path.relative_to(root))
+    try:
+        st = path.stat()
+    except OSError:  # missing or unreadable: reading it will say so
+        return name + b" unreadable\n"
+    return name + f" {st.st_size} {st.st_mtime_ns}\n".encode()
 
 
 def _read(source: Source) -> Splits:
@@ -130,8 +169,7 @@ def _read(source: Source) -> Splits:
         # (tests, subsets) are read as they are.
         md5 = cifar.archive_md5 if path.name == cifar.archive else None
         return official.read_archive(path, md5, cifar)
-    encoded = images.read_encoded(list(source.paths), source.splits, cifar.classes)
-    return Splits(images.decode(encoded.train, "train"), images.decode(encoded.test, "test"))
+    return images.read_decoded(list(source.paths), source.splits, cifar.classes)
 
 
 ARRAYS = ("train_x", "train_y", "test_x", "test_y")
@@ -180,7 +218,22 @@ def load(source: Source, cache_dir: Path | None = None, key: str | None = None) 
     except (OSError, RunError) as e:
         print(f"fastres: warning: cannot cache decoded data in {cache.parent} ({e}); reading the source "
               "again next time", file=sys.stderr)
+    else:
+        _remove_older(cache)
     return splits
+
+
+def _remove_older(entry: Path) -> None:
+    """Remove the entries of the same source written before `entry` (its files have changed
+    since), so the cache holds one entry per source."""
+    source = entry.name.split("-")[0]
+    for old in entry.parent.glob(f"{source}-*.npz"):
+        if old != entry and ENTRY.fullmatch(old.name):
+            try:
+                old.unlink(missing_ok=True)
+            except OSError as e:
+                print(f"fastres: warning: cannot remove the outdated cache entry {old} ({e.strerror or e})",
+                      file=sys.stderr)
 
 
 def load_encoded(source: Source) -> Splits | None:
