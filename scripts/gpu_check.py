@@ -72,7 +72,7 @@ LOG_EVERY = 100
 # Seconds the benchmark leaves for agreement and the full run: at ResNet-20's target of
 # 800 it/s the 64k run needs 80 s of steps, plus compilation and 32 evaluations.
 RESERVE_GPU_S, RESERVE_CPU_S = 200.0, 60.0
-REHEARSAL_RUN_S = 5.0  # the rehearsal's full run: long enough to cross log points and a deadline check
+REHEARSAL_RUN_S = 3.0  # the rehearsal's full run: long enough to cross log points and a deadline check
 
 
 
@@ -138,7 +138,7 @@ def throughput_part(check: Check, data: str, gpu: bool) -> dict[str, Any]:
     rehearsed = [str(i) for i, s in enumerate(throughput.MATRIX)
                  if s.key or s.loader != "torch" or s.runs in (1, 2)]
     sizes = (["--models", "resnet20,resnet56", "--warmup", "30", "--steps", "100", "--repeats", "5"] if gpu else
-             ["--models", "resnet8", "--warmup", "1", "--steps", "2", "--repeats", "2", "--loader-batches", "2",
+             ["--models", "resnet8", "--warmup", "1", "--steps", "2", "--repeats", "1", "--loader-batches", "2",
               "--eval-batch", "100", "--setups", ",".join(rehearsed)])
     budget = max(check.left() - (RESERVE_GPU_S if gpu else RESERVE_CPU_S), 1.0)  # keep time for the later parts
     argv = ["--device", "auto" if gpu else "cpu", "--data", data, "--budget-s", f"{budget:.0f}", *sizes]

@@ -8,9 +8,14 @@ import pickle
 import tarfile
 from pathlib import Path
 
-import numpy as np
-import pytest
-import torch
+# One CPU thread per test process, before torch is imported: pytest-xdist runs one worker per
+# core, and the runs a test compares bit for bit (in-process and in subprocesses, which
+# inherit this) must sum in the same order, which the thread count decides.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
 from PIL import Image
 
 from fastres.config import RunConfig
@@ -65,6 +70,13 @@ def write_tree(root: Path, per_class: dict[str, int], seed: int = 0) -> Path:
 def tiny_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """10 classes: 16 training and 4 test images each."""
     return write_tree(tmp_path_factory.mktemp("tree"), {"train": 16, "test": 4})
+
+
+@pytest.fixture(scope="session")
+def micro_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """10 classes: 2 training and 1 test image each, for what is slow per image (fp16 on a
+    CPU: about 0.1 s an image forward, ATen's reference convolution)."""
+    return write_tree(tmp_path_factory.mktemp("micro"), {"train": 2, "test": 1})
 
 
 def official_batch(images: np.ndarray, labels: np.ndarray) -> bytes:

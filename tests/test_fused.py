@@ -46,9 +46,10 @@ def members(spec: str, seeds: tuple[int, ...], num_classes: int = 10,
 # - training: each step amplifies the rounding. Measured on this project's CPUs in fp32 (u =
 #   6e-8), 30 steps of fused against alone drifted by 3.5e-3 (AVX-512) and 0.11 (oneDNN
 #   capped at AVX2): amplification 6e4 to 2e6. The same amplification on float64's rounding
-#   is at most 2e6 * 1.1e-16 = 2e-10 (measured: 3e-15 and 5e-15); TRAJECTORY leaves five
-#   times that margin again on top, and is still 1e7 times below a real error (a wrong
-#   batch, a wrong slice, another run's gradient change the loss at 1e-2 or more).
+#   is at most 2e6 * 1.1e-16 = 2e-10 (measured: 3e-15 and 5e-15, 30 steps; the runs here
+#   take 20); TRAJECTORY leaves five times that margin again on top, and is still 1e7 times
+#   below a real error (a wrong batch, a wrong slice, another run's gradient change the loss
+#   at 1e-2 or more).
 EXACT = 1e-12
 TRAJECTORY = 1e-9
 
@@ -180,12 +181,17 @@ def group_configs(tree: Path, folder: Path, seeds: tuple[int, ...] = SEEDS, **kw
     return [tiny_config(tree, folder / f"s{s}", seed=s, **kw) for s in seeds]
 
 
+# float64 runs (ATen's convolutions, about 4x slower than fp32's oneDNN ones): 20 steps at
+# batch 16, 2 epochs, every step logged, checkpoints at 10 and 20.
+FP64 = dict(precision="fp64", iters=20, milestones=(10, 15), batch_size=16, log_every=1)
+
+
 @pytest.fixture(scope="session")
 def fp64_group(tiny_tree: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The unbroken group of three in float64, 30 steps, one log point each: the reference
+    """The unbroken group of three in float64, 20 steps, one log point each: the reference
     every check of a regrouped or unfused continuation compares with (TRAJECTORY)."""
     folder = tmp_path_factory.mktemp("fp64-group")
-    train_group(group_configs(tiny_tree, folder, precision="fp64", log_every=1))
+    train_group(group_configs(tiny_tree, folder, **FP64))
     return folder
 
 
@@ -193,7 +199,7 @@ def fp64_group(tiny_tree: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
 def fp64_group_at_10(tiny_tree: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The same group stopped at its first checkpoint (iteration 10); tests copy it."""
     folder = tmp_path_factory.mktemp("fp64-group-at-10")
-    assert train_group(group_configs(tiny_tree, folder, precision="fp64", log_every=1), stop_at=10) is None
+    assert train_group(group_configs(tiny_tree, folder, **FP64), stop_at=10) is None
     return folder
 
 
@@ -205,6 +211,17 @@ def fp32_group(tiny_tree: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     return folder
 
 
+@pytest.fixture(scope="session")
+def fp32_group_at(tiny_tree: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[int, Path]:
+    """The fp32 group stopped at its first checkpoint (10) and at its second (20, with 10 kept
+    as the previous one); tests copy them."""
+    stops = {}
+    for step in (10, 20):
+        stops[step] = tmp_path_factory.mktemp(f"fp32-group-at-{step}")
+        assert train_group(group_configs(tiny_tree, stops[step]), stop_at=step) is None
+    return stops
+
+
 def copied(folder: Path, tmp_path: Path) -> Path:
     """A copy of a whole group's folder (group.json names its runs relative to each other)."""
     return Path(shutil.copytree(folder, tmp_path / "run"))
@@ -213,7 +230,7 @@ def copied(folder: Path, tmp_path: Path) -> Path:
 def test_run_k_of_a_group_is_the_run_seed_k_trains_alone(tiny_tree: Path, tmp_path: Path, fp64_group: Path) -> None:
     """Run 1, in the middle of the group (its slice is neither the first nor the last),
     trained alone: every logged loss agrees to TRAJECTORY, and so does the test error."""
-    alone = train(tiny_config(tiny_tree, tmp_path / "alone", seed=1, precision="fp64", log_every=1))
+    alone = train(tiny_config(tiny_tree, tmp_path / "alone", seed=1, **FP64))
     assert rel(losses(fp64_group / "s1"), losses(tmp_path / "alone")) < TRAJECTORY
     result = json.loads((fp64_group / "s1" / "results.json").read_text())
     assert result["test_error"] == alone["test_error"]
@@ -255,39 +272,38 @@ def test_a_group_can_resume_one_run_at_a_time(tmp_path: Path, fp64_group: Path, 
         a, b = losses(fp64_group / f"s{s}"), losses(run / f"s{s}")
         assert a[:10] == b[:10] and rel(b, a) < TRAJECTORY
         state = checkpoint.load(run / f"s{s}")
-        assert state["step"] == 30 and not (run / f"s{s}" / checkpoint.GROUP).exists()
+        assert state["step"] == 20 and not (run / f"s{s}" / checkpoint.GROUP).exists()
         assert not (run / f"s{s}" / checkpoint.PREVIOUS).exists()
 
 
 @pytest.mark.parametrize("cut", ["previous-only", "current-missing"])
 def test_a_kill_between_the_groups_checkpoint_writes_resumes_from_the_common_step(
-        tiny_tree: Path, tmp_path: Path, fp32_group: Path, cut: str) -> None:
+        tmp_path: Path, fp32_group: Path, fp32_group_at: dict[int, Path], cut: str) -> None:
     """Saved at 10 and 20, then as if killed while the step-20 checkpoints were written:
     run 0 holds 20 (and 10), run 1 only 10 (its write never began), run 2 nothing current
     (killed between keeping the previous one and writing the new one). The group resumes
     from 10 and ends as the unbroken group."""
-    assert train_group(group_configs(tiny_tree, tmp_path / "run"), stop_at=20) is None
+    run = copied(fp32_group_at[20], tmp_path)
     for s in (1, 2):
-        d = tmp_path / "run" / f"s{s}"
+        d = run / f"s{s}"
         (d / checkpoint.PREVIOUS).replace(d / checkpoint.CHECKPOINT)
         if s == 2 and cut == "current-missing":
             (d / checkpoint.CHECKPOINT).replace(d / checkpoint.PREVIOUS)
-    saved, step = group.resume_point([tmp_path / "run" / "s0"])
+    saved, step = group.resume_point([run / "s0"])
     assert step == 10 and [s.path.name for s in saved] == ["s0", "s1", "s2"]
-    assert train_main(["--resume", str(tmp_path / "run" / "s2")]) == 0
+    assert train_main(["--resume", str(run / "s2")]) == 0
     for s in SEEDS:
-        a, b = (checkpoint.MetricsLog(d / f"s{s}").read() for d in (fp32_group, tmp_path / "run"))
+        a, b = (checkpoint.MetricsLog(d / f"s{s}").read() for d in (fp32_group, run))
         assert deterministic(a) == deterministic(b)
 
 
 @pytest.mark.parametrize("written", ["run 0's", "none"])
-def test_a_group_killed_before_its_first_checkpoints_starts_again(tiny_tree: Path, tmp_path: Path, fp32_group: Path,
-                                                                  written: str) -> None:
+def test_a_group_killed_before_its_first_checkpoints_starts_again(tmp_path: Path, fp32_group: Path,
+                                                                  fp32_group_at: dict[int, Path], written: str) -> None:
     """Killed while the first checkpoints were written (run 0's is, the others' are not), or
     before any: `--resume` of run 1 finds the others through group.json and the group
     starts again from iteration 0, ending as the unbroken group."""
-    run = tmp_path / "run"
-    assert train_group(group_configs(tiny_tree, run), stop_at=10) is None
+    run = copied(fp32_group_at[10], tmp_path)
     for s in (1, 2) if written == "run 0's" else SEEDS:
         (run / f"s{s}" / checkpoint.CHECKPOINT).unlink()
     assert group.resume_point([run / "s1"])[1] == 0
@@ -388,10 +404,10 @@ def test_seeds_on_a_cpu_train_one_after_another_by_default(tiny_tree: Path, tmp_
         assert not (tmp_path / f"resnet8-A-seed{seed}" / checkpoint.PREVIOUS).exists()
 
 
-def test_fp16_trains_fused_with_one_scaler(tiny_tree: Path, tmp_path: Path) -> None:
+def test_fp16_trains_fused_with_one_scaler(micro_tree: Path, tmp_path: Path) -> None:
     """fp16 with one GradScaler for the group (an overflow in any run skips the group's
     step). The compiled fused step is the benchmark's fused rows' (tests/test_bench.py)."""
-    cfgs = [tiny_config(tiny_tree, tmp_path / f"s{s}", seed=s, iters=2, eval_every=2, log_every=2, batch_size=16,
+    cfgs = [tiny_config(micro_tree, tmp_path / f"s{s}", seed=s, iters=2, eval_every=2, log_every=2, batch_size=4,
                         amp=True, amp_dtype="fp16") for s in (0, 1)]
     results = train_group(cfgs)
     assert [r["precision"] for r in results] == ["fp16", "fp16"]

@@ -24,6 +24,22 @@ def argv(tree: Path, run: Path, *extra: str) -> list[str]:
             "--progress", "none", *extra]
 
 
+@pytest.fixture(scope="module")
+def cli_ref(tiny_tree: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The unbroken run of `argv`'s configuration, the reference of the failed-write resumes."""
+    ref = tmp_path_factory.mktemp("cli-ref") / "ref"
+    assert run_main(train_main, argv(tiny_tree, ref)) == 0
+    return ref
+
+
+@pytest.fixture(scope="module")
+def tiny_ref(tiny_tree: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The unbroken run of `tiny_config`, the reference of the interrupted-file resumes."""
+    ref = tmp_path_factory.mktemp("tiny-ref") / "ref"
+    train(tiny_config(tiny_tree, ref))
+    return ref
+
+
 def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_tree: Path, tmp_path: Path,
                                                                       capsys: pytest.CaptureFixture) -> None:
     """lr 0.01 for 10 iterations, then 1e8: the run blows up after iteration 10."""
@@ -55,9 +71,8 @@ def test_a_directory_is_fsynced_after_the_rename(tmp_path: Path, monkeypatch: py
                                                       (checkpoint.RESULTS, errno.EROFS, "Read-only file system")])
 def test_a_failed_write_is_one_line_and_the_previous_checkpoint_resumes(
         tiny_tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture,
-        target: str, code: int, text: str) -> None:
-    run, ref = tmp_path / "run", tmp_path / "ref"
-    assert run_main(train_main, argv(tiny_tree, ref)) == 0
+        cli_ref: Path, target: str, code: int, text: str) -> None:
+    run, ref = tmp_path / "run", cli_ref
     writes = {"n": 0}
     real_mkstemp = atomic.tempfile.mkstemp
 
@@ -100,9 +115,8 @@ def test_a_second_process_is_refused_and_a_dead_ones_lock_taken_over(tiny_tree: 
     assert not lock.exists()
 
 
-def test_a_partial_metrics_line_is_dropped_on_resume(tiny_tree: Path, tmp_path: Path) -> None:
-    ref, run = tmp_path / "ref", tmp_path / "run"
-    train(tiny_config(tiny_tree, ref))
+def test_a_partial_metrics_line_is_dropped_on_resume(tiny_tree: Path, tmp_path: Path, tiny_ref: Path) -> None:
+    ref, run = tiny_ref, tmp_path / "run"
     assert train(tiny_config(tiny_tree, run), stop_at=10) is None
     with open(run / checkpoint.METRICS, "a") as f:
         f.write('{"iter": 15, "train_lo')  # killed in the middle of an append
@@ -111,10 +125,9 @@ def test_a_partial_metrics_line_is_dropped_on_resume(tiny_tree: Path, tmp_path: 
     assert deterministic(checkpoint.MetricsLog(run).read()) == deterministic(checkpoint.MetricsLog(ref).read())
 
 
-def test_a_run_killed_before_its_first_checkpoint_starts_clean(tiny_tree: Path, tmp_path: Path,
+def test_a_run_killed_before_its_first_checkpoint_starts_clean(tiny_tree: Path, tmp_path: Path, tiny_ref: Path,
                                                               capsys: pytest.CaptureFixture) -> None:
-    ref, run = tmp_path / "ref", tmp_path / "run"
-    train(tiny_config(tiny_tree, ref))
+    ref, run = tiny_ref, tmp_path / "run"
     assert train(tiny_config(tiny_tree, run), stop_at=5) is None
     (run / checkpoint.CHECKPOINT).unlink()  # as if killed before the first checkpoint was written
     for resume in (False, True):

@@ -82,6 +82,15 @@ def test_sigint_then_resume_is_bit_identical(tiny_tree: Path, tmp_path: Path, _p
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
+def test_a_deadline_stops_the_run_as_ctrl_c_does(tiny_tree: Path, tmp_path: Path) -> None:
+    """A deadline already past (the GPU check's budget, spent) stops the run after its first
+    step, with a checkpoint to resume from: read by the loop, never sent as a signal."""
+    run = tmp_path / "run"
+    assert train(tiny_config(tiny_tree, run), deadline=time.monotonic() - 1) is None
+    assert checkpoint.load(run)["step"] == 1
+    assert train_main(["--resume", str(run)]) == 0 and checkpoint.load(run)["step"] == 30
+
+
 def test_finished_run_resume_is_a_no_op(tiny_tree: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     train(tiny_config(tiny_tree, tmp_path / "run", iters=5, eval_every=5))
     assert train_main(["--resume", str(tmp_path / "run")]) == 0
@@ -148,8 +157,8 @@ def test_amp_precision_follows_the_cpu(tiny_tree: Path, tmp_path: Path, native: 
     assert ("bf16 is emulated on this CPU" in capsys.readouterr().err) == (not native)
 
 
-def test_fp16_trains_with_a_scaler(tiny_tree: Path, tmp_path: Path) -> None:
-    results = train(tiny_config(tiny_tree, tmp_path / "fp16", iters=2, eval_every=2, batch_size=16, amp=True,
+def test_fp16_trains_with_a_scaler(micro_tree: Path, tmp_path: Path) -> None:
+    results = train(tiny_config(micro_tree, tmp_path / "fp16", iters=2, eval_every=2, batch_size=4, amp=True,
                                 amp_dtype="fp16", channels_last=True))
     assert results["precision"] == "fp16"
     assert checkpoint.load(tmp_path / "fp16")["scaler"]["scale"] > 0  # a live GradScaler state was saved
