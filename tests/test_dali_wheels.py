@@ -58,7 +58,18 @@ def test_split_then_install_from_parts(tmp_path: Path, capsys: pytest.CaptureFix
     assert out.stdout.split() == ["19968", "4864"]
 
 
-def test_wheels_the_target_has_are_not_sent() -> None:
+def test_wheels_the_target_has_are_not_sent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert dali_wheels.project_of(Path("nvidia_dali_cuda130-2.4.0-py3-none-manylinux_2_28_x86_64.whl")) == \
         "nvidia-dali-cuda130"
-    assert "numpy" in dali_wheels.PRESENT
+    # what pip brings that the GPU machine has already is dropped before anything is sent
+    # (pip stands in here: it "downloads" DALI and numpy)
+    def pip(cmd: list[str]) -> subprocess.CompletedProcess:
+        dest = Path(cmd[cmd.index("-d") + 1])
+        for name in ("nvidia_dali_cuda130-2.4.0-py3-none-manylinux_2_28_x86_64.whl",
+                     "numpy-2.3.0-cp312-cp312-manylinux_2_28_x86_64.whl"):
+            (dest / name).write_bytes(b"wheel")
+        return subprocess.CompletedProcess(cmd, 0)
+    monkeypatch.setattr(dali_wheels.subprocess, "run", pip)
+    kept = dali_wheels.download(tmp_path, dali_wheels.PACKAGE, "3.12", dali_wheels.PRESENT)
+    assert [w.name for w in kept] == ["nvidia_dali_cuda130-2.4.0-py3-none-manylinux_2_28_x86_64.whl"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [w.name for w in kept]
