@@ -75,7 +75,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="remove the decoded data and leftovers fastres wrote (downloaded archives are kept)")
     args = p.parse_args(argv)
     folder = default_cache_dir()
-    print(clear(folder) if args.clear else listing(folder))
+    try:
+        print(clear(folder) if args.clear else listing(folder))
+    except OSError as e:  # a cache folder that cannot be listed or read (permissions, a file in its place)
+        raise RunError(f"cannot read the cache {folder} ({e.strerror or e})") from None
     return 0
 
 

@@ -88,7 +88,7 @@ def requested_precision(amp: bool, amp_dtype: str) -> str:
 
 
 def resolve_precision(device: torch.device, requested: str) -> tuple[str, str | None]:
-    """The precision a run trains in (fp32, bf16 or fp16) and, when it differs from what a
+    """The precision a run trains in (fp32, bf16, fp16, or fp64 when asked for) and, when it differs from what a
     user may expect, one line saying why. "auto" is bf16 (fp32's range: no loss scaling)
     where the device computes it natively; else fp16 on a GPU, and fp32 on a CPU, where
     fp16 autocast brings no speed. A resolved precision is saved in the config, so a run

@@ -119,7 +119,7 @@ class Session:
     step: TrainStep
     data: loaders.Data
     prepared: loaders.Prepared
-    note: str | None  # what the precision choice says, once
+    notes: list[str]  # what the precision and thread count say, once each
 
     @property
     def cfg(self) -> RunConfig:
@@ -141,9 +141,10 @@ def setup(cfgs: list[RunConfig], dist: distributed.DistInfo) -> Session:
         raise UsageError(f"--batch-size {cfg.batch_size} does not split over {dist.world_size} processes")
     configure_backends(device, cfg.deterministic)
     precision, note = resolve_precision(device, cfg.precision or requested_precision(cfg.amp, cfg.amp_dtype))
+    notes = [note] if note else []
     threads = torch.get_num_threads()
     if device.type == "cpu" and cfg.cpu_threads not in (None, threads):
-        note = (f"{note}; " if note else "") + (
+        notes.append(
             f"note: this run was trained with {cfg.cpu_threads} CPU threads and goes on with {threads}: it continues "
             "from its checkpoint, but no longer bit for bit as the unbroken run (the thread count orders the CPU's "
             f"sums; OMP_NUM_THREADS={cfg.cpu_threads} restores it)")
@@ -166,7 +167,7 @@ def setup(cfgs: list[RunConfig], dist: distributed.DistInfo) -> Session:
         model = model.to(memory_format=torch.channels_last)
     step = TrainStep(distributed.wrap(model, dist), device, dtype, cfg.compile, momentum=cfg.momentum,
                      weight_decay=cfg.weight_decay, runs=len(cfgs))
-    return Session(cfgs, dist, device, model, step, data, prepared, note)
+    return Session(cfgs, dist, device, model, step, data, prepared, notes)
 
 
 def train(cfg: RunConfig, resume: dict[str, Any] | None = None, stop_at: int | None = None,
@@ -332,8 +333,8 @@ def start_reporting(s: Session, run_dirs: list[Path], start: int) -> Reporter:
         for c, run_dir in zip(s.cfgs, run_dirs, strict=True):
             write_json(run_dir / checkpoint.CONFIG, c.to_dict())
             group.write_group(run_dir, [c.out for c in s.cfgs])
-        if s.note:
-            print(f"fastres: {s.note}", file=sys.stderr)
+        for note in s.notes:
+            print(f"fastres: {note}", file=sys.stderr)
         late = [m for m in cfg.milestones if m >= cfg.iters]
         if late:  # allowed (a prefix of a longer schedule), but never silent
             print(f"fastres: note: milestones {', '.join(map(str, late))} are not below --iters {cfg.iters}: "

@@ -156,15 +156,19 @@ def throughput_part(check: Check, data: str, gpu: bool) -> dict[str, Any]:
 
 
 def agreement(data: str, device: torch.device, model_name: str, steps: int, precision: str,
-              batch_size: int = throughput.BATCH) -> dict[str, Any]:
-    """Train two copies of one model on the same batches, eager and compiled; compare."""
+              batch_size: int = throughput.BATCH, channels_last: bool = True) -> dict[str, Any]:
+    """Train two copies of one model on the same batches, eager and compiled; compare.
+    channels_last as training uses it on a GPU; the CPU rehearsal's fp64 runs NCHW (torch
+    2.13's compiled float64 channels_last step crashes with SIGSEGV when ATen is capped at
+    AVX2, this project's stand-in for an AVX2-only machine)."""
     torch.manual_seed(0)
-    eager_model = build_model(model_name).to(device, memory_format=torch.channels_last)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    eager_model = build_model(model_name).to(device, memory_format=layout)
     compiled_model = copy.deepcopy(eager_model)
     precision, _ = resolve_precision(device, precision)
     dtype = PRECISIONS[precision]
     eager_model, compiled_model = eager_model.to(param_dtype(precision)), compiled_model.to(param_dtype(precision))
-    where = loaders.Placement(device, tensor_dtype(precision), channels_last=True)
+    where = loaders.Placement(device, tensor_dtype(precision), channels_last=channels_last)
     batches = throughput.endless(loaders.build(loaders.prepare(data), where, batch_size=batch_size).train)
     eager = TrainStep(eager_model, device, dtype, compile=False)
     compiled = TrainStep(compiled_model, device, dtype, compile=True)
@@ -178,7 +182,7 @@ def agreement(data: str, device: torch.device, model_name: str, steps: int, prec
     limit = AGREE_REL.get(precision, AGREE_REL["bf16"])  # fp16, on a GPU without bf16: as bf16
     if worst > limit:
         raise AssertionError(f"compiled and eager losses differ by {worst:.2e} (relative), over {limit}")
-    return {"model": model_name, "precision": precision, "channels_last": True, "steps": steps,
+    return {"model": model_name, "precision": precision, "channels_last": channels_last, "steps": steps,
             "batch_size": batch_size, "losses": losses,
             "max_rel_loss_diff": worst, "max_abs_param_diff": params, "limit": limit}
 
@@ -275,12 +279,12 @@ def main(argv: list[str] | None = None) -> int:
         for precision in ("bf16", "fp32") if gpu else ("fp64",):
             check.part(f"agreement_{precision}",
                        lambda p=precision: agreement(args.data, device, model, 20 if gpu else 3, p,
-                                                     throughput.BATCH if gpu else 32))
+                                                     throughput.BATCH if gpu else 32, channels_last=gpu))
         with tempfile.TemporaryDirectory(prefix="fastres-gpu-check-") as tmp:
             check.part("full_run", lambda: full_run(check, args.data, model, Path(tmp) / "run",
                                                     cap_s=None if gpu else REHEARSAL_RUN_S,
                                                     margin_s=FULL_RUN_OVERHEAD_S if gpu else 2.0,
-                                                    log_every=LOG_EVERY if gpu else 10,
+                                                    log_every=LOG_EVERY if gpu else 1,
                                                     min_iters=0 if gpu else 10))
         failed = [k for k, v in summary.items() if isinstance(v, dict) and v.get("ok") is False and "skipped" not in v]
         print(f"done in {time.monotonic() - check.start:.0f} s; {args.out / JSON}"

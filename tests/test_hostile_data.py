@@ -271,3 +271,18 @@ def test_an_official_batch_over_its_bound_is_refused_by_its_header(tmp_path: Pat
     with pytest.raises(DataError, match="data_batch_1' is 3,221,225,472 bytes, over the 268,435,456"):
         sources.load(sources.resolve(archive))
     assert reads == []
+
+
+def test_a_split_archive_holds_its_own_split_alone(tmp_path: Path) -> None:
+    """train.tar.gz that also holds test/: those are not more test images (the test split is
+    test.tar.gz's): read for neither split."""
+    tree = write_tree(tmp_path / "tree", {"train": 1, "test": 1})
+    data = tmp_path / "data"
+    data.mkdir()
+    with tarfile.open(data / "train.tar.gz", "w:gz") as tar:
+        tar.add(tree / "train", arcname="train")
+        tar.add(tree / "test", arcname="test")
+    with tarfile.open(data / "test.tar.gz", "w:gz") as tar:
+        tar.add(tree / "test", arcname="test")
+    splits = sources.load(sources.resolve(data), tmp_path / "cache")
+    assert (len(splits.train), len(splits.test)) == (10, 10)

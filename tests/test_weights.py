@@ -178,3 +178,22 @@ def loaders_classes() -> tuple[str, ...]:
     from fastres.data.dataset import CLASSES
 
     return CLASSES
+
+
+def test_an_export_naming_a_model_that_cannot_fit_is_one_line(trained: tuple[Path, dict], tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """A few KB of JSON naming resnet2000000 (32 billion parameters): refused from the depth,
+    before anything is allocated."""
+    from fastres import models
+
+    run, _ = trained
+    out = tmp_path / "w.pt"
+    assert run_main(export_main, [str(run), str(out)]) == 0
+    meta = json.loads(out.with_suffix(".json").read_text())
+    out.with_suffix(".json").write_text(json.dumps({**meta, "model": "resnet2000000"}))
+    monkeypatch.setattr(models, "CifarResNet", lambda *a: pytest.fail("built a model that cannot fit"))
+    capsys.readouterr()
+    assert run_main(evaluate_main, [str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "resnet2000000 (32,405,279,002 parameters) needs at least" in err

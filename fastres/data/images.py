@@ -48,6 +48,13 @@ def split_archives(folder: Path) -> dict[str, Path]:
     return found
 
 
+def _read_from(source: Path, splits: tuple[str, ...]) -> tuple[str, ...]:
+    """The splits to read from a source: a split's own archive (`train.tar.gz`) holds that
+    split alone, so a `test/` inside it is another file, never more test images."""
+    own = next((split for split in SPLIT_NAMES for suffix in ARCHIVE_SUFFIXES if source.name == split + suffix), None)
+    return splits if own is None else tuple(s for s in splits if s == own)
+
+
 def _parts(name: str) -> list[str]:
     """A relative path or tar member name as its parts; `./train/x` is `train/x`."""
     return [p for p in name.replace("\\", "/").split("/") if p not in ("", ".")]
@@ -203,7 +210,7 @@ def _collect(sources: list[Path], splits: tuple[str, ...], classes: tuple[str, .
     others: list[str] = []
     for source in sources:
         walk = _walk_archive if is_archive(source) else _walk_tree
-        for name, where, data in walk(source, splits, others):
+        for name, where, data in walk(source, _read_from(source, splits), others):
             split, label = _classify(name, classes)
             found[split].append((label, name, convert(data, where)))
     return found, others
@@ -216,7 +223,7 @@ def _splits(found: Found, sources: list[Path], classes: tuple[str, ...],
     read = {}
     for split, items in found.items():
         if not items:
-            raise DataError(f"{', '.join(map(str, sources))}: no {split}/<class>/*.jpg|png images found")
+            raise DataError(f"{', '.join(map(str, sources))}: no {split}/<class>/*.jpg|jpeg|png images found")
         items.sort(key=lambda t: (t[0], t[1]))
         missing = sorted(set(range(len(classes))) - {label for label, _, _ in items})
         if missing:
