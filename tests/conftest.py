@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import pickle
 import tarfile
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 # One CPU thread per test process, before torch is imported: pytest-xdist runs one worker per
@@ -77,6 +80,21 @@ def micro_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """10 classes: 2 training and 1 test image each, for what is slow per image (fp16 on a
     CPU: about 0.1 s an image forward, ATen's reference convolution)."""
     return write_tree(tmp_path_factory.mktemp("micro"), {"train": 2, "test": 1})
+
+
+@contextlib.contextmanager
+def fifo_writer(path: Path) -> Iterator[None]:
+    """A writer at a FIFO's other end, so that code which wrongly opens it reads an empty file
+    and fails its test, instead of hanging the suite; released when the block ends."""
+    # os.open, not open(): tests watch what open() is called with
+    writer = threading.Thread(target=lambda: os.close(os.open(path, os.O_WRONLY)), daemon=True)
+    writer.start()
+    try:
+        yield
+    finally:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # lets a writer still waiting go
+        writer.join(10)
+        os.close(fd)
 
 
 def official_batch(images: np.ndarray, labels: np.ndarray) -> bytes:

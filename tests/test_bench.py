@@ -11,6 +11,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench import throughput  # noqa: E402
 from fastres.data import loaders  # noqa: E402
 
+# One worker for the whole module: its shared reference runs are trained once (pytest-xdist).
+pytestmark = pytest.mark.xdist_group("bench")
+
 
 FAILING = "+ channels_last"  # the row the shared run breaks on purpose (test_a_failing_row_...)
 

@@ -26,6 +26,9 @@ from fastres.train import train, train_group
 
 CPU = torch.device("cpu")
 
+# One worker for the whole module: its shared reference runs are trained once (pytest-xdist).
+pytestmark = pytest.mark.xdist_group("fused")
+
 
 def members(spec: str, seeds: tuple[int, ...], num_classes: int = 10,
             dtype: torch.dtype = torch.float64) -> list[torch.nn.Module]:

@@ -2,6 +2,7 @@
 written outside the cache and run directories, and a damaged cache is never used."""
 
 import builtins
+import contextlib
 import io
 import os
 import re
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import class_images, write_tree
+from conftest import class_images, fifo_writer, write_tree
 from PIL import Image
 
 from fastres.cli import run_main
@@ -258,7 +259,8 @@ def test_an_image_path_that_is_not_a_readable_regular_file_is_one_line(
             "unreadable": lambda: bad.symlink_to("/proc/self/mem")}  # stat says a file of 0 bytes; reading fails
     make[kind]()
     opened = record_opens(monkeypatch)
-    with pytest.raises(DataError, match=re.escape(f"{bad}: {message}")) as e:
+    with fifo_writer(bad) if kind == "fifo" else contextlib.nullcontext(), \
+            pytest.raises(DataError, match=re.escape(f"{bad}: {message}")) as e:
         sources.load(sources.resolve(tree))
     assert "\n" not in str(e.value)
     assert (bad in opened) == (kind == "unreadable")  # only a regular file is ever opened

@@ -17,6 +17,9 @@ from fastres.cli import run_main
 from fastres.train import main as train_main
 from fastres.train import train
 
+# One worker for the whole module: its shared reference runs are trained once (pytest-xdist).
+pytestmark = pytest.mark.xdist_group("reliability")
+
 
 def argv(tree: Path, run: Path, *extra: str) -> list[str]:
     return ["resnet8", "--data", str(tree), "--iters", "20", "--milestones", "15", "--batch-size", "32",

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import fifo_writer, tiny_config
 
 from fastres import checkpoint
 from fastres.cli import run_main
@@ -169,7 +169,8 @@ def test_predict_refuses_a_fifo_without_opening_it(trained: tuple[Path, dict], t
     os.mkfifo(fifo)
     real = builtins.open
     monkeypatch.setattr(builtins, "open", lambda f, *a, **k: pytest.fail("opened") if f == fifo else real(f, *a, **k))
-    assert run_main(predict_main, [str(trained[0]), str(fifo)]) == 2
+    with fifo_writer(fifo):
+        assert run_main(predict_main, [str(trained[0]), str(fifo)]) == 2
     err = capsys.readouterr().err
     assert err == f"fastres: error: {fifo}: is a FIFO, not an image file\n"
 
