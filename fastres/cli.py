@@ -4,6 +4,7 @@ non-zero exit, never a traceback."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 
@@ -30,7 +31,12 @@ def run_main(main: Callable[[list[str] | None], int], argv: list[str] | None = N
     """Call `main`, turning the expected errors into `fastres: error: ...` and exit 2."""
     printable_streams()
     try:
-        return main(argv)
+        code = main(argv)
+        sys.stdout.flush()  # a reader gone away shows here, inside the handler below
+        return code
+    except BrokenPipeError:  # `... | head` stopped reading: nothing left to say, and no traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except EXPECTED as e:
         print(f"fastres: error: {' '.join(str(e).split())}", file=sys.stderr)  # one line, whatever a library said
         return EXIT_USAGE

@@ -26,6 +26,7 @@ FLAGS = {"iters": "--iters", "batch_size": "--batch-size", "eval_every": "--eval
          "eval_batch_size": "--eval-batch-size", "log_every": "--log-every", "checkpoint_every": "--checkpoint-every",
          "lr": "--lr", "warmup_lr": "the warm-up lr", "momentum": "--momentum", "weight_decay": "--wd"}
 AMP_DTYPES = ("auto", "bf16", "fp16")
+FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max: an lr or wd beyond it cannot reach the weights
 FUSE = ("auto", "on", "off")
 PROGRESS = ("auto", "rich", "plain", "none")
 
@@ -96,8 +97,11 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise UsageError(f"the config names {cfg.model} with shortcut {cfg.shortcut}: expected "
                          f"model={spec.name}, shortcut={spec.shortcut}")
     for name in ("lr", "warmup_lr", "momentum", "weight_decay"):
-        if not math.isfinite(getattr(cfg, name)):
-            raise UsageError(f"{FLAGS.get(name, name)} must be a finite number, got {getattr(cfg, name)}")
+        if not math.isfinite(getattr(cfg, name)) or abs(getattr(cfg, name)) > FLOAT32_MAX:
+            raise UsageError(f"{FLAGS.get(name, name)} must be a finite number within float32's range "
+                             f"(|x| <= {FLOAT32_MAX:.3g}, the weights' type), got {getattr(cfg, name)}")
+    if not 0 <= cfg.seed < 2**32:
+        raise UsageError(f"--seed must be between 0 and 2**32 - 1 (what the data order's generator takes), got {cfg.seed}")
     for name in ("iters", "batch_size", "eval_every", "eval_batch_size", "log_every", "checkpoint_every"):
         if getattr(cfg, name) <= 0:
             raise UsageError(f"{FLAGS.get(name, name)} must be positive, got {getattr(cfg, name)}")

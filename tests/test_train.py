@@ -197,7 +197,9 @@ def test_the_trainer_takes_the_shortcut_in_the_model_name(tiny_tree: Path, tmp_p
 
 
 @pytest.mark.parametrize("bad", [["--lr", "nan"], ["--lr", "inf"], ["--wd", "nan"], ["--wd", "-1"],
-                                 ["--momentum", "1.5"], ["--eval-every", "0"], ["--eval-batch-size", "0"]])
+                                 ["--momentum", "1.5"], ["--eval-every", "0"], ["--eval-batch-size", "0"],
+                                 ["--lr", "1e300"], ["--wd", "1e300"], ["--seed", "99999999999999999999"],
+                                 ["--seed", "-1"]])
 def test_bad_numbers_are_one_line(bad: list[str], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert run_main(train_main, ["resnet8", "--out", str(tmp_path / "r"), *bad]) == 2
     err = capsys.readouterr().err
