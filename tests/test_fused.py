@@ -26,8 +26,9 @@ from fastres.train import train, train_group
 
 CPU = torch.device("cpu")
 
-# One worker for the whole module: its shared reference runs are trained once (pytest-xdist).
-pytestmark = pytest.mark.xdist_group("fused")
+# The tests sharing a reference run stay on one pytest-xdist worker, so it is trained once:
+# one group for the float64 references, one for the fp32 ones.
+FP64_GROUP, FP32_GROUP = pytest.mark.xdist_group("fused-fp64"), pytest.mark.xdist_group("fused-fp32")
 
 
 def members(spec: str, seeds: tuple[int, ...], num_classes: int = 10,
@@ -230,6 +231,7 @@ def copied(folder: Path, tmp_path: Path) -> Path:
     return Path(shutil.copytree(folder, tmp_path / "run"))
 
 
+@FP64_GROUP
 def test_run_k_of_a_group_is_the_run_seed_k_trains_alone(tiny_tree: Path, tmp_path: Path, fp64_group: Path) -> None:
     """Run 1, in the middle of the group (its slice is neither the first nor the last),
     trained alone: every logged loss agrees to TRAJECTORY, and so does the test error."""
@@ -254,6 +256,7 @@ def test_run_k_of_a_group_is_the_run_seed_k_trains_alone(tiny_tree: Path, tmp_pa
         json.loads((fp64_group / "s2" / "results.json").read_text())["test_error"]
 
 
+@FP32_GROUP
 def test_a_group_resumes_bit_for_bit_from_any_of_its_runs(tiny_tree: Path, tmp_path: Path, fp32_group: Path) -> None:
     cut = group_configs(tiny_tree, tmp_path / "cut")
     assert train_group(cut, stop_at=13) is None
@@ -265,6 +268,7 @@ def test_a_group_resumes_bit_for_bit_from_any_of_its_runs(tiny_tree: Path, tmp_p
         assert all(torch.equal(fa["model"][k], fb["model"][k]) for k in fa["model"])
 
 
+@FP64_GROUP
 def test_a_group_can_resume_one_run_at_a_time(tmp_path: Path, fp64_group: Path, fp64_group_at_10: Path) -> None:
     """`--fuse off` on resume: each run goes on alone from the group's common step, in the
     single-run format from then on (no previous checkpoint kept, no group named), and ends
@@ -279,6 +283,7 @@ def test_a_group_can_resume_one_run_at_a_time(tmp_path: Path, fp64_group: Path, 
         assert not (run / f"s{s}" / checkpoint.PREVIOUS).exists()
 
 
+@FP32_GROUP
 @pytest.mark.parametrize("cut", ["previous-only", "current-missing"])
 def test_a_kill_between_the_groups_checkpoint_writes_resumes_from_the_common_step(
         tmp_path: Path, fp32_group: Path, fp32_group_at: dict[int, Path], cut: str) -> None:
@@ -300,6 +305,7 @@ def test_a_kill_between_the_groups_checkpoint_writes_resumes_from_the_common_ste
         assert deterministic(a) == deterministic(b)
 
 
+@FP32_GROUP
 @pytest.mark.parametrize("written", ["run 0's", "none"])
 def test_a_group_killed_before_its_first_checkpoints_starts_again(tmp_path: Path, fp32_group: Path,
                                                                   fp32_group_at: dict[int, Path], written: str) -> None:
@@ -316,6 +322,7 @@ def test_a_group_killed_before_its_first_checkpoints_starts_again(tmp_path: Path
         assert deterministic(a) == deterministic(b)
 
 
+@FP64_GROUP
 def test_a_diverging_run_stops_and_the_others_go_on(tmp_path: Path, fp64_group: Path, fp64_group_at_10: Path,
                                                    capsys: pytest.CaptureFixture) -> None:
     """Run 1's checkpoint is damaged (a weight of NaN): on resume it diverges at the next
