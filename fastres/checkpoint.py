@@ -1,198 +1,154 @@
-"""Run directories: config, checkpoint, metrics log and results, all written atomically."""
+"""A run's checkpoint as a typed object, with its one writer and its one validating reader.
+
+This module is the only place that knows the checkpoint's keys: everything else reads and
+writes `Checkpoint` fields. A file that unpickles but is not what fastres wrote (a missing
+field, a field of the wrong type, a config that no run can have) is one line naming the
+file and the field, never a traceback later.
+"""
 
 from __future__ import annotations
 
-import contextlib
-import json
-import os
-import socket
-import sys
+import dataclasses
+import numbers
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from fastres import atomic
 from fastres.config import RunConfig
-from fastres.errors import RunError
-from fastres.weights import CHECKPOINT, load_file
+from fastres.errors import RunError, UsageError
+from fastres.weights import load_file
 
-CONFIG = "config.json"
-METRICS = "metrics.jsonl"
-RESULTS = "results.json"
-LOCK = ".lock"
-PREVIOUS = "checkpoint.prev.pt"  # a fused run's checkpoint before its latest (see fastres.group)
-GROUP = "group.json"  # a fused run's group: its runs' directories, relative to its own
 # What a checkpoint holds. 0: before it had a version; 1: adds "normalization" (mean, std).
 FORMAT = 1
 
 
-def refuse_overwrite(out: str, resuming: bool) -> None:
-    """A new run never writes into a directory that holds another run's checkpoint."""
-    if not resuming and any((Path(out) / name).exists() for name in (CHECKPOINT, PREVIOUS)):
-        raise RunError(f"{out} already holds a run: pass --resume {out}, or choose another --out")
+@dataclass
+class Normalization:
+    """The per-pixel (32, 32, 3) or per-channel (1, 1, 3) mean and std the run trained with."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
 
 
-def prepare_run_dir(out: str, resuming: bool) -> Path:
-    """Create the run directory and prove it writable; if it is not, remove the folders
-    this call made, so a refused run leaves no trace. A new run in a directory left by a
-    run killed before its first checkpoint starts clean (its stale metrics are removed,
-    with a note), never appending to them."""
-    refuse_overwrite(out, resuming)
-    path = Path(out)
-    made = [p for p in (path, *path.parents) if not p.exists()]
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        for folder in made:  # deepest first
-            with contextlib.suppress(OSError):
-                folder.rmdir()
-        raise RunError(f"cannot write to run directory {path} ({e.strerror})") from None
-    stale = [path / name for name in (METRICS, RESULTS, CONFIG) if (path / name).exists()]
-    if not resuming and stale:
-        for file in stale:
-            file.unlink()
-        print(f"fastres: note: {path} held a run stopped before its first checkpoint: starting it again from "
-              "iteration 0", file=sys.stderr)
-    return path
+@dataclass
+class Checkpoint:
+    """One run at one step, in a single run's format (a fused group writes one per run)."""
+
+    config: RunConfig
+    step: int  # iterations done
+    model: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]  # torch.optim.SGD.state_dict()
+    scaler: dict[str, Any]  # torch.amp.GradScaler.state_dict() (empty when disabled)
+    loss_sum: torch.Tensor  # the metric window's sums since the last log point, over processes
+    wrong_sum: torch.Tensor
+    window: int  # steps in that window
+    train_time: float  # seconds of training (evaluation and checkpoints excluded)
+    wall_time: float
+    normalization: Normalization | None  # None: format 0, from before it was saved
+    format: int = FORMAT
 
 
-class RunLock:
-    """One process per run directory: a lock file naming the owner's host and pid. A second
-    process is refused in one line; a lock left by a dead process on this host (kill -9) is
-    taken over, with a note. Disabled (a no-op) on the ranks that do not write."""
-
-    def __init__(self, run_dir: Path, enabled: bool = True) -> None:
-        self.path, self.enabled = run_dir / LOCK, enabled
-        self.me = {"host": socket.gethostname(), "pid": os.getpid()}
-
-    def __enter__(self) -> RunLock:
-        if self.enabled:
-            self._acquire()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.enabled and self._owner() == self.me:
-            self.path.unlink(missing_ok=True)
-
-    def _owner(self) -> dict[str, Any] | None:
-        try:
-            owner = json.loads(self.path.read_text())
-        except (OSError, ValueError):
-            return None  # gone, or cut short by a kill while it was written
-        return owner if isinstance(owner, dict) and {"host", "pid"} <= owner.keys() else None
-
-    def _acquire(self) -> None:
-        for _ in range(3):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                owner = self._owner()
-                if owner is not None and (owner["host"] != self.me["host"] or _alive(owner["pid"])):
-                    raise RunError(f"{self.path.parent} is in use by pid {owner['pid']} on {owner['host']}; "
-                                   f"wait for it to finish (or, if it is gone, remove {self.path})") from None
-                who = f"pid {owner['pid']}, no longer running" if owner else "an unreadable lock"
-                print(f"fastres: note: taking over {self.path} from {who}", file=sys.stderr)
-                self.path.unlink(missing_ok=True)
-                continue
-            with os.fdopen(fd, "w") as f:
-                json.dump(self.me, f)
-            return
-        raise RunError(f"{self.path}: could not take the lock")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # someone else's live process
-    return True
-
-
-def checkpoint_path(path: str | Path) -> Path:
-    """The checkpoint file of a run directory, or the file itself."""
-    path = Path(path)
-    ckpt = path / CHECKPOINT if path.is_dir() else path
-    if not ckpt.is_file():
-        raise RunError(f"{path}: no checkpoint ({CHECKPOINT}) to resume or evaluate")
-    return ckpt
-
-
-def save(run_dir: Path, state: dict[str, Any], keep_previous: bool = False) -> None:
-    """Write the checkpoint atomically. `keep_previous` (runs of a fused group): the current
-    one becomes checkpoint.prev.pt first, so a kill between the group's writes leaves a
-    step every run holds. A lone run keeps no previous checkpoint (an old one is removed)."""
-    current, previous = run_dir / CHECKPOINT, run_dir / PREVIOUS
-    try:
-        if keep_previous and current.exists():
-            os.replace(current, previous)
-        elif not keep_previous:
-            previous.unlink(missing_ok=True)
-    except OSError as e:
-        raise RunError(f"cannot keep the previous checkpoint in {run_dir} ({e.strerror or e})") from None
-    atomic.torch_save(current, {"format": FORMAT, **state})
-
-
-def saved_files(run_dir: Path) -> list[Path]:
-    """A run directory's checkpoint files, current first, then the previous one."""
-    return [f for f in (run_dir / CHECKPOINT, run_dir / PREVIOUS) if f.is_file()]
-
-
-def read_json(path: Path) -> Any:
-    """A run directory's JSON file (config.json, group.json); the caller words its errors."""
-    return json.loads(path.read_text())
-
-
-def load(path: str | Path) -> dict[str, Any]:
-    ckpt = checkpoint_path(path)
-    state = load_file(ckpt, "checkpoint")
-    if not isinstance(state, dict) or "config" not in state or "model" not in state:
-        raise RunError(f"{ckpt}: not a fastres checkpoint")
-    if state.get("format", 0) > FORMAT:
-        raise RunError(f"{ckpt}: written by a newer fastres (checkpoint format {state['format']}; this one reads "
-                       f"formats up to {FORMAT}): update fastres")
+def encode(ckpt: Checkpoint) -> dict[str, Any]:
+    """The dict `torch.save` writes: tensors and plain values only, so `weights_only` reads it."""
+    state = {f.name: getattr(ckpt, f.name) for f in dataclasses.fields(Checkpoint)}
+    state["config"] = ckpt.config.to_dict()
+    state["format"] = FORMAT
+    if ckpt.normalization is not None:
+        state["normalization"] = {"mean": ckpt.normalization.mean, "std": ckpt.normalization.std}
     return state
 
 
-def config_of(state: dict[str, Any]) -> RunConfig:
-    return RunConfig.from_dict(state["config"])
+def write(path: Path, ckpt: Checkpoint) -> None:
+    """Write atomically: a kill leaves the previous file or this one, never half of one."""
+    atomic.torch_save(path, encode(ckpt))
 
 
-class MetricsLog:
-    """`metrics.jsonl`, one JSON object per logged iteration. A kill during an append can
-    leave a partial last line: reading skips it, and a resume rewrites the file without it."""
+def read(path: Path) -> Checkpoint:
+    """The checkpoint in `path`, validated field by field; one RunError line if it is not one."""
+    return decode(load_file(path, "checkpoint"), path)
 
-    def __init__(self, run_dir: Path) -> None:
-        self.path = run_dir / METRICS
 
-    def _records(self) -> list[tuple[str, dict[str, Any]]]:
-        if not self.path.exists():
-            return []
-        records = []
-        for line in self.path.read_text(errors="replace").splitlines():
-            try:
-                records.append((line, json.loads(line)))
-            except json.JSONDecodeError:
-                continue  # a line cut short by a kill: its iteration is recomputed
-        return records
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
-    def truncate_after(self, step: int) -> None:
-        """Keep the whole lines up to `step`: later iterations are recomputed after a resume."""
-        if self.path.exists():
-            keep = [line for line, record in self._records() if record.get("iter", 0) <= step]
-            atomic.write_bytes(self.path, "".join(f"{line}\n" for line in keep).encode())
 
-    def append(self, record: dict[str, Any]) -> None:
-        try:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-        except OSError as e:
-            raise RunError(f"cannot write {self.path} ({e.strerror or e})") from None
+def _is_real(v: Any) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
-    def read(self) -> list[dict[str, Any]]:
-        return [record for _, record in self._records()]
+
+def _tensor_dict(v: Any) -> bool:
+    return isinstance(v, dict) and bool(v) and all(isinstance(k, str) and isinstance(t, torch.Tensor)
+                                                  for k, t in v.items())
+
+
+def _optimizer(v: Any) -> bool:
+    return (isinstance(v, dict) and isinstance(v.get("state"), dict) and isinstance(v.get("param_groups"), list)
+            and all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in v["param_groups"]))
+
+
+def _one_number(v: Any) -> bool:
+    return isinstance(v, torch.Tensor) and v.numel() == 1
+
+
+# Each field's check and what the message says it should be.
+CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "step": (lambda v: _is_int(v) and v >= 0, "an iteration count (an integer >= 0)"),
+    "model": (_tensor_dict, "a state dict of tensors"),
+    "optimizer": (_optimizer, "an optimizer state dict (state, param_groups)"),
+    "scaler": (lambda v: isinstance(v, dict), "a GradScaler state dict"),
+    "loss_sum": (_one_number, "a one-element tensor"),
+    "wrong_sum": (_one_number, "a one-element tensor"),
+    "window": (lambda v: _is_int(v) and v >= 0, "a step count (an integer >= 0)"),
+    "train_time": (lambda v: _is_real(v) and v >= 0, "seconds (a number >= 0)"),
+    "wall_time": (lambda v: _is_real(v) and v >= 0, "seconds (a number >= 0)"),
+}
+
+
+def decode(state: Any, source: Path) -> Checkpoint:
+    """A `Checkpoint` from what `torch.load` returned, or one line naming the field at fault."""
+    if not isinstance(state, dict) or "config" not in state or "model" not in state:
+        raise RunError(f"{source}: not a fastres checkpoint")
+    version = state.get("format", 0)
+    if not _is_int(version) or version < 0:
+        raise RunError(f"{source}: field 'format' is {version!r}, not a checkpoint format number")
+    if version > FORMAT:
+        raise RunError(f"{source}: written by a newer fastres (checkpoint format {version}; this one reads "
+                       f"formats up to {FORMAT}): update fastres")
+    config = read_config(state["config"], source)
+    for name, (ok, what) in CHECKS.items():
+        if name not in state:
+            raise RunError(f"{source}: no field {name!r}: not a complete fastres checkpoint")
+        if not ok(state[name]):
+            raise RunError(f"{source}: field {name!r} should be {what}, got {type(state[name]).__name__}")
+    if state["step"] > config.iters:
+        raise RunError(f"{source}: field 'step' is {state['step']}, past the run's {config.iters} iterations")
+    values = {name: state[name] for name in CHECKS}
+    values["train_time"], values["wall_time"] = float(values["train_time"]), float(values["wall_time"])
+    return Checkpoint(config=config, normalization=_normalization(state.get("normalization"), source), **values)
+
+
+def read_config(raw: Any, source: Path) -> RunConfig:
+    """A run's config from its saved dict (a checkpoint's, or config.json's), validated."""
+    try:
+        return RunConfig.from_dict(raw)
+    except (ValueError, UsageError) as e:
+        raise RunError(f"{source}: config: {e}") from None
+
+
+def _normalization(raw: Any, source: Path) -> Normalization | None:
+    if raw is None:
+        return None
+    if not (isinstance(raw, dict) and all(isinstance(raw.get(k), torch.Tensor) for k in ("mean", "std"))):
+        raise RunError(f"{source}: field 'normalization' should hold tensors 'mean' and 'std'")
+    mean, std = raw["mean"], raw["std"]
+    if not {tuple(mean.shape), tuple(std.shape)} <= {(32, 32, 3), (1, 1, 3)}:  # per pixel or per channel
+        raise RunError(f"{source}: field 'normalization' has shapes {tuple(mean.shape)} and {tuple(std.shape)}; "
+                       "expected (32, 32, 3) or (1, 1, 3)")
+    if not (bool(mean.isfinite().all()) and bool((std > 0).all()) and bool(std.isfinite().all())):
+        raise RunError(f"{source}: field 'normalization' holds a non-finite mean or a std that is not positive")
+    return Normalization(mean, std)
+

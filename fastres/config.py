@@ -80,14 +80,48 @@ class RunConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> RunConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        d = {k: v for k, v in d.items() if k in names}
-        d["milestones"] = tuple(d.get("milestones", ()))
-        return cls(**d)
+    def from_dict(cls, d: Any) -> RunConfig:
+        """A validated config from its saved form (config.json, a checkpoint): every value of
+        its field's type, else a ValueError naming the field. Unknown keys are ignored (a
+        newer fastres may add fields); missing ones take their defaults."""
+        if not isinstance(d, dict):
+            raise ValueError(f"expected an object of config fields, got {type(d).__name__}")
+        if "model" not in d:
+            raise ValueError("no field 'model'")
+        values = {}
+        for f in dataclasses.fields(cls):
+            if f.name in d:
+                ok, what = FIELD_TYPES[f.type]
+                if not ok(d[f.name]):
+                    raise ValueError(f"field {f.name!r} should be {what}, got {d[f.name]!r:.40}")
+                values[f.name] = d[f.name]
+        if "milestones" in values:
+            values["milestones"] = tuple(values["milestones"])
+        return validate(cls(**values))
 
     def __str__(self) -> str:
         return json.dumps(self.to_dict())
+
+
+def _int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+# What a saved config's value may be, by the field's annotation (a test holds every field to it).
+FIELD_TYPES: dict[str, tuple[Any, str]] = {
+    "str": (lambda v: isinstance(v, str), "a string"),
+    "str | None": (lambda v: v is None or isinstance(v, str), "a string or null"),
+    "int": (_int, "an integer"),
+    "int | None": (lambda v: v is None or _int(v), "an integer or null"),
+    "float": (_number, "a number"),
+    "bool": (lambda v: isinstance(v, bool), "true or false"),
+    "tuple[int, ...]": (lambda v: isinstance(v, (list, tuple)) and all(_int(x) for x in v), "a list of integers"),
+    "dict[str, Any]": (lambda v: isinstance(v, dict), "an object"),
+}
 
 
 def validate(cfg: RunConfig) -> RunConfig:
@@ -101,7 +135,8 @@ def validate(cfg: RunConfig) -> RunConfig:
             raise UsageError(f"{FLAGS.get(name, name)} must be a finite number within float32's range "
                              f"(|x| <= {FLOAT32_MAX:.3g}, the weights' type), got {getattr(cfg, name)}")
     if not 0 <= cfg.seed < 2**32:
-        raise UsageError(f"--seed must be between 0 and 2**32 - 1 (what the data order's generator takes), got {cfg.seed}")
+        raise UsageError(f"--seed must be between 0 and 2**32 - 1 (what the data order's generator takes), "
+                         f"got {cfg.seed}")
     for name in ("iters", "batch_size", "eval_every", "eval_batch_size", "log_every", "checkpoint_every"):
         if getattr(cfg, name) <= 0:
             raise UsageError(f"{FLAGS.get(name, name)} must be positive, got {getattr(cfg, name)}")
@@ -116,6 +151,10 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise UsageError(f"precision {cfg.precision!r}: expected one of {', '.join(PRECISIONS)}")
     if cfg.dataset not in DATASETS:
         raise UsageError(f"unknown dataset {cfg.dataset!r}: choose one of {', '.join(DATASETS)}")
+    for name, choices in (("normalize", NORMALIZATIONS), ("loader", LOADERS), ("amp_dtype", AMP_DTYPES),
+                          ("progress", PROGRESS)):
+        if getattr(cfg, name) not in choices:
+            raise UsageError(f"{name} {getattr(cfg, name)!r}: expected one of {', '.join(choices)}")
     if cfg.val_split < 0:
         raise UsageError(f"--val-split must be 0 or more, got {cfg.val_split}")
     return cfg

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -11,8 +12,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from fastres import checkpoint, peers, weights
+from fastres import peers, rundir, weights
 from fastres.atomic import write_json
+from fastres.checkpoint import Normalization
 from fastres.cli import Parser, run_main
 from fastres.config import LOADERS, RunConfig
 from fastres.data import loaders
@@ -22,13 +24,23 @@ from fastres.runtime import PRECISIONS, param_dtype, pick_device, requested_prec
 from fastres.step import class_errors
 
 
-def normalization_of(state: dict[str, Any], prepared: loaders.Prepared) -> tuple[np.ndarray, np.ndarray]:
-    """The mean and std the model was trained with: the checkpoint's own, so evaluating on
-    other data never normalises with that data's statistics. A checkpoint from before they
-    were saved (format 0) falls back to the run's training split, and says so."""
-    norm = state.get("normalization")
-    if norm is not None:
-        return norm["mean"].numpy(), norm["std"].numpy()
+@dataclass
+class Loaded:
+    """A model to evaluate, its config, the iteration it was saved at (None if unknown) and
+    the normalisation it was trained with (None: a checkpoint from before it was saved)."""
+
+    model: nn.Module
+    cfg: RunConfig
+    step: int | None
+    normalization: Normalization | None
+
+
+def normalization_of(loaded: Loaded, prepared: loaders.Prepared) -> tuple[np.ndarray, np.ndarray]:
+    """The mean and std the model was trained with: its own, so evaluating on other data
+    never normalises with that data's statistics. A checkpoint from before they were saved
+    (format 0) falls back to the run's training split, and says so."""
+    if loaded.normalization is not None:
+        return loaded.normalization.mean.numpy(), loaded.normalization.std.numpy()
     print("fastres: note: this checkpoint predates saved normalisation: using the training split of the data",
           file=sys.stderr)
     return prepared.mean, prepared.std
@@ -38,32 +50,29 @@ def is_export(path: Path) -> bool:
     return path.is_file() and path.suffix == ".pt" and weights.meta_path(path).is_file()
 
 
-Loaded = tuple[nn.Module, dict[str, Any], RunConfig]  # the model, a checkpoint-like state, a config
-
-
 def load_run(path: str) -> Loaded:
-    state = checkpoint.load(path)
-    cfg = checkpoint.config_of(state)
+    """A run directory's (or a checkpoint file's) model, through the run directory's reader."""
+    ckpt = rundir.read_checkpoint(path)
+    cfg = ckpt.config
     model = build_model(cfg.model, cfg.shortcut, DATASETS[cfg.dataset].num_classes)
-    return weights.load_into(model, state["model"], path), state, cfg
+    return Loaded(weights.load_into(model, ckpt.model, path), cfg, ckpt.step, ckpt.normalization)
 
 
 def load_export(path: Path) -> Loaded:
     """Exported weights: fp32 unless the run's precision is recorded, NCHW, the torch loader."""
     state, meta = weights.read(path)
-    norm = {k: torch.tensor(v) for k, v in meta["normalization"].items()}
+    norm = Normalization(*(torch.tensor(meta["normalization"][k]) for k in ("mean", "std")))
     cfg = RunConfig(model=meta["model"], shortcut=meta.get("shortcut"), normalize=meta["normalize"],
                     precision=meta.get("precision"), dataset=meta.get("dataset", "cifar10"))
     model = build_model(cfg.model, cfg.shortcut, DATASETS[cfg.dataset].num_classes)
-    model = weights.load_into(model, state, str(path))
-    return model, {"step": meta.get("step"), "normalization": norm}, cfg
+    return Loaded(weights.load_into(model, state, str(path)), cfg, meta.get("step"), norm)
 
 
-def load_peer(peer: str, path: Path) -> Loaded:
+def load_peer(path: Path) -> Loaded:
     """A peer's published checkpoint, evaluated in fp32 with the peer's own normalisation."""
     model, mean, std = peers.akamaster(path)
     cfg = RunConfig(model=f"resnet{model.depth}", shortcut="A", normalize="channel", precision="fp32")
-    return model, {"step": None, "normalization": {"mean": torch.from_numpy(mean), "std": torch.from_numpy(std)}}, cfg
+    return Loaded(model, cfg, None, Normalization(torch.from_numpy(mean), torch.from_numpy(std)))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -80,26 +89,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, help="write the errors, overall and per class, to this JSON file")
     args = p.parse_args(argv)
     path = Path(args.checkpoint)
-    model, state, cfg = (load_peer(args.peer, path) if args.peer else load_export(path) if is_export(path)
-                         else load_run(args.checkpoint))
-    cfg = dataclasses.replace(cfg, data=args.data or cfg.data, loader=args.loader or cfg.loader)
+    loaded = load_peer(path) if args.peer else load_export(path) if is_export(path) else load_run(args.checkpoint)
+    cfg = dataclasses.replace(loaded.cfg, data=args.data or loaded.cfg.data, loader=args.loader or loaded.cfg.loader)
     device = pick_device(args.device)
     precision, _ = resolve_precision(device, cfg.precision or requested_precision(cfg.amp, cfg.amp_dtype))
     dtype = PRECISIONS[precision]
-    model = model.to(device, param_dtype(precision))
+    model = loaded.model.to(device, param_dtype(precision))
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     # The test split alone, unless the run's own validation split is asked for (it is cut
     # from the training split) or an old checkpoint lacks its normalisation.
-    need_train = "normalization" not in state or (cfg.val_split > 0 and not args.data)
+    need_train = loaded.normalization is None or (cfg.val_split > 0 and not args.data)
     prepared = loaders.prepare(cfg.data, cfg.val_split if need_train else 0, cfg.seed, cfg.normalize,
                                splits=("train", "test") if need_train else ("test",), dataset=cfg.dataset)
-    mean, std = normalization_of(state, prepared)
+    mean, std = normalization_of(loaded, prepared)
     evals = loaders.build_evals(prepared, loaders.Placement(device, tensor_dtype(precision), cfg.channels_last),
                                 mean=mean, std=std, eval_batch_size=cfg.eval_batch_size, loader=cfg.loader)
-    at = f" at iteration {state['step']}" if state.get("step") is not None else ""
+    at = f" at iteration {loaded.step}" if loaded.step is not None else ""
     classes = DATASETS[cfg.dataset].classes
-    report: dict[str, Any] = {"model": cfg.spec.tag, "dataset": cfg.dataset, "step": state.get("step"),
+    report: dict[str, Any] = {"model": cfg.spec.tag, "dataset": cfg.dataset, "step": loaded.step,
                               "data": prepared.source.describe()}
     for name, loader in evals.items():
         wrong, total = class_errors(model, loader, device, dtype, len(classes))

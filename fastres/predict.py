@@ -56,15 +56,15 @@ def read_image(path: Path) -> tuple[np.ndarray, str | None]:
 
 def predict(weights: str, paths: list[Path], top: int) -> list[dict[str, Any]]:
     """Top-`top` classes and probabilities for each image, in fp32 on the CPU."""
-    model, state, cfg = load_export(Path(weights)) if is_export(Path(weights)) else load_run(weights)
-    norm = state.get("normalization")
+    loaded = load_export(Path(weights)) if is_export(Path(weights)) else load_run(weights)
+    cfg, norm = loaded.cfg, loaded.normalization
     if norm is None:
         raise DataError(f"{weights}: this checkpoint predates saved normalisation; resume it for one checkpoint")
     read = [read_image(p) for p in paths]  # every image checked before any output
     for _, note in read:
         if note:
             print(f"fastres: note: {note}", file=sys.stderr)
-    wrapped = WithPreprocessing(model, norm["mean"], norm["std"]).eval()
+    wrapped = WithPreprocessing(loaded.model, norm.mean, norm.std).eval()
     with torch.no_grad():
         probs = wrapped(torch.from_numpy(np.stack([image for image, _ in read]))).softmax(1)
     classes = DATASETS[cfg.dataset].classes

@@ -18,10 +18,11 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from fastres import atomic, checkpoint
+from fastres import atomic, rundir
 from fastres.cli import Parser, run_main
 from fastres.errors import RunError
 from fastres.models import ModelSpec
+from fastres.rundir import RunDir
 
 # Every config field that changes what a run computes: runs are averaged only when they
 # agree on all of these (and on the data and the commit).
@@ -70,10 +71,11 @@ def find_runs(paths: list[Path]) -> list[Run]:
     for root in paths:
         if not root.exists():
             raise RunError(f"{root}: no such folder")
-        for res in sorted(root.rglob(checkpoint.RESULTS)):
-            runs.append(Run(json.loads(res.read_text()), checkpoint.MetricsLog(res.parent).read()))
+        for res in sorted(root.rglob(rundir.RESULTS)):
+            d = RunDir(res.parent)
+            runs.append(Run(d.results() or {}, d.metrics.read()))
     if not runs:
-        raise RunError(f"no finished runs ({checkpoint.RESULTS}) under {', '.join(map(str, paths))}")
+        raise RunError(f"no finished runs ({rundir.RESULTS}) under {', '.join(map(str, paths))}")
     return runs
 
 
@@ -202,7 +204,10 @@ def write_report(run_dirs: list[Path], out: Path) -> None:
     """Find the finished runs, write report.md, report.csv, report.json and the figures
     atomically into `out`, and print the table."""
     runs = find_runs(run_dirs)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RunError(f"--out {out}: cannot make the report folder there ({e.strerror})") from None
     rows = summarize(runs)
     table = markdown(rows)
     figures = plot(runs, out)

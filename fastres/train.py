@@ -15,10 +15,11 @@ import contextlib
 import dataclasses
 import math
 import os
+import shlex
 import signal
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,8 +27,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from fastres import checkpoint, distributed, fused, group
-from fastres.atomic import write_json
+from fastres import distributed, fused, group, rundir
+from fastres.checkpoint import Checkpoint, Normalization
 from fastres.cli import run_main
 from fastres.config import RunConfig, build_parser, configs_from_args, parse_spec, validate
 from fastres.data import loaders
@@ -36,6 +37,7 @@ from fastres.errors import RunError, UsageError
 from fastres.metrics import Window
 from fastres.models import count_parameters
 from fastres.progress import Reporter
+from fastres.rundir import RunDir
 from fastres.runtime import (
     PRECISIONS,
     configure_backends,
@@ -74,11 +76,16 @@ class StopFlag:
 
 class Clock:
     """Training time (evaluation and checkpoints excluded) and wall time, both carried
-    across resumes; `lap_window` gives the training seconds since the last metrics read."""
+    across resumes; `lap_window` gives the steps and training seconds since the last
+    metrics read, both counted by this process (after a resume: since it started)."""
 
     def __init__(self, train_time: float = 0.0, wall_time: float = 0.0) -> None:
         self.train_time, self._wall0, self._start = train_time, wall_time, time.perf_counter()
-        self._mark, self._window, self._running = self._start, 0.0, True
+        self._mark, self._window, self._running, self._steps = self._start, 0.0, True, 0
+
+    def tick(self) -> None:
+        """One training step done."""
+        self._steps += 1
 
     def _lap(self) -> None:
         now = time.perf_counter()
@@ -98,10 +105,10 @@ class Clock:
             self._lap()
             self._running = True
 
-    def lap_window(self) -> float:
+    def lap_window(self) -> tuple[int, float]:
         self._lap()
-        seconds, self._window = self._window, 0.0
-        return seconds
+        steps, seconds, self._steps, self._window = self._steps, self._window, 0, 0.0
+        return steps, seconds
 
     def wall(self) -> float:
         return self._wall0 + time.perf_counter() - self._start
@@ -131,10 +138,11 @@ class Session:
         return len(self.cfgs)
 
 
-def setup(cfgs: list[RunConfig], dist: distributed.DistInfo) -> Session:
+def setup(cfgs: list[RunConfig], dist: distributed.DistInfo, prepared: loaders.Prepared | None = None) -> Session:
     """Device, precision, data, models and step. Every error found here (runs that cannot be
-    fused, bad batch size, bad data) comes before any run directory exists, so it leaves no
-    trace on disk. Run k's model is initialised from its own seed, as it would be alone."""
+    fused, bad batch size, bad data) comes before any run directory is claimed, so it leaves
+    no trace on disk. Run k's model is initialised from its own seed, as it would be alone.
+    `prepared`: data already read (a group that goes on without a diverged run)."""
     cfg = cfgs[0]
     device = pick_device(cfg.device) if dist.world_size == 1 else dist.device
     if cfg.batch_size % dist.world_size:
@@ -153,7 +161,7 @@ def setup(cfgs: list[RunConfig], dist: distributed.DistInfo) -> Session:
     num_classes = DATASETS[cfg.dataset].num_classes
     cfg.spec.check_fits(memory_bytes(device), num_classes, cfg.batch_size // dist.world_size, len(cfgs),
                         tensor_dtype(precision).itemsize)  # before any data is read or anything is built
-    prepared = loaders.prepare(cfg.data, cfg.val_split, cfg.seed, cfg.normalize, dataset=cfg.dataset)
+    prepared = prepared or loaders.prepare(cfg.data, cfg.val_split, cfg.seed, cfg.normalize, dataset=cfg.dataset)
     where = loaders.Placement(device, tensor_dtype(precision), cfg.channels_last, dist.rank, dist.world_size)
     seeds = [c.seed for c in cfgs]
     data = loaders.build(prepared, where, batch_size=cfg.batch_size, eval_batch_size=cfg.eval_batch_size,
@@ -170,13 +178,154 @@ def setup(cfgs: list[RunConfig], dist: distributed.DistInfo) -> Session:
     return Session(cfgs, dist, device, model, step, data, prepared, notes)
 
 
-def train(cfg: RunConfig, resume: dict[str, Any] | None = None, stop_at: int | None = None,
-          deadline: float | None = None) -> dict[str, Any] | None:
-    """Run (or continue) one run. Returns its results, or None when stopped early by a
-    signal, by `stop_at` (an iteration) or by `deadline` (a `time.monotonic()` instant): the
-    same path for all three, checkpoint, then return."""
-    results = train_group([cfg], None if resume is None else [resume], stop_at, deadline)
+def train(cfg: RunConfig, stop_at: int | None = None, deadline: float | None = None) -> dict[str, Any] | None:
+    """Train one new run. Returns its results, or None when stopped early by a signal, by
+    `stop_at` (an iteration) or by `deadline` (a `time.monotonic()` instant): the same path
+    for all three, checkpoint, then return."""
+    results = train_group([cfg], stop_at, deadline)
     return None if results is None else results[0]
+
+
+def train_group(cfgs: list[RunConfig], stop_at: int | None = None,
+                deadline: float | None = None) -> list[dict[str, Any]] | None:
+    """Train new runs alike but for their seed as one fused group (or one run): each writes
+    its own run directory in a single run's format. A directory that is not free for a new
+    run is refused before anything is built, and again under its lock."""
+    group.check(cfgs, int(os.environ.get("WORLD_SIZE", "1")))  # before joining any process group
+    for cfg in cfgs:
+        RunDir(cfg.out).refuse_unless_new()
+    return _run(cfgs, None, lambda writes: rundir.new_runs([c.out for c in cfgs], writes), stop_at, deadline)
+
+
+def resume(dirs: list[str], overrides: dict[str, Any] | None = None,
+           check: Callable[[list[RunConfig], int], None] | None = None, alone: bool = False, stop_at: int | None = None,
+           deadline: float | None = None) -> list[dict[str, Any]] | None:
+    """Continue runs where they stopped, under their locks, taken before anything is read:
+    a run (or a fused run's whole group) from the latest step all its runs hold; from
+    iteration 0 if that is none; and a finished run whose results were lost gets them back
+    from its final checkpoint. `overrides`: options that change no result (device,
+    progress); `check`: the caller's test of the saved configs and the step they resume
+    from; `alone`: a group's runs go
+    on one after another, each in a single run's format from then on (`--fuse off`)."""
+    writes = int(os.environ.get("RANK", "0")) == 0
+    with rundir.resuming(dirs, enabled=writes) as point:
+        cfgs = [validate(dataclasses.replace(s.config, out=str(s.path), **(overrides or {}))) for s in point.saved]
+        if check is not None:
+            check(cfgs, point.step)
+        claimed = [s.dir for s in point.saved]
+        if point.step >= cfgs[0].iters:
+            return finished(cfgs, point, writes)
+        group.check(cfgs, int(os.environ.get("WORLD_SIZE", "1")))
+        if point.step == 0 and writes:
+            point.clear_for_restart()
+        states = point.states
+        parts = [[k] for k in range(len(cfgs))] if alone else [list(range(len(cfgs)))]
+        results: list[dict[str, Any]] = []
+        for part in parts:
+            done = _run([cfgs[k] for k in part], None if states is None else [states[k] for k in part],
+                        lambda _, part=part: contextlib.nullcontext([claimed[k] for k in part]), stop_at, deadline)
+            if done is None:
+                return None
+            results += done
+        return results
+
+
+def finished(cfgs: list[RunConfig], point: rundir.ResumePoint, writes: bool) -> list[dict[str, Any]]:
+    """The results of runs whose final checkpoint is written; those whose results.json a
+    kill took are written again from it."""
+    lost = [k for k, s in enumerate(point.saved) if s.dir.results() is None]
+    if not lost:
+        print(f"fastres: {', '.join(c.out for c in cfgs)}: already finished {cfgs[0].iters} iterations; nothing to do")
+        return [s.dir.results() or {} for s in point.saved]
+    dist = distributed.setup()
+    try:
+        for k in lost:
+            saved = point.saved[k]
+            s = setup([cfgs[k]], dist)
+            files = Files([saved.dir], writes)
+            window = Window(s.device, s.cfg.batch_size)
+            done, clock = restore(s, [saved.states[0]], window)
+            logged = [r for r in saved.dir.metrics.read() if r["iter"] == done]
+            evals = [f"{name}_error" for name in s.data.evals]
+            final = logged[0] if logged and all(e in logged[0] for e in evals) else {}
+            if not final:  # not saved: the final evaluation is redone from the final checkpoint
+                final = read_metrics(s, window, clock, logged=False, evaluated=True)[0]
+            print(f"fastres: {saved.path}: results.json was lost after the final checkpoint: writing it again",
+                  file=sys.stderr)
+            reporter = Reporter(s.cfg.progress if writes else "none", done, done, s.cfg.model)
+            fused_with = [str(p) for p in saved.dir.group()]
+            finish(s, 0, files, final, clock, reporter, fused_with if len(fused_with) > 1 else None)
+    finally:
+        distributed.teardown(dist)
+    return [s.dir.results() or {} for s in point.saved]
+
+
+Claim = Callable[[bool], contextlib.AbstractContextManager[list[RunDir]]]
+
+
+def _run(cfgs: list[RunConfig], states: list[Checkpoint] | None, claim: Claim, stop_at: int | None,
+         deadline: float | None) -> list[dict[str, Any]] | None:
+    """Join the process group, build everything, claim the run directories (only now: an
+    error found while building leaves no trace on disk), train. A run that diverges is
+    stopped and reported, and the others go on; the error for it is raised once they have
+    finished."""
+    dist = distributed.setup()
+    failed: list[str] = []
+    try:
+        s = setup(cfgs, dist)
+        with claim(dist.is_main) as dirs:
+            files = Files(dirs, dist.is_main)
+            while True:
+                outcome = _train(s, files, states, stop_at, deadline)
+                failed += outcome.diverged
+                if outcome.go_on is None:
+                    break
+                live, states = outcome.go_on  # the runs that did not diverge go on as a smaller group
+                files, s = files.only(live), setup([s.cfgs[k] for k in live], dist, s.prepared)
+    finally:
+        distributed.teardown(dist)
+    if failed:
+        others = f"; the other {len(outcome.results)} run(s) of its group finished" if outcome.results else ""
+        raise RunError(f"{failed[0]}{others}" + (f" ({len(failed) - 1} more diverged)" if len(failed) > 1 else ""))
+    return outcome.results
+
+
+class Files:
+    """What the training loop's events write, each into its run's directory (on rank 0;
+    the other ranks write nothing): the loop itself opens no path."""
+
+    def __init__(self, dirs: list[RunDir], writes: bool) -> None:
+        self.dirs, self.writes = dirs, writes
+
+    def only(self, live: list[int]) -> Files:
+        return Files([self.dirs[k] for k in live], self.writes)
+
+    def begin(self, cfgs: list[RunConfig], start: int) -> None:
+        """The configs and group files; past a resume point, the logged iterations go (they
+        are recomputed)."""
+        if self.writes:
+            for cfg, d in zip(cfgs, self.dirs, strict=True):
+                if start:
+                    d.metrics.truncate_after(start)
+                d.write_config(cfg)
+                d.write_group([c.out for c in cfgs])
+
+    def log(self, k: int, record: dict[str, Any]) -> None:
+        if self.writes:
+            self.dirs[k].metrics.append(record)
+
+    def save(self, live: list[int], states: list[Checkpoint]) -> None:
+        """The live runs' checkpoints, one after another; runs of a group keep their previous
+        checkpoint, so a kill between two writes leaves a step every run holds."""
+        if self.writes:
+            for k, state in zip(live, states, strict=True):
+                self.dirs[k].save(state, keep_previous=len(self.dirs) > 1)
+
+    def results(self, k: int, results: dict[str, Any]) -> Path | None:
+        if self.writes:
+            self.dirs[k].write_results(results)
+            return self.dirs[k].path / rundir.RESULTS
+        return None
 
 
 @dataclass
@@ -187,117 +336,119 @@ class Outcome:
 
     results: list[dict[str, Any]] | None
     diverged: list[str]
-    go_on: tuple[list[int], list[dict[str, Any]]] | None = None
+    go_on: tuple[list[int], list[Checkpoint]] | None = None
 
 
-def train_group(cfgs: list[RunConfig], resume: list[dict[str, Any]] | None = None,
-                stop_at: int | None = None, deadline: float | None = None) -> list[dict[str, Any]] | None:
-    """Train runs alike but for their seed as one fused group (or one run): each writes
-    its own run directory in a single run's format. A run that diverges is stopped and
-    reported, and the others go on; the error for it is raised once they have finished."""
-    group.check(cfgs, int(os.environ.get("WORLD_SIZE", "1")))  # before joining any process group
-    for cfg in cfgs:
-        checkpoint.refuse_overwrite(cfg.out, resuming=resume is not None)
-    dist = distributed.setup()
-    failed: list[str] = []
-    try:
-        s = setup(cfgs, dist)
-        run_dirs = [checkpoint.prepare_run_dir(c.out, resuming=resume is not None) if dist.is_main else Path(c.out)
-                    for c in cfgs]
-        with contextlib.ExitStack() as locks:
-            for run_dir in run_dirs:
-                locks.enter_context(checkpoint.RunLock(run_dir, enabled=dist.is_main))
-            while True:
-                outcome = _train(s, run_dirs, resume, stop_at, deadline)
-                failed += outcome.diverged
-                if outcome.go_on is None:
-                    break
-                live, resume = outcome.go_on  # the runs that did not diverge go on as a smaller group
-                run_dirs = [run_dirs[k] for k in live]
-                s = setup([s.cfgs[k] for k in live], dist)
-    finally:
-        distributed.teardown(dist)
-    if failed:
-        others = f"; the other {len(outcome.results)} run(s) of its group finished" if outcome.results else ""
-        raise RunError(f"{failed[0]}{others}" + (f" ({len(failed) - 1} more diverged)" if len(failed) > 1 else ""))
-    return outcome.results
+@dataclass
+class Progress:
+    """What the loop carries from one iteration to the next."""
+
+    saved: int  # the step of the latest checkpoint
+    records: list[dict[str, Any]]  # each run's metrics at the latest iteration
+    dead: list[int] = dataclasses.field(default_factory=list)  # runs that diverged at this iteration
+    messages: list[str] = dataclasses.field(default_factory=list)
 
 
-def _train(s: Session, run_dirs: list[Path], resume: list[dict[str, Any]] | None, stop_at: int | None,
+def _train(s: Session, files: Files, states: list[Checkpoint] | None, stop_at: int | None,
            deadline: float | None) -> Outcome:
-    cfg, dist = s.cfg, s.dist
-    window, logs = Window(s.device, cfg.batch_size, s.runs), [checkpoint.MetricsLog(d) for d in run_dirs]
-    start, clock = restore(s, resume, window, logs) if resume is not None else (0, Clock())
-    reporter, saved = start_reporting(s, run_dirs, start), start
-    spe = s.data.train.steps_per_epoch
-    records: list[dict[str, Any]] = [{} for _ in s.cfgs]  # each run's metrics at the latest iteration
-    dead: list[int] = []  # runs that diverged at this iteration
-    messages: list[str] = []
+    cfg = s.cfg
+    window = Window(s.device, cfg.batch_size, s.runs)
+    start, clock = restore(s, states, window) if states is not None else (0, Clock())
+    files.begin(s.cfgs, start)
+    reporter = start_reporting(s, start)
+    p = Progress(start, [{} for _ in s.cfgs])
     with StopFlag() as stop:
-        batches = s.data.train.epoch(start // spe, start % spe)
-        for step in range(start, cfg.iters):
-            if step % spe == 0 and step != start:
-                batches = s.data.train.epoch(step // spe)
-            lr = cfg.lr_at(step)
+        for done, lr, batch in iterations(s, start):
             s.step.set_lr(lr)
-            window.add(*s.step(*next(batches)))
+            window.add(*s.step(*batch))
+            clock.tick()
             reporter.advance()
-            done = step + 1
             logged = done % cfg.log_every == 0 or done == cfg.iters
-            records = read_metrics(s, window, clock, logged, done % cfg.eval_every == 0 or done == cfg.iters)
-            dead = [k for k, r in enumerate(records) if not math.isfinite(r.get("train_loss", 0.0))]
-            messages = []
-            if records[0]:
-                head, wall = {"iter": done, "epoch": round(done / spe, 4), "lr": lr}, round(clock.wall(), 3)
-                records = [{**head, **r, "wall_s": wall} for r in records]
-                if dist.is_main:
-                    for k, (log, record) in enumerate(zip(logs, records, strict=True)):
-                        if k not in dead:
-                            log.append(record)
-                reporter.log([r for k, r in enumerate(records) if k not in dead],
-                             [c.seed for k, c in enumerate(s.cfgs) if k not in dead])
-            stopping = (stop.signum is not None or done == stop_at
-                        or (deadline is not None and time.monotonic() >= deadline))
-            if dist.world_size > 1:  # agree at the log points (a sync there anyway), so all stop together
-                stopping = logged and distributed.any_rank(stopping, dist)
+            p.records = read_metrics(s, window, clock, logged, done % cfg.eval_every == 0 or done == cfg.iters)
+            p.dead = [k for k, r in enumerate(p.records) if not math.isfinite(r.get("train_loss", 0.0))]
+            p.messages = []
+            if p.records[0]:
+                log(s, files, reporter, p, done, lr, clock)
+            stopping = stop.signum is not None or done == stop_at or (deadline is not None and
+                                                                      time.monotonic() >= deadline)
+            if s.dist.world_size > 1:  # agree at the log points (a sync there anyway), so all stop together
+                stopping = logged and distributed.any_rank(stopping, s.dist)
             due = done % cfg.checkpoint_every == 0 or done == cfg.iters or stopping
-            if due or dead:
+            if due or p.dead:
                 with clock.paused():
-                    if due:  # never overwrite a run's last good checkpoint with a diverged one
-                        dead = sorted(set(dead) | set(not_finite(s, window)))
-                    messages = [diverged(s, k, logs[k], done, saved) for k in dead]
-                    live = [k for k in range(s.runs) if k not in dead]
-                    if not live:
-                        raise RunError(messages[0] if len(messages) == 1 else
-                                       f"all {len(messages)} runs of the group diverged; {messages[0]}")
-                    for message in messages:  # the error of the last run to end says it again
-                        print(f"fastres: {message}; the other runs go on", file=sys.stderr)
-                    states = member_states(s, done, window, clock, live)
-                    if due:
-                        save(s, [run_dirs[k] for k in live], states)
-                        saved = done
-                    if dead and not stopping and done < cfg.iters:
-                        reporter.close()
-                        return Outcome(None, messages, (live, states))
+                    states = checkpoint_point(s, files, window, clock, p, done, due)
+                if p.dead and not stopping and done < cfg.iters:
+                    reporter.close()
+                    return Outcome(None, p.messages, ([k for k in range(s.runs) if k not in p.dead], states))
             if stopping and done < cfg.iters:
                 reporter.close()
                 reporter.message(f"stopped at iteration {done}; checkpoint saved. Continue with: "
-                                 f"python -m fastres.train --resume {run_dirs[0]}")
-                return Outcome(None, messages)
+                                 f"python -m fastres.train --resume {shlex.quote(str(files.dirs[0].path))}")
+                return Outcome(None, p.messages)
     reporter.close()
     # the last iteration is always evaluated: its records hold the final errors
-    results = [finish(s, k, run_dirs[k], records[k], clock, reporter) for k in range(s.runs) if k not in dead]
-    return Outcome(results, messages)
+    fused_with = [c.out for c in s.cfgs] if s.runs > 1 else None
+    results = [finish(s, k, files, p.records[k], clock, reporter, fused_with) for k in range(s.runs)
+               if k not in p.dead]
+    return Outcome(results, p.messages)
+
+
+def iterations(s: Session, start: int) -> Iterator[tuple[int, float, tuple[torch.Tensor, ...]]]:
+    """(iterations done after this step, its learning rate, its batch) from `start` to the
+    end: the loader position and the lr are pure functions of the iteration."""
+    spe = s.data.train.steps_per_epoch
+    batches = s.data.train.epoch(start // spe, start % spe)
+    for step in range(start, s.cfg.iters):
+        if step % spe == 0 and step != start:
+            batches = s.data.train.epoch(step // spe)
+        yield step + 1, s.cfg.lr_at(step), next(batches)
+
+
+def log(s: Session, files: Files, reporter: Reporter, p: Progress, done: int, lr: float, clock: Clock) -> None:
+    """A log point: each live run's record into its metrics log and the display."""
+    head = {"iter": done, "epoch": round(done / s.data.train.steps_per_epoch, 4), "lr": lr}
+    p.records = [{**head, **r, "wall_s": round(clock.wall(), 3)} for r in p.records]
+    for k, record in enumerate(p.records):
+        if k not in p.dead:
+            files.log(k, record)
+    reporter.log([r for k, r in enumerate(p.records) if k not in p.dead],
+                 [c.seed for k, c in enumerate(s.cfgs) if k not in p.dead])
+
+
+def checkpoint_point(s: Session, files: Files, window: Window, clock: Clock, p: Progress, done: int,
+                     due: bool) -> list[Checkpoint]:
+    """A checkpoint point (or a divergence): the runs that diverged are noted and left out,
+    the others' checkpoints are written when due. Returns the live runs' states."""
+    if due:  # never overwrite a run's last good checkpoint with a diverged one
+        p.dead = sorted(set(p.dead) | set(not_finite(s, window)))
+    p.messages = [diverged(s, k, done, p.saved) for k in p.dead]
+    for k, message in zip(p.dead, p.messages, strict=True):
+        files.log(k, {"iter": done, "diverged": message})
+    live = [k for k in range(s.runs) if k not in p.dead]
+    if not live:
+        raise RunError(p.messages[0] if len(p.messages) == 1 else
+                       f"all {len(p.messages)} runs of the group diverged; {p.messages[0]}")
+    for message in p.messages:  # the error of the last run to end says it again
+        print(f"fastres: {message}; the other runs go on", file=sys.stderr)
+    states = member_states(s, done, window, clock, live)
+    if due:
+        files.save(live, states)
+        p.saved = done
+    return states
 
 
 def read_metrics(s: Session, window: Window, clock: Clock, logged: bool, evaluated: bool) -> list[dict[str, Any]]:
     """Each run's training loss, error and it/s at a log point, and its test (and val)
-    error at an evaluation; empty records otherwise. Note: a host sync when not empty."""
+    error at an evaluation; empty records otherwise. The window's read is the host sync:
+    the clock is read after it, so device work still queued counts as training, not as
+    evaluation."""
     records: list[dict[str, Any]] = [{} for _ in s.cfgs]
     if logged:
-        shared = {"it_s": window.steps / clock.lap_window(), **s.step.read_skipped()}
-        for record, read in zip(records, window.read(s.dist), strict=True):
-            record.update(read, **shared)
+        read = window.read(s.dist)
+        steps, seconds = clock.lap_window()
+        shared = {"it_s": steps / seconds, **s.step.read_skipped()}
+        for record, values in zip(records, read, strict=True):
+            record.update(values, **shared)
     if evaluated:
         with clock.paused():
             errors = {f"{name}_error": s.step.errors(loader) for name, loader in s.data.evals.items()}
@@ -306,33 +457,31 @@ def read_metrics(s: Session, window: Window, clock: Clock, logged: bool, evaluat
     return records
 
 
-def restore(s: Session, states: list[dict[str, Any]], window: Window, logs: list[checkpoint.MetricsLog]
-            ) -> tuple[int, Clock]:
+def restore(s: Session, states: list[Checkpoint], window: Window) -> tuple[int, Clock]:
     """Put the runs' checkpoints (all at one step) back into the fused model, optimiser,
-    scaler and metric window; drop the logged iterations past them (they are recomputed).
-    Returns the step to go on from and the clock."""
+    scaler and metric window. Returns the step to go on from and the clock. A checkpoint
+    whose tensors do not fit this run is one line naming its run."""
     first = states[0]
-    if any(state["step"] != first["step"] for state in states):
-        raise RunError(f"the runs' checkpoints are at different steps: {[state['step'] for state in states]}")
-    s.model.load_state_dict(fused.join_states([state["model"] for state in states]))
-    s.step.optimizer.load_state_dict(fused.join_optimizer_states([state["optimizer"] for state in states]))
-    s.step.scaler.load_state_dict(first["scaler"])
-    window.load({"loss_sum": torch.cat([state["loss_sum"].reshape(-1) for state in states]),
-                 "wrong_sum": torch.cat([state["wrong_sum"].reshape(-1) for state in states]),
-                 "window": first["window"]}, s.dist)
-    if s.dist.is_main:
-        for log in logs:
-            log.truncate_after(first["step"])
-    return first["step"], Clock(first["train_time"], first["wall_time"])
+    if any(state.step != first.step for state in states):
+        raise RunError(f"the runs' checkpoints are at different steps: {[state.step for state in states]}")
+    try:
+        s.model.load_state_dict(fused.join_states([state.model for state in states]))
+        s.step.optimizer.load_state_dict(fused.join_optimizer_states([state.optimizer for state in states]))
+        s.step.scaler.load_state_dict(first.scaler)
+        window.load({"loss_sum": torch.cat([state.loss_sum.reshape(-1) for state in states]),
+                     "wrong_sum": torch.cat([state.wrong_sum.reshape(-1) for state in states]),
+                     "window": first.window}, s.dist)
+    except (RuntimeError, ValueError, KeyError, IndexError, TypeError) as e:
+        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RunError(f"{', '.join(c.out for c in s.cfgs)}: the checkpoint does not fit its run's model and "
+                       f"optimiser ({why[:200]})") from None
+    return first.step, Clock(first.train_time, first.wall_time)
 
 
-def start_reporting(s: Session, run_dirs: list[Path], start: int) -> Reporter:
-    """Write the configs, say what is about to run, and return the progress display."""
+def start_reporting(s: Session, start: int) -> Reporter:
+    """Say what is about to run, and return the progress display."""
     cfg = s.cfg
     if s.dist.is_main:
-        for c, run_dir in zip(s.cfgs, run_dirs, strict=True):
-            write_json(run_dir / checkpoint.CONFIG, c.to_dict())
-            group.write_group(run_dir, [c.out for c in s.cfgs])
         for note in s.notes:
             print(f"fastres: {note}", file=sys.stderr)
         late = [m for m in cfg.milestones if m >= cfg.iters]
@@ -362,49 +511,35 @@ def not_finite(s: Session, window: Window) -> list[int]:
     return [k for k, fine in enumerate(ok) if not fine]
 
 
-def diverged(s: Session, k: int, log: checkpoint.MetricsLog, step: int, saved: int) -> str:
-    """What stops run k of a diverged run or group, after noting it in its metrics.jsonl."""
+def diverged(s: Session, k: int, step: int, saved: int) -> str:
+    """What stops run k of a diverged run or group (also noted in its metrics.jsonl)."""
     cause = f"the learning rate ({s.cfg.lr_at(step - 1):g}) is too high for this run"
     if s.cfg.precision == "fp16":
         cause += ", or fp16 overflowed"
     where = f"{s.cfgs[k].out}: " if s.runs > 1 else ""
     kept = (f"the last good checkpoint, iteration {saved}, is kept" if saved else
             "no checkpoint was written before it: start again with a lower --lr (or a --warmup-iters)")
-    message = (f"{where}training diverged at iteration {step}: the training loss is not finite (likely cause: "
-               f"{cause}); {kept}")
-    if s.dist.is_main:
-        log.append({"iter": step, "diverged": message})
-    return message
+    return (f"{where}training diverged at iteration {step}: the training loss is not finite (likely cause: "
+            f"{cause}); {kept}")
 
 
-def member_states(s: Session, step: int, window: Window, clock: Clock, members: list[int]) -> list[dict[str, Any]]:
+def member_states(s: Session, step: int, window: Window, clock: Clock, members: list[int]) -> list[Checkpoint]:
     """The checkpoint of each of `members`, in a single run's format: its config, weights,
     optimiser, position, metric window (summed over processes: every process takes part),
     clocks and the normalisation evaluation needs."""
     models = fused.split_state(s.model.state_dict(), s.runs)
     optimizers = fused.split_optimizer_state(s.step.optimizer.state_dict(), s.runs)
     sums = window.state(s.dist)
-    states = []
-    for k in members:
-        state = {"config": s.cfgs[k].to_dict(), "step": step, "model": models[k], "optimizer": optimizers[k],
-                 "scaler": s.step.scaler.state_dict(), "loss_sum": sums["loss_sum"][k:k + 1].clone(),
-                 "wrong_sum": sums["wrong_sum"][k:k + 1].clone(), "window": sums["window"],
-                 "train_time": clock.train_time, "wall_time": clock.wall(),
-                 "normalization": {"mean": torch.from_numpy(s.prepared.mean), "std": torch.from_numpy(s.prepared.std)}}
-        states.append(state)
-    return states
+    norm = Normalization(torch.from_numpy(s.prepared.mean), torch.from_numpy(s.prepared.std))
+    return [Checkpoint(config=s.cfgs[k], step=step, model=models[k], optimizer=optimizers[k],
+                       scaler=s.step.scaler.state_dict(), loss_sum=sums["loss_sum"][k:k + 1].clone(),
+                       wrong_sum=sums["wrong_sum"][k:k + 1].clone(), window=sums["window"],
+                       train_time=clock.train_time, wall_time=clock.wall(), normalization=norm)
+            for k in members]
 
 
-def save(s: Session, run_dirs: list[Path], states: list[dict[str, Any]]) -> None:
-    """Write the runs' checkpoints, one after another; runs of a group keep their previous
-    checkpoint, so a kill between two writes leaves a step every run holds."""
-    if s.dist.is_main:
-        for run_dir, state in zip(run_dirs, states, strict=True):
-            checkpoint.save(run_dir, state, keep_previous=len(states) > 1)
-
-
-def finish(s: Session, k: int, run_dir: Path, final: dict[str, Any], clock: Clock,
-           reporter: Reporter) -> dict[str, Any]:
+def finish(s: Session, k: int, files: Files, final: dict[str, Any], clock: Clock, reporter: Reporter,
+           fused_with: list[str] | None) -> dict[str, Any]:
     """The results of run k, finished: the final-iteration errors and what produced them."""
     cfg = s.cfgs[k]
     results = {
@@ -415,54 +550,41 @@ def finish(s: Session, k: int, run_dir: Path, final: dict[str, Any], clock: Cloc
         "mean_it_s": round(cfg.iters / clock.train_time, 3),
         "device": device_name(s.device), "world_size": s.dist.world_size, "versions": versions(),
         "commit": git_commit(), "seed": cfg.seed, "data": s.data.source, "config": cfg.to_dict(),
-        "fused_with": [c.out for c in s.cfgs] if s.runs > 1 else None,
+        "fused_with": fused_with,
     }
-    if s.dist.is_main:
-        write_json(run_dir / checkpoint.RESULTS, results)
+    where = files.results(k, results)
+    if where is not None:
         prefix = f"{cfg.out}: " if s.runs > 1 else ""
         reporter.message(f"{prefix}final test error {100 * results['test_error']:.2f}% after {cfg.iters} iterations "
-                         f"({results['mean_it_s']} it/s); results in {run_dir / checkpoint.RESULTS}")
+                         f"({results['mean_it_s']} it/s); results in {where}")
     return results
 
 
-def resumed_group(args: argparse.Namespace) -> tuple[list[RunConfig], list[dict[str, Any]] | None]:
-    """The saved configs of `--resume RUN_DIR...` (a fused run brings its whole group) and
-    the checkpoints of the latest step every run holds; None to start again from
-    iteration 0 (runs killed before their first checkpoints were all written)."""
-    saved, step = group.resume_point([Path(d) for d in args.resume])
-    cfgs = [s.config for s in saved]
-    if args.model and parse_spec(args.model, args.shortcut) != cfgs[0].spec:
-        raise UsageError(f"--resume {' '.join(args.resume)} holds {cfgs[0].spec.tag} runs, not {args.model}")
-    fixed = {"model", "resume", "fuse", *RESUME_OVERRIDES}
-    changed = [k for k, v in vars(args).items() if v is not None and k not in fixed]
-    if changed:
-        raise UsageError(f"--resume continues the saved config; it cannot change {', '.join(changed)}")
-    overrides = {k: getattr(args, k) for k in RESUME_OVERRIDES if getattr(args, k)}
-    cfgs = [validate(dataclasses.replace(c, out=str(s.path), **overrides)) for c, s in zip(cfgs, saved, strict=True)]
-    return cfgs, group.states_at(saved, step)
+def resume_check(args: argparse.Namespace) -> Callable[[list[RunConfig], int], None]:
+    """What `--resume` refuses: another model than the saved one, or options that would
+    change the saved config."""
+    def check(cfgs: list[RunConfig], step: int) -> None:
+        if args.model and parse_spec(args.model, args.shortcut) != cfgs[0].spec:
+            raise UsageError(f"--resume {' '.join(args.resume)} holds {cfgs[0].spec.tag} runs, not {args.model}")
+        fixed = {"model", "resume", "fuse", *RESUME_OVERRIDES}
+        changed = [k for k, v in vars(args).items() if v is not None and k not in fixed]
+        if changed:
+            raise UsageError(f"--resume continues the saved config; it cannot change {', '.join(changed)}")
+    return check
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.resume:
-        cfgs, states = resumed_group(args)
-        if states is not None and states[0]["step"] >= cfgs[0].iters:
-            print(f"fastres: {' '.join(args.resume)} already finished {cfgs[0].iters} iterations; nothing to do")
-            return 0
-    else:
-        cfgs, states = configs_from_args(args), None
+        overrides = {k: getattr(args, k) for k in RESUME_OVERRIDES if getattr(args, k)}
+        return 0 if resume(args.resume, overrides, resume_check(args), alone=args.fuse == "off") is not None else 130
+    cfgs = configs_from_args(args)
     device = pick_device(cfgs[0].device)
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if args.resume and len(cfgs) > 1 and args.fuse != "off":
-        groups, note = [cfgs], None  # a fused group resumes fused, wherever it runs
-    else:
-        groups, note = group.plan(cfgs, args.fuse or "auto", device.type, world_size)
+    groups, note = group.plan(cfgs, args.fuse or "auto", device.type, int(os.environ.get("WORLD_SIZE", "1")))
     if note:
         print(f"fastres: {note}", file=sys.stderr)
-    by_out = {c.out: state for c, state in zip(cfgs, states or [None] * len(cfgs), strict=True)}
     for members in groups:
-        resume = None if states is None else [by_out[c.out] for c in members]
-        if train_group(members, resume) is None:
+        if train_group(members) is None:
             return 130
     return 0
 

@@ -38,26 +38,45 @@ def meta_path(weights: Path) -> Path:
 def read(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The state dict and what describes it (model, shortcut, normalisation, ...) from a run
     directory, its checkpoint, or an exported `.pt` with its `.json`; one line if unreadable."""
+    from fastres import checkpoint, rundir  # here: they import the config, which imports the models, which import this
+
     path = Path(path)
-    file = path / CHECKPOINT if path.is_dir() else path
+    file = rundir.checkpoint_file(path) if path.is_dir() else path
     if not file.is_file():
         raise RunError(f"{path}: no weights there (a run directory, its {CHECKPOINT}, or an exported .pt)")
     state = load_file(file, "weights")
     if isinstance(state, dict) and "model" in state and "config" in state:  # a fastres checkpoint
-        cfg, norm = state["config"], state.get("normalization")
-        meta = {"model": cfg["model"], "shortcut": cfg.get("shortcut"), "dataset": cfg.get("dataset", "cifar10"),
-                "step": state.get("step")}
-        if norm is not None:
-            meta["normalization"] = {"mean": norm["mean"].tolist(), "std": norm["std"].tolist()}
-        return state["model"], meta
+        ckpt = checkpoint.decode(state, file)
+        meta = {"model": ckpt.config.model, "shortcut": ckpt.config.shortcut, "dataset": ckpt.config.dataset,
+                "step": ckpt.step}
+        if ckpt.normalization is not None:
+            meta["normalization"] = {"mean": ckpt.normalization.mean.tolist(), "std": ckpt.normalization.std.tolist()}
+        return ckpt.model, meta
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise RunError(f"{file}: not a state dict of tensors")
-    described = meta_path(file)
+    return state, read_meta(file)
+
+
+def read_meta(weights: Path) -> dict[str, Any]:
+    """The description of an exported weights file, checked for what loading it needs."""
+    described = meta_path(weights)
     try:
         meta = json.loads(described.read_text())
     except (OSError, ValueError) as e:
-        raise RunError(f"{described}: the description of {file.name} is missing or unreadable ({e})") from None
-    return state, meta
+        raise RunError(f"{described}: the description of {weights.name} is missing or unreadable ({e})") from None
+    norm = meta.get("normalization") if isinstance(meta, dict) else None
+    ok = (isinstance(meta, dict) and isinstance(meta.get("model"), str) and isinstance(meta.get("normalize"), str)
+          and isinstance(norm, dict) and all(_numbers(norm.get(k)) for k in ("mean", "std")))
+    if not ok:
+        raise RunError(f"{described}: not the description fastres.export writes (model, normalize, normalization)")
+    return meta
+
+
+def _numbers(v: Any) -> bool:
+    """Nested lists of numbers (a mean or std as `tolist()` writes it)."""
+    if isinstance(v, list):
+        return bool(v) and all(_numbers(x) for x in v)
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> nn.Module:

@@ -37,12 +37,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench import throughput  # noqa: E402
-from fastres import checkpoint  # noqa: E402
 from fastres.atomic import write_json  # noqa: E402
 from fastres.cli import Parser, run_main  # noqa: E402
 from fastres.config import RunConfig  # noqa: E402
 from fastres.data import loaders  # noqa: E402
 from fastres.models import build_model  # noqa: E402
+from fastres.rundir import RunDir  # noqa: E402
 from fastres.runtime import (  # noqa: E402
     PRECISIONS,
     configure_backends,
@@ -228,12 +228,13 @@ def full_run(check: Check, data: str, model_name: str, run_dir: Path, cap_s: flo
     cfg = RunConfig(model=model_name, shortcut="A", data=data, amp=True, channels_last=True, compile=True,
                     log_every=log_every, out=str(run_dir), progress="plain")
     results = train(cfg, stop_at=None if iters == PAPER_ITERS else iters, deadline=time.monotonic() + max(seconds, 1.0))
-    metrics = checkpoint.MetricsLog(run_dir).read()
+    run = RunDir(run_dir)
+    metrics, saved = run.metrics.read(), run.checkpoint_files()
     kept = None
-    if results is None and (run_dir / checkpoint.CHECKPOINT).is_file():  # unfinished: keep it to resume elsewhere
-        kept = f"{model_name}-{checkpoint.CHECKPOINT}"
-        shutil.copyfile(run_dir / checkpoint.CHECKPOINT, check.out / kept)
-    step = checkpoint.load(run_dir)["step"] if (run_dir / checkpoint.CHECKPOINT).is_file() else 0
+    if results is None and saved:  # unfinished: keep it to resume elsewhere
+        kept = f"{model_name}-{saved[0].name}"
+        shutil.copyfile(saved[0], check.out / kept)
+    step = run.checkpoint().step if saved else 0
     return {**plan, "finished": results is not None, "iters_done": step, "results": results, "metrics": metrics,
             "checkpoint": kept}
 

@@ -22,14 +22,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from fastres import checkpoint, group, report, schedule  # noqa: E402
+from fastres import group, report, schedule  # noqa: E402
 from fastres.cli import Parser, run_main  # noqa: E402
 from fastres.config import FUSE, RunConfig, run_name, validate  # noqa: E402
 from fastres.data.dataset import DATASETS  # noqa: E402
 from fastres.errors import UsageError  # noqa: E402
 from fastres.models import ModelSpec  # noqa: E402
+from fastres.rundir import RunDir  # noqa: E402
 from fastres.runtime import pick_device  # noqa: E402
-from fastres.train import train_group  # noqa: E402
+from fastres.train import resume, train_group  # noqa: E402
 
 DEFAULT_RUNS = "resnet20,resnet32,resnet44,resnet56,resnet110,resnet56:B,plain20,plain32,plain44,plain56"
 
@@ -89,24 +90,26 @@ def same_run(saved: RunConfig, cfg: RunConfig) -> bool:
 
 def train_model(p: Parser, args: argparse.Namespace, cfgs: list[RunConfig], device_type: str) -> bool:
     """Train the seeds of one model: finished runs are skipped, stopped ones resume with
-    the group they were trained in, and the rest train in fused groups. False when stopped."""
+    the group they were trained in (a run whose results a kill took gets them back), and
+    the rest train in fused groups. False when stopped."""
     wanted = {os.path.normpath(c.out): c for c in cfgs}
     pending, resumed = [], set()
     for cfg in cfgs:
-        run_dir = Path(cfg.out)
-        if (run_dir / checkpoint.RESULTS).exists():
-            print(f"done already: {run_dir}")
-        elif not checkpoint.saved_files(run_dir):
+        run_dir = RunDir(cfg.out)
+        if run_dir.results() is not None:
+            print(f"done already: {run_dir.path}")
+        elif not run_dir.checkpoint_files():
             pending.append(cfg)
         elif os.path.normpath(cfg.out) not in resumed:
-            saved, step = group.resume_point([run_dir])
-            names = [os.path.normpath(s.path) for s in saved]
-            for s, name in zip(saved, names, strict=True):
-                if name not in wanted or not same_run(s.config, wanted[name]):
-                    p.error(f"{s.path} holds a run with another configuration; move it away or choose another --out")
-            resumed |= set(names)
-            print(f"resuming: {', '.join(map(str, names))} at iteration {step}")
-            if train_group([wanted[n] for n in names], group.states_at(saved, step)) is None:
+            def check(saved: list[RunConfig], step: int) -> None:
+                names = [os.path.normpath(c.out) for c in saved]
+                for c, name in zip(saved, names, strict=True):
+                    if name not in wanted or not same_run(c, wanted[name]):
+                        raise UsageError(f"{c.out} holds a run with another configuration; move it away or choose "
+                                         "another --out")
+                resumed.update(names)
+                print(f"resuming: {', '.join(names)} at iteration {step}")
+            if resume([cfg.out], check=check) is None:
                 return False
     groups, note = group.plan(pending, args.fuse, device_type, max_size=args.group_size)
     if note:

@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import coordinate_images, decode, tiny_config
 
-from fastres import checkpoint
+from fastres import rundir
 from fastres.cli import run_main
 from fastres.data import augmentation, dali_loader, pixels, sources
 from fastres.data.torch_loader import TorchLoader
@@ -108,7 +108,7 @@ def test_training_with_dali_learns_and_matches_torch(tiny_tree: Path, tmp_path: 
     monkeypatch.setattr(dali_loader.DaliLoader, "_build", counting_build)
     runs = {loader: train(tiny_config(tiny_tree, tmp_path / loader, loader=loader, iters=40, milestones=(30,)))
             for loader in ("dali", "torch")}
-    losses = {k: [m["train_loss"] for m in checkpoint.MetricsLog(tmp_path / k).read() if "train_loss" in m]
+    losses = {k: [m["train_loss"] for m in rundir.MetricsLog(tmp_path / k).read() if "train_loss" in m]
               for k in runs}
     assert losses["dali"][-1] < 0.5 * losses["dali"][0]
     assert losses["dali"] == losses["torch"]  # same batches, same model: the same run

@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import deterministic, subprocess_env
 
-from fastres import checkpoint
+from fastres import rundir
 from fastres.train import main as train_main
 
 ITERS = 40
@@ -41,7 +41,7 @@ def test_two_processes_stop_together_and_resume_exactly(tiny_tree: Path, tmp_pat
     assert proc.returncode == 0, proc.stderr[-2000:]
     results = json.loads((full / "results.json").read_text())
     assert results["world_size"] == 2 and results["test_error"] is not None
-    assert [m["iter"] for m in checkpoint.MetricsLog(full).read()] == list(range(1, ITERS + 1))  # one writer
+    assert [m["iter"] for m in rundir.MetricsLog(full).read()] == list(range(1, ITERS + 1))  # one writer
     assert proc.stdout.count("final test error") == 1
 
     cut = tmp_path / "cut"
@@ -53,12 +53,12 @@ def test_two_processes_stop_together_and_resume_exactly(tiny_tree: Path, tmp_pat
     proc.send_signal(signal.SIGTERM)  # torchrun passes it on to both workers
     out, _ = proc.communicate(timeout=120)
     assert "stopped at iteration" in out
-    step = checkpoint.load(cut)["step"]
+    step = rundir.read_checkpoint(cut).step
     assert 3 <= step < ITERS
     resumed = torchrun(["--resume", str(cut)], _private_cache)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert deterministic(checkpoint.MetricsLog(cut).read()) == deterministic(checkpoint.MetricsLog(full).read())
-    a, b = checkpoint.load(full)["model"], checkpoint.load(cut)["model"]
+    assert deterministic(rundir.MetricsLog(cut).read()) == deterministic(rundir.MetricsLog(full).read())
+    a, b = rundir.read_checkpoint(full).model, rundir.read_checkpoint(cut).model
     assert all(torch.equal(a[k], b[k]) for k in a)
 
     # finished: a no-op, decided from the checkpoint before any process group is joined (the

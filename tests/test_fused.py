@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from conftest import deterministic, tiny_config
 
-from fastres import checkpoint, fused, group
+from fastres import fused, group, rundir
 from fastres.cli import run_main
 from fastres.config import RunConfig, build_parser, configs_from_args
 from fastres.data.dataset import Split
@@ -20,6 +20,7 @@ from fastres.data.torch_loader import TorchLoader
 from fastres.errors import UsageError
 from fastres.evaluate import main as evaluate_main
 from fastres.models import ModelSpec
+from fastres.rundir import RunDir
 from fastres.step import TrainStep, make_optimizer
 from fastres.train import main as train_main
 from fastres.train import train, train_group
@@ -175,7 +176,7 @@ def test_the_group_loader_gives_each_run_its_own_batches_bit_for_bit(channels_la
 
 
 def losses(run: Path) -> list[float]:
-    return [m["train_loss"] for m in checkpoint.MetricsLog(run).read() if "train_loss" in m]
+    return [m["train_loss"] for m in rundir.MetricsLog(run).read() if "train_loss" in m]
 
 
 SEEDS = (0, 1, 2)
@@ -244,9 +245,9 @@ def test_run_k_of_a_group_is_the_run_seed_k_trains_alone(tiny_tree: Path, tmp_pa
         run = fp64_group / f"s{seed}"
         assert {p.name for p in run.iterdir()} == {"checkpoint.pt", "checkpoint.prev.pt", "config.json",
                                                    "group.json", "metrics.jsonl", "results.json"}
-        assert group.read(run).group == [fp64_group / f"s{k}" for k in SEEDS]  # relative paths in group.json
-        state = checkpoint.load(run)
-        assert checkpoint.config_of(state).seed == seed and state["model"]["fc.weight"].shape == (10, 64)
+        assert RunDir(run).group() == [fp64_group / f"s{k}" for k in SEEDS]  # relative paths in group.json
+        state = rundir.read_checkpoint(run)
+        assert state.config.seed == seed and state.model["fc.weight"].shape == (10, 64)
         result = json.loads((run / "results.json").read_text())
         assert result["fused_with"] == [str(fp64_group / f"s{s}") for s in SEEDS]
         assert result["params"] == 75_290 and result["precision"] == "fp64"
@@ -262,10 +263,10 @@ def test_a_group_resumes_bit_for_bit_from_any_of_its_runs(tiny_tree: Path, tmp_p
     assert train_group(cut, stop_at=13) is None
     assert train_main(["--resume", str(tmp_path / "cut" / "s1")]) == 0  # brings its whole group
     for s in SEEDS:
-        a, b = (checkpoint.MetricsLog(d / f"s{s}").read() for d in (fp32_group, tmp_path / "cut"))
+        a, b = (rundir.MetricsLog(d / f"s{s}").read() for d in (fp32_group, tmp_path / "cut"))
         assert deterministic(a) == deterministic(b)
-        fa, fb = (checkpoint.load(d / f"s{s}") for d in (fp32_group, tmp_path / "cut"))
-        assert all(torch.equal(fa["model"][k], fb["model"][k]) for k in fa["model"])
+        fa, fb = (rundir.read_checkpoint(d / f"s{s}") for d in (fp32_group, tmp_path / "cut"))
+        assert all(torch.equal(fa.model[k], fb.model[k]) for k in fa.model)
 
 
 @FP64_GROUP
@@ -278,9 +279,9 @@ def test_a_group_can_resume_one_run_at_a_time(tmp_path: Path, fp64_group: Path, 
     for s in SEEDS:
         a, b = losses(fp64_group / f"s{s}"), losses(run / f"s{s}")
         assert a[:10] == b[:10] and rel(b, a) < TRAJECTORY
-        state = checkpoint.load(run / f"s{s}")
-        assert state["step"] == 20 and not (run / f"s{s}" / checkpoint.GROUP).exists()
-        assert not (run / f"s{s}" / checkpoint.PREVIOUS).exists()
+        state = rundir.read_checkpoint(run / f"s{s}")
+        assert state.step == 20 and not (run / f"s{s}" / rundir.GROUP).exists()
+        assert not (run / f"s{s}" / rundir.PREVIOUS).exists()
 
 
 @FP32_GROUP
@@ -294,14 +295,14 @@ def test_a_kill_between_the_groups_checkpoint_writes_resumes_from_the_common_ste
     run = copied(fp32_group_at[20], tmp_path)
     for s in (1, 2):
         d = run / f"s{s}"
-        (d / checkpoint.PREVIOUS).replace(d / checkpoint.CHECKPOINT)
+        (d / rundir.PREVIOUS).replace(d / rundir.CHECKPOINT)
         if s == 2 and cut == "current-missing":
-            (d / checkpoint.CHECKPOINT).replace(d / checkpoint.PREVIOUS)
-    saved, step = group.resume_point([run / "s0"])
-    assert step == 10 and [s.path.name for s in saved] == ["s0", "s1", "s2"]
+            (d / rundir.CHECKPOINT).replace(d / rundir.PREVIOUS)
+    with rundir.resuming([run / "s0"]) as point:
+        assert point.step == 10 and [s.path.name for s in point.saved] == ["s0", "s1", "s2"]
     assert train_main(["--resume", str(run / "s2")]) == 0
     for s in SEEDS:
-        a, b = (checkpoint.MetricsLog(d / f"s{s}").read() for d in (fp32_group, run))
+        a, b = (rundir.MetricsLog(d / f"s{s}").read() for d in (fp32_group, run))
         assert deterministic(a) == deterministic(b)
 
 
@@ -314,11 +315,12 @@ def test_a_group_killed_before_its_first_checkpoints_starts_again(tmp_path: Path
     starts again from iteration 0, ending as the unbroken group."""
     run = copied(fp32_group_at[10], tmp_path)
     for s in (1, 2) if written == "run 0's" else SEEDS:
-        (run / f"s{s}" / checkpoint.CHECKPOINT).unlink()
-    assert group.resume_point([run / "s1"])[1] == 0
+        (run / f"s{s}" / rundir.CHECKPOINT).unlink()
+    with rundir.resuming([run / "s1"]) as point:
+        assert point.step == 0
     assert train_main(["--resume", str(run / "s1")]) == 0
     for s in SEEDS:
-        a, b = (checkpoint.MetricsLog(d / f"s{s}").read() for d in (fp32_group, run))
+        a, b = (rundir.MetricsLog(d / f"s{s}").read() for d in (fp32_group, run))
         assert deterministic(a) == deterministic(b)
 
 
@@ -329,7 +331,7 @@ def test_a_diverging_run_stops_and_the_others_go_on(tmp_path: Path, fp64_group: 
     log point; it is stopped with its last good checkpoint kept, and runs 0 and 2 go on as
     a group of two that ends as the unbroken group of three (TRAJECTORY)."""
     run = copied(fp64_group_at_10, tmp_path)
-    bad = run / "s1" / checkpoint.CHECKPOINT
+    bad = run / "s1" / rundir.CHECKPOINT
     state = torch.load(bad, weights_only=True)
     state["model"]["fc.weight"][0, 0] = float("nan")
     torch.save(state, bad)
@@ -338,14 +340,14 @@ def test_a_diverging_run_stops_and_the_others_go_on(tmp_path: Path, fp64_group: 
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith(f"fastres: error: {run / 's1'}: training diverged at iteration 11")
     assert "last good checkpoint, iteration 10, is kept" in err and "the other 2 run(s) of its group finished" in err
-    assert checkpoint.load(run / "s1")["step"] == 10
-    assert "diverged" in checkpoint.MetricsLog(run / "s1").read()[-1]
+    assert rundir.read_checkpoint(run / "s1").step == 10
+    assert "diverged" in rundir.MetricsLog(run / "s1").read()[-1]
     assert not (run / "s1" / "results.json").exists()
     for s in (0, 2):
         assert rel(losses(run / f"s{s}"), losses(fp64_group / f"s{s}")) < TRAJECTORY
         result = json.loads((run / f"s{s}" / "results.json").read_text())
         assert result["fused_with"] == [str(run / f"s{k}") for k in (0, 2)]
-    assert not group.diverged(run / "s0") and group.diverged(run / "s1")
+    assert not RunDir(run / "s0").diverged() and RunDir(run / "s1").diverged()
 
 
 def test_runs_that_cannot_share_a_graph_are_refused(tiny_tree: Path, tmp_path: Path) -> None:
@@ -411,7 +413,7 @@ def test_seeds_on_a_cpu_train_one_after_another_by_default(tiny_tree: Path, tmp_
     for seed in (0, 1):
         result = json.loads((tmp_path / f"resnet8-A-seed{seed}" / "results.json").read_text())
         assert result["seed"] == seed and result["fused_with"] is None
-        assert not (tmp_path / f"resnet8-A-seed{seed}" / checkpoint.PREVIOUS).exists()
+        assert not (tmp_path / f"resnet8-A-seed{seed}" / rundir.PREVIOUS).exists()
 
 
 def test_fp16_trains_fused_with_one_scaler(micro_tree: Path, tmp_path: Path) -> None:
@@ -421,7 +423,7 @@ def test_fp16_trains_fused_with_one_scaler(micro_tree: Path, tmp_path: Path) -> 
                         amp=True, amp_dtype="fp16") for s in (0, 1)]
     results = train_group(cfgs)
     assert [r["precision"] for r in results] == ["fp16", "fp16"]
-    records = checkpoint.MetricsLog(tmp_path / "s1").read()
+    records = rundir.MetricsLog(tmp_path / "s1").read()
     assert "skipped_steps" in records[-1] and np.isfinite(records[-1]["train_loss"])
 
 

@@ -12,8 +12,9 @@ import pytest
 import torch
 from conftest import deterministic, tiny_config
 
-from fastres import atomic, checkpoint
+from fastres import atomic, rundir
 from fastres.cli import run_main
+from fastres.config import RunConfig
 from fastres.train import main as train_main
 from fastres.train import train
 
@@ -51,9 +52,9 @@ def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_tree: 
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "training diverged at iteration 15" in err and "learning rate (1e+08)" in err
     assert "last good checkpoint, iteration 10, is kept" in err
-    state = checkpoint.load(run)
-    assert state["step"] == 10 and all(v.isfinite().all() for v in state["model"].values() if v.is_floating_point())
-    last = checkpoint.MetricsLog(run).read()[-1]
+    state = rundir.read_checkpoint(run)
+    assert state.step == 10 and all(v.isfinite().all() for v in state.model.values() if v.is_floating_point())
+    last = rundir.MetricsLog(run).read()[-1]
     assert last["iter"] == 15 and "diverged" in last
     assert not (run / ".lock").exists() and not (run / "results.json").exists()
 
@@ -70,8 +71,8 @@ def test_a_directory_is_fsynced_after_the_rename(tmp_path: Path, monkeypatch: py
     assert (tmp_path / "f.bin").read_bytes() == b"data" and os.listdir(tmp_path) == ["f.bin"]
 
 
-@pytest.mark.parametrize(("target", "code", "text"), [(checkpoint.CHECKPOINT, errno.ENOSPC, "No space left on device"),
-                                                      (checkpoint.RESULTS, errno.EROFS, "Read-only file system")])
+@pytest.mark.parametrize(("target", "code", "text"), [(rundir.CHECKPOINT, errno.ENOSPC, "No space left on device"),
+                                                      (rundir.RESULTS, errno.EROFS, "Read-only file system")])
 def test_a_failed_write_is_one_line_and_the_previous_checkpoint_resumes(
         tiny_tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture,
         cli_ref: Path, target: str, code: int, text: str) -> None:
@@ -82,7 +83,7 @@ def test_a_failed_write_is_one_line_and_the_previous_checkpoint_resumes(
     def failing_mkstemp(*a, **kw):
         if kw["prefix"] == f".{target}.":
             writes["n"] += 1
-            if writes["n"] == 2 or target == checkpoint.RESULTS:
+            if writes["n"] == 2 or target == rundir.RESULTS:
                 raise OSError(code, text)
         return real_mkstemp(*a, **kw)
     monkeypatch.setattr(atomic.tempfile, "mkstemp", failing_mkstemp)
@@ -90,60 +91,79 @@ def test_a_failed_write_is_one_line_and_the_previous_checkpoint_resumes(
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and text in err and "previous version, if any, is intact" in err
     monkeypatch.undo()
-    expected_step = 5 if target == checkpoint.CHECKPOINT else 20
-    assert checkpoint.load(run)["step"] == expected_step and not (run / ".lock").exists()
+    expected_step = 5 if target == rundir.CHECKPOINT else 20
+    assert rundir.read_checkpoint(run).step == expected_step and not (run / ".lock").exists()
     assert not [p for p in run.iterdir() if p.name.endswith(".tmp")]
     if expected_step < 20:
         assert run_main(train_main, ["--resume", str(run)]) == 0
-        assert deterministic(checkpoint.MetricsLog(run).read()) == deterministic(checkpoint.MetricsLog(ref).read())
+        assert deterministic(rundir.MetricsLog(run).read()) == deterministic(rundir.MetricsLog(ref).read())
 
 
 def test_a_second_process_is_refused_and_a_dead_ones_lock_taken_over(tiny_tree: Path, tmp_path: Path,
                                                                      capsys: pytest.CaptureFixture) -> None:
+    """The lock is a flock: held by a live process it refuses a second one, in one line that
+    names the holder, before anything in the directory is touched; a lock file left by a
+    process killed -9 holds nothing (the kernel released it) and is taken over."""
     run = tmp_path / "run"
     run.mkdir()
-    lock = run / checkpoint.LOCK
-    lock.write_text(json.dumps({"host": os.uname().nodename, "pid": os.getppid()}))  # a live process
-    assert run_main(train_main, argv(tiny_tree, run)) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and f"is in use by pid {os.getppid()}" in err
-    assert not (run / checkpoint.CONFIG).exists()
-    lock.write_text(json.dumps({"host": "elsewhere", "pid": 1}))  # another machine: never guessed dead
-    assert run_main(train_main, argv(tiny_tree, run)) == 2
-    assert "on elsewhere" in capsys.readouterr().err
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    lock.write_text(json.dumps({"host": os.uname().nodename, "pid": int(dead.stdout)}))  # killed -9 earlier
+    lock = run / rundir.LOCK
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(run)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        live = json.dumps(RunConfig(model="resnet8", shortcut="A", out=str(run)).to_dict())  # a live run's, before its checkpoint
+        (run / rundir.CONFIG).write_text(live)
+        assert run_main(train_main, argv(tiny_tree, run)) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"is in use by pid {holder.pid} on {os.uname().nodename}" in err
+        assert (run / rundir.CONFIG).read_text() == live and json.loads(lock.read_text())["pid"] == holder.pid
+    finally:
+        holder.kill()
+        holder.wait()
+    (run / rundir.CONFIG).unlink()
+    assert json.loads(lock.read_text())["pid"] == holder.pid  # killed -9: its file stays, its flock is gone
     assert run_main(train_main, argv(tiny_tree, run)) == 0
-    assert f"taking over {lock} from pid {int(dead.stdout)}, no longer running" in capsys.readouterr().err
+    assert f"taking over {lock} from pid {holder.pid}, no longer running" in capsys.readouterr().err
     assert not lock.exists()
+
+
+# A process that takes a run directory's lock and holds it until it is killed.
+HOLD_LOCK = """
+import sys, time
+from pathlib import Path
+from fastres.rundir import RunLock
+with RunLock(Path(sys.argv[1])):
+    print("held", flush=True)
+    time.sleep(600)
+"""
 
 
 def test_a_partial_metrics_line_is_dropped_on_resume(tiny_tree: Path, tmp_path: Path, tiny_ref: Path) -> None:
     ref, run = tiny_ref, tmp_path / "run"
     assert train(tiny_config(tiny_tree, run), stop_at=10) is None
-    with open(run / checkpoint.METRICS, "a") as f:
+    with open(run / rundir.METRICS, "a") as f:
         f.write('{"iter": 15, "train_lo')  # killed in the middle of an append
-    assert [m["iter"] for m in checkpoint.MetricsLog(run).read()] == [5, 10]  # the cut line is skipped
+    assert [m["iter"] for m in rundir.MetricsLog(run).read()] == [5, 10]  # the cut line is skipped
     assert run_main(train_main, ["--resume", str(run)]) == 0
-    assert deterministic(checkpoint.MetricsLog(run).read()) == deterministic(checkpoint.MetricsLog(ref).read())
+    assert deterministic(rundir.MetricsLog(run).read()) == deterministic(rundir.MetricsLog(ref).read())
 
 
 def test_a_run_killed_before_its_first_checkpoint_starts_clean(tiny_tree: Path, tmp_path: Path, tiny_ref: Path,
                                                               capsys: pytest.CaptureFixture) -> None:
     ref, run = tiny_ref, tmp_path / "run"
     assert train(tiny_config(tiny_tree, run), stop_at=5) is None
-    (run / checkpoint.CHECKPOINT).unlink()  # as if killed before the first checkpoint was written
+    (run / rundir.CHECKPOINT).unlink()  # as if killed before the first checkpoint was written
     for resume in (False, True):
-        with open(run / checkpoint.METRICS, "a") as f:
+        with open(run / rundir.METRICS, "a") as f:
             f.write(json.dumps({"iter": 99, "train_loss": 1.0}) + "\n")  # stale lines that must not survive
         if resume:
-            (run / checkpoint.CHECKPOINT).unlink()
+            (run / rundir.CHECKPOINT).unlink()
             assert run_main(train_main, ["--resume", str(run)]) == 0
         else:
             train(tiny_config(tiny_tree, run))
-        assert "stopped before its first checkpoint: starting it again from iteration 0" in capsys.readouterr().err
-        assert deterministic(checkpoint.MetricsLog(run).read()) == deterministic(checkpoint.MetricsLog(ref).read())
-    assert torch.equal(checkpoint.load(run)["model"]["fc.weight"], checkpoint.load(ref)["model"]["fc.weight"])
+        assert "stopped before its first checkpoint: removed its config.json, metrics.jsonl; starting it again from " \
+               "iteration 0" in capsys.readouterr().err
+        assert deterministic(rundir.MetricsLog(run).read()) == deterministic(rundir.MetricsLog(ref).read())
+    assert torch.equal(rundir.read_checkpoint(run).model["fc.weight"], rundir.read_checkpoint(ref).model["fc.weight"])
 
 
 @pytest.mark.slow
@@ -168,7 +188,7 @@ def test_kill_9_at_random_moments_then_resume_gives_the_unbroken_run(tiny_tree: 
             "--progress", "none", *args]
     assert subprocess.run([*base, "--out", str(refs)], env=env, timeout=300).returncode == 0
     rng, kills, starts = random.Random(0), 0, 0
-    done = [outs / f"resnet8-A-seed{s}" / checkpoint.RESULTS for s in (0, 1)] if fused else [run / checkpoint.RESULTS]
+    done = [outs / f"resnet8-A-seed{s}" / rundir.RESULTS for s in (0, 1)] if fused else [run / rundir.RESULTS]
     while not all(d.exists() for d in done):
         cmd = [sys.executable, "-m", "fastres.train", "--resume", str(run)] if run.exists() else [*base, "--out",
                                                                                                    str(outs)]
@@ -187,11 +207,11 @@ def test_kill_9_at_random_moments_then_resume_gives_the_unbroken_run(tiny_tree: 
     assert kills >= 5
     for name in ("resnet8-A-seed0", "resnet8-A-seed1") if fused else ("",):
         run, ref = outs / name, refs / name
-        assert deterministic(checkpoint.MetricsLog(run).read()) == deterministic(checkpoint.MetricsLog(ref).read())
-        a, b = checkpoint.load(run)["model"], checkpoint.load(ref)["model"]
+        assert deterministic(rundir.MetricsLog(run).read()) == deterministic(rundir.MetricsLog(ref).read())
+        a, b = rundir.read_checkpoint(run).model, rundir.read_checkpoint(ref).model
         assert all(torch.equal(a[k], b[k]) for k in a)
-        assert json.loads((run / checkpoint.RESULTS).read_text())["test_error"] == \
-            json.loads((ref / checkpoint.RESULTS).read_text())["test_error"]
+        assert json.loads((run / rundir.RESULTS).read_text())["test_error"] == \
+            json.loads((ref / rundir.RESULTS).read_text())["test_error"]
 
 
 def test_deterministic_is_recorded_and_sets_the_backends(tiny_tree: Path, tmp_path: Path) -> None:
@@ -216,7 +236,7 @@ def test_divergence_before_any_checkpoint_says_none_is_kept(tiny_tree: Path, tmp
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "training diverged at iteration 2:" in err  # the first loss is the init's
     assert "no checkpoint was written before it" in err and "iteration 0" not in err
-    assert not (run / checkpoint.CHECKPOINT).exists()
+    assert not (run / rundir.CHECKPOINT).exists()
 
 
 def test_rewritten_files_keep_the_umasks_mode(tiny_tree: Path, tmp_path: Path) -> None:
@@ -227,7 +247,7 @@ def test_rewritten_files_keep_the_umasks_mode(tiny_tree: Path, tmp_path: Path) -
         train(tiny_config(tiny_tree, tmp_path / "run", iters=2, eval_every=2))
     finally:
         os.umask(old)
-    for name in (checkpoint.CONFIG, checkpoint.RESULTS, checkpoint.CHECKPOINT, checkpoint.METRICS):
+    for name in (rundir.CONFIG, rundir.RESULTS, rundir.CHECKPOINT, rundir.METRICS):
         assert (tmp_path / "run" / name).stat().st_mode & 0o777 == 0o640, name
 
 
@@ -255,13 +275,13 @@ def test_a_resume_with_another_thread_count_says_bit_identity_is_lost(tiny_tree:
         assert train(tiny_config(tiny_tree, run, iters=10), stop_at=5) is None
     finally:
         torch.set_num_threads(threads)
-    assert json.loads((run / checkpoint.CONFIG).read_text())["cpu_threads"] == threads + 1
+    assert json.loads((run / rundir.CONFIG).read_text())["cpu_threads"] == threads + 1
     capsys.readouterr()
     assert run_main(train_main, ["--resume", str(run)]) == 0
     err = capsys.readouterr().err
     assert err.count(f"trained with {threads + 1} CPU threads and goes on with {threads}") == 1
     assert "no longer bit for bit" in err
-    assert json.loads((run / checkpoint.RESULTS).read_text())["config"]["cpu_threads"] == threads + 1
+    assert json.loads((run / rundir.RESULTS).read_text())["config"]["cpu_threads"] == threads + 1
 
 
 @pytest.mark.parametrize("model", ["resnet2000000", "plain999999999999999999998"])

@@ -8,7 +8,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import reproduce  # noqa: E402
 
-from fastres import checkpoint, report  # noqa: E402
+from fastres import report, rundir  # noqa: E402
 from fastres.cli import run_main  # noqa: E402
 from fastres.models import ModelSpec  # noqa: E402
 from fastres.train import train, train_group  # noqa: E402
@@ -30,7 +30,7 @@ def test_reproduce_trains_resumes_skips_and_reports(tiny_tree: Path, tmp_path: P
     assert reproduce.main(argv(tiny_tree, out)) == 0
     printed = capsys.readouterr().out
     assert "resuming: " in printed and "iteration 3" in printed
-    assert checkpoint.load(configs[1].out)["step"] == 8
+    assert rundir.read_checkpoint(configs[1].out).step == 8
     rows = list(csv.DictReader((out / "report.csv").open()))
     assert [(r["model"], r["seeds"]) for r in rows] == [("plain8", "2"), ("resnet8-A", "2")]
     errors = {r["model"]: r for r in json.loads((out / "report.json").read_text())}

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import deterministic, subprocess_env, tiny_config
 
-from fastres import checkpoint, runtime
+from fastres import checkpoint, rundir, runtime
 from fastres.cli import run_main
 from fastres.evaluate import main as evaluate_main
 from fastres.models import CifarResNet
@@ -21,7 +21,7 @@ def test_tiny_run_learns_and_writes_run_dir(tiny_tree: Path, tmp_path: Path) -> 
     results = train(tiny_config(tiny_tree, tmp_path / "run", iters=60, milestones=(40, 50)))
     run = tmp_path / "run"
     assert sorted(p.name for p in run.iterdir()) == ["checkpoint.pt", "config.json", "metrics.jsonl", "results.json"]
-    metrics = checkpoint.MetricsLog(run).read()
+    metrics = rundir.MetricsLog(run).read()
     losses = [m["train_loss"] for m in metrics if "train_loss" in m]
     assert losses[-1] < 0.5 * losses[0]  # the classes differ by colour: easy to learn
     assert [m["lr"] for m in metrics if m["iter"] in (40, 45, 55)] == [0.1, 0.01, 0.001]
@@ -35,11 +35,11 @@ def test_resume_is_bit_identical(tiny_tree: Path, tmp_path: Path) -> None:
     # stop_at takes the same path as SIGINT: checkpoint between steps, then return
     full = train(tiny_config(tiny_tree, tmp_path / "full"))
     assert train(tiny_config(tiny_tree, tmp_path / "cut"), stop_at=13) is None
-    assert checkpoint.load(tmp_path / "cut")["step"] == 13
+    assert rundir.read_checkpoint(tmp_path / "cut").step == 13
     assert train_main(["--resume", str(tmp_path / "cut")]) == 0
-    a, b = (checkpoint.MetricsLog(tmp_path / d).read() for d in ("full", "cut"))
+    a, b = (rundir.MetricsLog(tmp_path / d).read() for d in ("full", "cut"))
     assert deterministic(a) == deterministic(b) and len(a) == 6
-    sa, sb = (checkpoint.load(tmp_path / d)["model"] for d in ("full", "cut"))
+    sa, sb = (rundir.read_checkpoint(tmp_path / d).model for d in ("full", "cut"))
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     cut = json.loads((tmp_path / "cut" / "results.json").read_text())
     assert cut["test_error"] == full["test_error"]
@@ -68,7 +68,7 @@ def test_sigint_then_resume_is_bit_identical(tiny_tree: Path, tmp_path: Path, _p
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert "Traceback" not in err and "--resume" in out
-    step = checkpoint.load(run)["step"]
+    step = rundir.read_checkpoint(run).step
     assert 3 <= step < iters
     resumed = subprocess.run([sys.executable, "-m", "fastres.train", "--resume", str(run)], env=env,
                              capture_output=True, text=True, timeout=300)
@@ -76,9 +76,9 @@ def test_sigint_then_resume_is_bit_identical(tiny_tree: Path, tmp_path: Path, _p
     reference = tmp_path / "reference"
     train(tiny_config(tiny_tree, reference, iters=iters, milestones=(30, 45), batch_size=16, log_every=1,
                       eval_every=30, checkpoint_every=2000))
-    a, b = checkpoint.MetricsLog(reference).read(), checkpoint.MetricsLog(run).read()
+    a, b = rundir.MetricsLog(reference).read(), rundir.MetricsLog(run).read()
     assert deterministic(a) == deterministic(b) and len(a) == iters
-    sa, sb = checkpoint.load(reference)["model"], checkpoint.load(run)["model"]
+    sa, sb = rundir.read_checkpoint(reference).model, rundir.read_checkpoint(run).model
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
@@ -87,8 +87,8 @@ def test_a_deadline_stops_the_run_as_ctrl_c_does(tiny_tree: Path, tmp_path: Path
     step, with a checkpoint to resume from: read by the loop, never sent as a signal."""
     run = tmp_path / "run"
     assert train(tiny_config(tiny_tree, run), deadline=time.monotonic() - 1) is None
-    assert checkpoint.load(run)["step"] == 1
-    assert train_main(["--resume", str(run)]) == 0 and checkpoint.load(run)["step"] == 30
+    assert rundir.read_checkpoint(run).step == 1
+    assert train_main(["--resume", str(run)]) == 0 and rundir.read_checkpoint(run).step == 30
 
 
 def test_finished_run_resume_is_a_no_op(tiny_tree: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -123,8 +123,10 @@ def test_bad_input_is_one_line_and_exit_2(argv: list[str], capsys: pytest.Captur
 def test_existing_run_is_not_overwritten(tiny_tree: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     train(tiny_config(tiny_tree, tmp_path / "run", iters=5, eval_every=5))
     argv = ["resnet8", "--data", str(tiny_tree), "--out", str(tmp_path / "run")]
+    before = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()}
     assert run_main(train_main, argv) == 2
-    assert "--resume" in capsys.readouterr().err
+    assert "holds a finished run (results.json): fastres never redoes or clears one" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()} == before
 
 
 def test_cli_exit_code_without_traceback(tmp_path: Path, _private_cache: Path) -> None:
@@ -161,7 +163,7 @@ def test_fp16_trains_with_a_scaler(micro_tree: Path, tmp_path: Path) -> None:
     results = train(tiny_config(micro_tree, tmp_path / "fp16", iters=2, eval_every=2, batch_size=4, amp=True,
                                 amp_dtype="fp16", channels_last=True))
     assert results["precision"] == "fp16"
-    assert checkpoint.load(tmp_path / "fp16")["scaler"]["scale"] > 0  # a live GradScaler state was saved
+    assert rundir.read_checkpoint(tmp_path / "fp16").scaler["scale"] > 0  # a live GradScaler state was saved
 
 
 def test_resume_keeps_the_precision_on_another_cpu(tiny_tree: Path, tmp_path: Path,

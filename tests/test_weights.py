@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import fifo_writer, tiny_config
 
-from fastres import checkpoint
+from fastres import rundir
 from fastres.cli import run_main
 from fastres.data import loaders
 from fastres.errors import RunError
@@ -34,7 +34,7 @@ def test_export_round_trip_gives_bit_identical_logits(trained: tuple[Path, dict]
     meta = json.loads(out.with_suffix(".json").read_text())
     assert (meta["model"], meta["shortcut"], meta["step"], meta["classes"][3]) == ("resnet8", "A", 10, "cat")
     assert meta["test_error"] == results["test_error"]
-    assert set(torch.load(out, weights_only=True)) == set(checkpoint.load(run)["model"])
+    assert set(torch.load(out, weights_only=True)) == set(rundir.read_checkpoint(run).model)
     x = torch.randn(4, 3, 32, 32)
     a, b = build_model("resnet8", weights=out).eval(), build_model("resnet8", weights=run).eval()
     assert torch.equal(a(x), b(x))
@@ -80,13 +80,13 @@ def test_the_model_comes_with_its_preprocessing(trained: tuple[Path, dict], tiny
     """uint8 images through the wrapper give the logits of the loader's normalised batch, bit
     for bit: the same normalisation arithmetic, the same layout, the same model."""
     run, _ = trained
-    state = checkpoint.load(run)
-    norm = state["normalization"]
+    state = rundir.read_checkpoint(run)
+    norm = state.normalization
     model = build_model("resnet8", weights=run).eval()
-    wrapped = WithPreprocessing(model, norm["mean"], norm["std"]).eval()
+    wrapped = WithPreprocessing(model, norm.mean, norm.std).eval()
     test = loaders.prepare(str(tiny_tree)).splits.test
     data = loaders.build_evals(loaders.prepare(str(tiny_tree)), loaders.Placement(torch.device("cpu")),
-                               mean=norm["mean"].numpy(), std=norm["std"].numpy(), eval_batch_size=8)
+                               mean=norm.mean.numpy(), std=norm.std.numpy(), eval_batch_size=8)
     x, _ = next(data["test"].epoch(0))
     with torch.no_grad():
         assert torch.equal(wrapped(torch.from_numpy(np.asarray(test.images[:8]))), model(x))
@@ -123,9 +123,9 @@ def test_predict_gives_the_models_own_top_classes(trained: tuple[Path, dict], ti
     out = capsys.readouterr()
     results = json.loads(out.out)
     assert "big.png: resized from 64x64 to 32x32" in out.err
-    state = checkpoint.load(run)
+    state = rundir.read_checkpoint(run)
     model = build_model("resnet8", weights=run).eval()
-    mean, std = state["normalization"]["mean"], state["normalization"]["std"]
+    mean, std = state.normalization.mean, state.normalization.std
     for r, f in zip(results, files, strict=False):
         x = (torch.from_numpy(np.array(Image.open(f).convert("RGB"))).float() / 255 - mean) / std
         with torch.no_grad():
