@@ -11,14 +11,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fastres import schedule
+from fastres import recipe, schedule
 from fastres.cli import Parser
 from fastres.data.dataset import DATASETS
 from fastres.data.pixels import NORMALIZATIONS
 from fastres.errors import UsageError
 from fastres.models import SHORTCUTS, ModelSpec
 from fastres.runtime import PRECISIONS
-from fastres.step import PAPER_MOMENTUM, PAPER_WEIGHT_DECAY
 
 LOADERS = ("torch", "dali")
 # Config fields and the options that set them, for error messages.
@@ -37,19 +36,19 @@ class RunConfig:
 
     model: str
     shortcut: str | None = None  # ResNets: A (the paper's default), B or C; None for plain nets
-    iters: int = schedule.PAPER_ITERS
-    milestones: tuple[int, ...] = schedule.PAPER_MILESTONES
-    lr: float = schedule.PAPER_LR
+    iters: int = recipe.ITERS
+    milestones: tuple[int, ...] = recipe.MILESTONES
+    lr: float = recipe.LR
     warmup_iters: int = 0
-    warmup_lr: float = schedule.WARMUP_LR
-    momentum: float = PAPER_MOMENTUM
-    weight_decay: float = PAPER_WEIGHT_DECAY
-    batch_size: int = 128
+    warmup_lr: float = recipe.WARMUP_LR
+    momentum: float = recipe.MOMENTUM
+    weight_decay: float = recipe.WEIGHT_DECAY
+    batch_size: int = recipe.BATCH_SIZE
     seed: int = 0
     dataset: str = "cifar10"  # cifar10 or cifar100 (its 100 fine labels)
     data: str | None = None
     val_split: int = 0
-    normalize: str = "pixel"
+    normalize: str = recipe.NORMALIZE
     loader: str = "torch"
     device: str = "auto"
     amp: bool = False
@@ -101,7 +100,8 @@ def validate(cfg: RunConfig) -> RunConfig:
             raise UsageError(f"{FLAGS.get(name, name)} must be a finite number within float32's range "
                              f"(|x| <= {FLOAT32_MAX:.3g}, the weights' type), got {getattr(cfg, name)}")
     if not 0 <= cfg.seed < 2**32:
-        raise UsageError(f"--seed must be between 0 and 2**32 - 1 (what the data order's generator takes), got {cfg.seed}")
+        raise UsageError(f"--seed must be between 0 and 2**32 - 1 (what the data order's generator takes), "
+                         f"got {cfg.seed}")
     for name in ("iters", "batch_size", "eval_every", "eval_batch_size", "log_every", "checkpoint_every"):
         if getattr(cfg, name) <= 0:
             raise UsageError(f"{FLAGS.get(name, name)} must be positive, got {getattr(cfg, name)}")
@@ -134,14 +134,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", nargs="?", help="resnet20/32/44/56/110/1202, plain20/32/44/56/110, or any depth 6n+2; "
                    "resnet56:B names the shortcut option too")
     p.add_argument("--shortcut", choices=SHORTCUTS, help="ResNet shortcut option (default A)")
-    p.add_argument("--iters", type=int, help=f"training iterations (default {schedule.PAPER_ITERS})")
-    p.add_argument("--milestones", type=_int_list, help="iterations where lr is divided by 10 (default 32000,48000)")
-    p.add_argument("--lr", type=float, help="base learning rate (default 0.1)")
-    p.add_argument("--warmup-iters", type=int,
-                   help="iterations at lr 0.01 first (default 400 for depth >= 110, else 0)")
-    p.add_argument("--momentum", type=float)
-    p.add_argument("--wd", dest="weight_decay", type=float, help="weight decay (default 1e-4)")
-    p.add_argument("--batch-size", type=int, help="global batch size (default 128)")
+    p.add_argument("--iters", type=int, help=f"training iterations (default {recipe.ITERS})")
+    p.add_argument("--milestones", type=_int_list, help=f"iterations where lr is divided by {recipe.LR_DROP:g} "
+                   f"(default {','.join(map(str, recipe.MILESTONES))})")
+    p.add_argument("--lr", type=float, help=f"base learning rate (default {recipe.LR})")
+    p.add_argument("--warmup-iters", type=int, help=f"iterations at lr {recipe.WARMUP_LR} first (default "
+                   f"{recipe.WARMUP_ITERS} for depth >= {recipe.WARMUP_MIN_DEPTH}, else 0)")
+    p.add_argument("--momentum", type=float, help=f"SGD momentum (default {recipe.MOMENTUM})")
+    p.add_argument("--wd", dest="weight_decay", type=float, help=f"weight decay (default {recipe.WEIGHT_DECAY:g})")
+    p.add_argument("--batch-size", type=int, help=f"global batch size (default {recipe.BATCH_SIZE})")
     p.add_argument("--seed", type=int)
     p.add_argument("--seeds", type=_int_list, help="several runs, one per seed (e.g. 0,1,2,3,4), each in its own run "
                    "directory; fused into one training step where that is faster (see --fuse)")
@@ -152,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "downloaded to the cache)")
     p.add_argument("--val-split", type=int, help="hold out this many training images as validation (default 0)")
     p.add_argument("--normalize", choices=NORMALIZATIONS,
-                   help="per-pixel mean (the paper's, default) or per-channel mean/std")
+                   help=f"per-pixel mean (the paper's) or per-channel mean/std (default {recipe.NORMALIZE})")
     p.add_argument("--loader", choices=LOADERS, help="input pipeline (default torch)")
     p.add_argument("--device", help="auto (cuda if present), cpu, cuda, cuda:N")
     p.add_argument("--amp", action="store_true", default=None, help="mixed precision with torch.amp")
@@ -189,7 +190,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     given = {k: v for k, v in vars(args).items() if v is not None and k not in ("model", "resume", "seeds", "fuse")}
     spec = parse_spec(args.model, given.get("shortcut"))
     given.update(model=spec.name, shortcut=spec.shortcut)
-    given.setdefault("warmup_iters", schedule.default_warmup_iters(spec.depth))
+    given.setdefault("warmup_iters", recipe.default_warmup_iters(spec.depth))
     given.setdefault("out", str(Path("runs") / run_name(spec, given.get("dataset", "cifar10"), given.get("seed", 0))))
     return validate(RunConfig(**given))
 

@@ -18,7 +18,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from fastres import atomic, checkpoint
+from fastres import atomic, checkpoint, recipe
 from fastres.cli import Parser, run_main
 from fastres.errors import RunError
 from fastres.models import ModelSpec
@@ -109,7 +109,8 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     differ = any(r["conditions"] for r in rows)  # runs under different conditions: say which row is which
     schedules = sorted({s for r in rows for s in r["schedule"]})
     lines = ["# Test error at the final iteration", "",
-             f"Schedule used: {'; '.join(schedules)} (the paper: 64000 iterations, lr /10 at 32000, 48000).",
+             f"Schedule used: {'; '.join(schedules)} (the paper: {recipe.ITERS} iterations, "
+             f"lr /{recipe.LR_DROP:g} at {', '.join(map(str, recipe.MILESTONES))}).",
              f"Device: {'; '.join(sorted({d for r in rows for d in r['device']}))}.", "",
              "| model | layers | params | seeds | test error % (mean ± std) | paper (Table 6) | seed impl. "
              "| wall time / run |" + (" conditions |" if differ else ""),
