@@ -21,10 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from fastres import atomic, checkpoint
-from fastres.config import RunConfig
+from fastres.config import RunConfig, free_in_group
 from fastres.errors import RunError, UsageError
-
-FREE_FIELDS = ("seed", "out")  # what may differ between the runs of a group: the rest is one graph and schedule
 
 
 def check(cfgs: Sequence[RunConfig], world_size: int = 1) -> None:
@@ -35,7 +33,7 @@ def check(cfgs: Sequence[RunConfig], world_size: int = 1) -> None:
     first = cfgs[0]
     for cfg in cfgs[1:]:
         differ = [f.name for f in dataclasses.fields(RunConfig)
-                  if f.name not in FREE_FIELDS and getattr(cfg, f.name) != getattr(first, f.name)]
+                  if f.name not in free_in_group() and getattr(cfg, f.name) != getattr(first, f.name)]
         if differ:
             raise UsageError(f"runs {first.out} and {cfg.out} differ in {', '.join(differ)}: only runs alike but "
                              "for their seed can be fused (one graph, one schedule)")

@@ -20,13 +20,9 @@ from typing import Any
 
 from fastres import atomic, checkpoint, recipe
 from fastres.cli import Parser, run_main
+from fastres.config import comparable
 from fastres.errors import RunError
 from fastres.models import ModelSpec
-
-# Every config field that changes what a run computes: runs are averaged only when they
-# agree on all of these (and on the data and the commit).
-COMPARABLE = ("iters", "milestones", "lr", "warmup_iters", "warmup_lr", "batch_size", "momentum", "weight_decay",
-              "normalize", "val_split")
 
 
 def reference() -> dict[str, dict[str, float]]:
@@ -57,7 +53,7 @@ class Run:
     def conditions(self) -> tuple[tuple[str, str], ...]:
         """What besides the model decides its result: data, schedule and optimiser, precision, code."""
         r, c = self.results, self.results["config"]
-        values = {k: c.get(k) for k in COMPARABLE}
+        values = {k: c.get(k) for k in comparable()}
         values.update(data=r.get("data"), dataset=c.get("dataset", "cifar10"),
                       precision=r.get("precision") or r.get("amp_dtype") or "fp32",
                       commit=(r.get("commit") or "unknown")[:10])

@@ -29,7 +29,7 @@ from torch import nn
 from fastres import checkpoint, distributed, fused, group
 from fastres.atomic import write_json
 from fastres.cli import run_main
-from fastres.config import RunConfig, build_parser, configs_from_args, parse_spec, validate
+from fastres.config import RunConfig, build_parser, configs_from_args, parse_spec, resume_overrides, validate
 from fastres.data import loaders
 from fastres.data.dataset import DATASETS
 from fastres.errors import RunError, UsageError
@@ -50,8 +50,6 @@ from fastres.runtime import (
     versions,
 )
 from fastres.step import TrainStep
-
-RESUME_OVERRIDES = ("device", "progress")  # options that may change on resume: they change no result
 
 
 class StopFlag:
@@ -433,11 +431,11 @@ def resumed_group(args: argparse.Namespace) -> tuple[list[RunConfig], list[dict[
     cfgs = [s.config for s in saved]
     if args.model and parse_spec(args.model, args.shortcut) != cfgs[0].spec:
         raise UsageError(f"--resume {' '.join(args.resume)} holds {cfgs[0].spec.tag} runs, not {args.model}")
-    fixed = {"model", "resume", "fuse", *RESUME_OVERRIDES}
+    fixed = {"model", "resume", "fuse", *resume_overrides()}
     changed = [k for k, v in vars(args).items() if v is not None and k not in fixed]
     if changed:
         raise UsageError(f"--resume continues the saved config; it cannot change {', '.join(changed)}")
-    overrides = {k: getattr(args, k) for k in RESUME_OVERRIDES if getattr(args, k)}
+    overrides = {k: getattr(args, k) for k in resume_overrides() if getattr(args, k)}
     cfgs = [validate(dataclasses.replace(c, out=str(s.path), **overrides)) for c, s in zip(cfgs, saved, strict=True)]
     return cfgs, group.states_at(saved, step)
 

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from fastres import checkpoint, group, recipe, report  # noqa: E402
 from fastres.cli import Parser, run_main  # noqa: E402
-from fastres.config import FUSE, RunConfig, run_name, validate  # noqa: E402
+from fastres.config import FUSE, RunConfig, recorded, resume_overrides, run_name, validate  # noqa: E402
 from fastres.data.dataset import DATASETS  # noqa: E402
 from fastres.errors import UsageError  # noqa: E402
 from fastres.models import ModelSpec  # noqa: E402
@@ -83,7 +83,7 @@ def build_parser() -> Parser:
 def same_run(saved: RunConfig, cfg: RunConfig) -> bool:
     """Whether a saved run is the one asked for (device, progress, the resolved precision
     and the recorded thread count may differ: they are what the run found, not what was asked)."""
-    keep = ("device", "progress", "precision", "cpu_threads")
+    keep = (*resume_overrides(), *recorded())
     return dataclasses.replace(saved, **{k: getattr(cfg, k) for k in keep}) == cfg
 
 
