@@ -31,6 +31,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from bench.throughput import sync  # noqa: E402
+from fastres import recipe  # noqa: E402
 from fastres.atomic import write_json  # noqa: E402
 from fastres.fused import fuse  # noqa: E402
 from fastres.models import ModelSpec  # noqa: E402
@@ -67,7 +68,8 @@ def grouped(models: list[torch.nn.Module], device: torch.device) -> Callable[[to
 def vmapped(models: list[torch.nn.Module], device: torch.device) -> Callable[[torch.Tensor, torch.Tensor], None]:
     params, buffers = torch.func.stack_module_state(models)
     base = copy.deepcopy(models[0]).to("meta")
-    opt = torch.optim.SGD(list(params.values()), lr=0.1, momentum=0.9, weight_decay=1e-4, foreach=True)
+    opt = torch.optim.SGD(list(params.values()), lr=recipe.LR, momentum=recipe.MOMENTUM,
+                          weight_decay=recipe.WEIGHT_DECAY, foreach=True)
 
     def one(p: dict, b: dict, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(torch.func.functional_call(base, (p, b), (x,)), y)
@@ -120,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default="resnet20,resnet56")
     p.add_argument("--runs", default="1,2,4,8")
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=recipe.BATCH_SIZE)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default="auto")

@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 from bench import baseline  # noqa: E402
-from fastres import fused  # noqa: E402
+from fastres import fused, recipe  # noqa: E402
 from fastres.atomic import write_json  # noqa: E402
 from fastres.cli import Parser, run_main  # noqa: E402
 from fastres.data import loaders  # noqa: E402
@@ -60,7 +60,6 @@ from fastres.runtime import (  # noqa: E402
 from fastres.step import TrainStep, error_rates  # noqa: E402
 
 REAL_DATA = ROOT.parent / "shared" / "data" / "cifar10-jpeg"
-BATCH = 128
 
 
 @dataclass(frozen=True)
@@ -144,7 +143,7 @@ class Bench:
         self.data = loaders.prepare(args.data)
         self.on_save = on_save
         self.result: dict[str, Any] = {
-            "device": device_name(self.device), "versions": versions(), "batch_size": BATCH,
+            "device": device_name(self.device), "versions": versions(), "batch_size": recipe.BATCH_SIZE,
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "data": self.data.source.describe(),
             "args": {k: v for k, v in vars(args).items() if k not in ("data", "out")},
             "peak_mem_note": "peak_mem_mib: the row's own peak device memory above what was held when it started",
@@ -162,7 +161,7 @@ class Bench:
     def fastres_data(self, setup: Setup, dtype: torch.dtype | None) -> loaders.Data:
         where = loaders.Placement(self.device, dtype or torch.float32, setup.channels_last, host=setup.loader == "host")
         seeds = list(range(setup.runs)) if setup.runs and setup.runs > 1 else 0
-        return loaders.build(self.data, where, batch_size=BATCH, eval_batch_size=self.args.eval_batch,
+        return loaders.build(self.data, where, batch_size=recipe.BATCH_SIZE, eval_batch_size=self.args.eval_batch,
                              seed=seeds, loader="dali" if setup.loader == "dali" else "torch")
 
     def row(self, model_name: str, setup: Setup) -> dict[str, Any]:
@@ -177,8 +176,10 @@ class Bench:
         row: dict[str, Any] = {}
         if setup.loader == "baseline":
             split = self.data.splits.train
-            batches = baseline.batches(baseline.make_loader(split.images, split.labels, self.data.mean, BATCH, device))
-            opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+            batches = baseline.batches(baseline.make_loader(split.images, split.labels, self.data.mean,
+                                                            recipe.BATCH_SIZE, device))
+            opt = torch.optim.SGD(model.parameters(), lr=recipe.LR, momentum=recipe.MOMENTUM,
+                                  weight_decay=recipe.WEIGHT_DECAY)
 
             def steps(n: int) -> None:
                 baseline.train_steps(model, opt, batches, device, n)
@@ -218,7 +219,8 @@ class Bench:
         device = self.device
         if setup.loader == "baseline":
             split = self.data.splits.train
-            batches = baseline.batches(baseline.make_loader(split.images, split.labels, self.data.mean, BATCH, device))
+            batches = baseline.batches(baseline.make_loader(split.images, split.labels, self.data.mean,
+                                                            recipe.BATCH_SIZE, device))
             batches = (loaders.to_device(b, device) for b in batches)
         else:
             batches = endless(self.fastres_data(setup, self.precision(setup)).train)
@@ -228,7 +230,7 @@ class Bench:
             for _ in range(k):
                 next(batches)
         pull(2)
-        return n * BATCH / timed(lambda: pull(n), device)
+        return n * recipe.BATCH_SIZE / timed(lambda: pull(n), device)
 
     def out_of_time(self) -> bool:
         return time.monotonic() > self.deadline
@@ -294,7 +296,7 @@ def print_table(result: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"fastres throughput, batch {BATCH}, {result['device']}")
+    table = Table(title=f"fastres throughput, batch {recipe.BATCH_SIZE}, {result['device']}")
     for col in ("model", "configuration", "precision", "it/s (median)", "spread", "x baseline", "run-it/s",
                 "x fused x1", "warm-up s", "peak MiB", "eval img/s"):
         table.add_column(col, justify="left" if col in ("model", "configuration", "precision") else "right")

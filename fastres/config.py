@@ -9,22 +9,17 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from fastres import schedule
+from fastres import recipe, schedule
 from fastres.cli import Parser
 from fastres.data.dataset import DATASETS
 from fastres.data.pixels import NORMALIZATIONS
 from fastres.errors import UsageError
 from fastres.models import SHORTCUTS, ModelSpec
 from fastres.runtime import PRECISIONS
-from fastres.step import PAPER_MOMENTUM, PAPER_WEIGHT_DECAY
 
 LOADERS = ("torch", "dali")
-# Config fields and the options that set them, for error messages.
-FLAGS = {"iters": "--iters", "batch_size": "--batch-size", "eval_every": "--eval-every",
-         "eval_batch_size": "--eval-batch-size", "log_every": "--log-every", "checkpoint_every": "--checkpoint-every",
-         "lr": "--lr", "warmup_lr": "the warm-up lr", "momentum": "--momentum", "weight_decay": "--wd"}
 AMP_DTYPES = ("auto", "bf16", "fp16")
 FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max: an lr or wd beyond it cannot reach the weights
 FUSE = ("auto", "on", "off")
@@ -32,24 +27,42 @@ PROGRESS = ("auto", "rich", "plain", "none")
 
 
 @dataclass(frozen=True)
+class Role:
+    """What a RunConfig field is to the code around it; ROLES holds one for each field.
+
+    flag: the option that sets the field, or how a message names one that no option sets.
+    free: may differ between the runs of one fused group (the rest is one graph, one schedule).
+    compared: a report averages runs of one model only when they agree on it (data, dataset
+    and precision as their results record them).
+    on_resume: "fixed", the saved value; "given", may be given to --resume again, as it changes
+    no result; "found", resolved or measured at the start: what the run found, not what was asked.
+    """
+
+    flag: str
+    free: bool
+    compared: bool
+    on_resume: Literal["fixed", "given", "found"]
+
+
+@dataclass(frozen=True)
 class RunConfig:
-    """Everything that decides what a run computes, plus where it writes."""
+    """Everything that decides what a run computes, plus where it writes (each field's role: ROLES)."""
 
     model: str
     shortcut: str | None = None  # ResNets: A (the paper's default), B or C; None for plain nets
-    iters: int = schedule.PAPER_ITERS
-    milestones: tuple[int, ...] = schedule.PAPER_MILESTONES
-    lr: float = schedule.PAPER_LR
+    iters: int = recipe.ITERS
+    milestones: tuple[int, ...] = recipe.MILESTONES
+    lr: float = recipe.LR
     warmup_iters: int = 0
-    warmup_lr: float = schedule.WARMUP_LR
-    momentum: float = PAPER_MOMENTUM
-    weight_decay: float = PAPER_WEIGHT_DECAY
-    batch_size: int = 128
+    warmup_lr: float = recipe.WARMUP_LR
+    momentum: float = recipe.MOMENTUM
+    weight_decay: float = recipe.WEIGHT_DECAY
+    batch_size: int = recipe.BATCH_SIZE
     seed: int = 0
     dataset: str = "cifar10"  # cifar10 or cifar100 (its 100 fine labels)
     data: str | None = None
     val_split: int = 0
-    normalize: str = "pixel"
+    normalize: str = recipe.NORMALIZE
     loader: str = "torch"
     device: str = "auto"
     amp: bool = False
@@ -124,6 +137,68 @@ FIELD_TYPES: dict[str, tuple[Any, str]] = {
 }
 
 
+# One row a field, in the dataclass's order; tests/test_config_fields.py holds it to the fields.
+ROLES: dict[str, Role] = {
+    # field                   flag                  free   compared  on resume
+    "model":             Role("the model",          False, False,    "fixed"),
+    "shortcut":          Role("--shortcut",         False, False,    "fixed"),
+    "iters":             Role("--iters",            False, True,     "fixed"),
+    "milestones":        Role("--milestones",       False, True,     "fixed"),
+    "lr":                Role("--lr",               False, True,     "fixed"),
+    "warmup_iters":      Role("--warmup-iters",     False, True,     "fixed"),
+    "warmup_lr":         Role("the warm-up lr",     False, True,     "fixed"),
+    "momentum":          Role("--momentum",         False, True,     "fixed"),
+    "weight_decay":      Role("--wd",               False, True,     "fixed"),
+    "batch_size":        Role("--batch-size",       False, True,     "fixed"),
+    "seed":              Role("--seed",             True,  False,    "fixed"),
+    "dataset":           Role("--dataset",          False, True,     "fixed"),
+    "data":              Role("--data",             False, True,     "fixed"),
+    "val_split":         Role("--val-split",        False, True,     "fixed"),
+    "normalize":         Role("--normalize",        False, True,     "fixed"),
+    "loader":            Role("--loader",           False, False,    "fixed"),
+    "device":            Role("--device",           False, False,    "given"),
+    "amp":               Role("--amp",              False, False,    "fixed"),
+    "amp_dtype":         Role("--amp-dtype",        False, False,    "fixed"),
+    "precision":         Role("the precision",      False, True,     "found"),
+    "channels_last":     Role("--channels-last",    False, False,    "fixed"),
+    "compile":           Role("--compile",          False, False,    "fixed"),
+    "deterministic":     Role("--deterministic",    False, False,    "fixed"),
+    "cpu_threads":       Role("the CPU threads",    False, False,    "found"),
+    "eval_every":        Role("--eval-every",       False, False,    "fixed"),
+    "eval_batch_size":   Role("--eval-batch-size",  False, False,    "fixed"),
+    "log_every":         Role("--log-every",        False, False,    "fixed"),
+    "checkpoint_every":  Role("--checkpoint-every", False, False,    "fixed"),
+    "out":               Role("--out",              True,  False,    "fixed"),
+    "progress":          Role("--progress",         False, False,    "given"),
+    "extra":             Role("the extra labels",   False, False,    "fixed"),
+}
+
+
+def flag(name: str) -> str:
+    """How a message names a field: its option, or words where no option sets it."""
+    return ROLES[name].flag
+
+
+def free_in_group() -> tuple[str, ...]:
+    """The fields the runs of one fused group may differ in."""
+    return tuple(name for name, role in ROLES.items() if role.free)
+
+
+def comparable() -> tuple[str, ...]:
+    """The fields a report compares runs of one model on before it averages them."""
+    return tuple(name for name, role in ROLES.items() if role.compared)
+
+
+def resume_overrides() -> tuple[str, ...]:
+    """The fields `--resume` may be given again: they change no result."""
+    return tuple(name for name, role in ROLES.items() if role.on_resume == "given")
+
+
+def recorded() -> tuple[str, ...]:
+    """The fields a run fills in at its start (what it found, not what was asked)."""
+    return tuple(name for name, role in ROLES.items() if role.on_resume == "found")
+
+
 def validate(cfg: RunConfig) -> RunConfig:
     """Raise UsageError on anything a run cannot use; return the config unchanged."""
     spec = cfg.spec
@@ -132,14 +207,14 @@ def validate(cfg: RunConfig) -> RunConfig:
                          f"model={spec.name}, shortcut={spec.shortcut}")
     for name in ("lr", "warmup_lr", "momentum", "weight_decay"):
         if not math.isfinite(getattr(cfg, name)) or abs(getattr(cfg, name)) > FLOAT32_MAX:
-            raise UsageError(f"{FLAGS.get(name, name)} must be a finite number within float32's range "
+            raise UsageError(f"{flag(name)} must be a finite number within float32's range "
                              f"(|x| <= {FLOAT32_MAX:.3g}, the weights' type), got {getattr(cfg, name)}")
     if not 0 <= cfg.seed < 2**32:
         raise UsageError(f"--seed must be between 0 and 2**32 - 1 (what the data order's generator takes), "
                          f"got {cfg.seed}")
     for name in ("iters", "batch_size", "eval_every", "eval_batch_size", "log_every", "checkpoint_every"):
         if getattr(cfg, name) <= 0:
-            raise UsageError(f"{FLAGS.get(name, name)} must be positive, got {getattr(cfg, name)}")
+            raise UsageError(f"{flag(name)} must be positive, got {getattr(cfg, name)}")
     ms = cfg.milestones
     if any(m <= 0 for m in ms) or any(b <= a for a, b in zip(ms, ms[1:], strict=False)):
         raise UsageError(f"--milestones must be positive and strictly increasing, got {list(ms)}")
@@ -173,14 +248,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", nargs="?", help="resnet20/32/44/56/110/1202, plain20/32/44/56/110, or any depth 6n+2; "
                    "resnet56:B names the shortcut option too")
     p.add_argument("--shortcut", choices=SHORTCUTS, help="ResNet shortcut option (default A)")
-    p.add_argument("--iters", type=int, help=f"training iterations (default {schedule.PAPER_ITERS})")
-    p.add_argument("--milestones", type=_int_list, help="iterations where lr is divided by 10 (default 32000,48000)")
-    p.add_argument("--lr", type=float, help="base learning rate (default 0.1)")
-    p.add_argument("--warmup-iters", type=int,
-                   help="iterations at lr 0.01 first (default 400 for depth >= 110, else 0)")
-    p.add_argument("--momentum", type=float)
-    p.add_argument("--wd", dest="weight_decay", type=float, help="weight decay (default 1e-4)")
-    p.add_argument("--batch-size", type=int, help="global batch size (default 128)")
+    p.add_argument("--iters", type=int, help=f"training iterations (default {recipe.ITERS})")
+    p.add_argument("--milestones", type=_int_list, help=f"iterations where lr is divided by {recipe.LR_DROP:g} "
+                   f"(default {','.join(map(str, recipe.MILESTONES))})")
+    p.add_argument("--lr", type=float, help=f"base learning rate (default {recipe.LR})")
+    p.add_argument("--warmup-iters", type=int, help=f"iterations at lr {recipe.WARMUP_LR} first (default "
+                   f"{recipe.WARMUP_ITERS} for depth >= {recipe.WARMUP_MIN_DEPTH}, else 0)")
+    p.add_argument("--momentum", type=float, help=f"SGD momentum (default {recipe.MOMENTUM})")
+    p.add_argument("--wd", dest="weight_decay", type=float, help=f"weight decay (default {recipe.WEIGHT_DECAY:g})")
+    p.add_argument("--batch-size", type=int, help=f"global batch size (default {recipe.BATCH_SIZE})")
     p.add_argument("--seed", type=int)
     p.add_argument("--seeds", type=_int_list, help="several runs, one per seed (e.g. 0,1,2,3,4), each in its own run "
                    "directory; fused into one training step where that is faster (see --fuse)")
@@ -191,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "downloaded to the cache)")
     p.add_argument("--val-split", type=int, help="hold out this many training images as validation (default 0)")
     p.add_argument("--normalize", choices=NORMALIZATIONS,
-                   help="per-pixel mean (the paper's, default) or per-channel mean/std")
+                   help=f"per-pixel mean (the paper's) or per-channel mean/std (default {recipe.NORMALIZE})")
     p.add_argument("--loader", choices=LOADERS, help="input pipeline (default torch)")
     p.add_argument("--device", help="auto (cuda if present), cpu, cuda, cuda:N")
     p.add_argument("--amp", action="store_true", default=None, help="mixed precision with torch.amp")
@@ -228,7 +304,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     given = {k: v for k, v in vars(args).items() if v is not None and k not in ("model", "resume", "seeds", "fuse")}
     spec = parse_spec(args.model, given.get("shortcut"))
     given.update(model=spec.name, shortcut=spec.shortcut)
-    given.setdefault("warmup_iters", schedule.default_warmup_iters(spec.depth))
+    given.setdefault("warmup_iters", recipe.default_warmup_iters(spec.depth))
     given.setdefault("out", str(Path("runs") / run_name(spec, given.get("dataset", "cifar10"), given.get("seed", 0))))
     return validate(RunConfig(**given))
 

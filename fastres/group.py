@@ -16,10 +16,8 @@ import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 
-from fastres.config import RunConfig
+from fastres.config import RunConfig, free_in_group
 from fastres.errors import UsageError
-
-FREE_FIELDS = ("seed", "out")  # what may differ between the runs of a group: the rest is one graph and schedule
 
 
 def check(cfgs: Sequence[RunConfig], world_size: int = 1) -> None:
@@ -30,7 +28,7 @@ def check(cfgs: Sequence[RunConfig], world_size: int = 1) -> None:
     first = cfgs[0]
     for cfg in cfgs[1:]:
         differ = [f.name for f in dataclasses.fields(RunConfig)
-                  if f.name not in FREE_FIELDS and getattr(cfg, f.name) != getattr(first, f.name)]
+                  if f.name not in free_in_group() and getattr(cfg, f.name) != getattr(first, f.name)]
         if differ:
             raise UsageError(f"runs {first.out} and {cfg.out} differ in {', '.join(differ)}: only runs alike but "
                              "for their seed can be fused (one graph, one schedule)")

@@ -18,16 +18,12 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from fastres import atomic, rundir
+from fastres import atomic, recipe, rundir
 from fastres.cli import Parser, run_main
+from fastres.config import comparable
 from fastres.errors import RunError
 from fastres.models import ModelSpec
 from fastres.rundir import RunDir
-
-# Every config field that changes what a run computes: runs are averaged only when they
-# agree on all of these (and on the data and the commit).
-COMPARABLE = ("iters", "milestones", "lr", "warmup_iters", "warmup_lr", "batch_size", "momentum", "weight_decay",
-              "normalize", "val_split")
 
 
 def reference() -> dict[str, dict[str, float]]:
@@ -58,7 +54,7 @@ class Run:
     def conditions(self) -> tuple[tuple[str, str], ...]:
         """What besides the model decides its result: data, schedule and optimiser, precision, code."""
         r, c = self.results, self.results["config"]
-        values = {k: c.get(k) for k in COMPARABLE}
+        values = {k: c.get(k) for k in comparable()}
         values.update(data=r.get("data"), dataset=c.get("dataset", "cifar10"),
                       precision=r.get("precision") or r.get("amp_dtype") or "fp32",
                       commit=(r.get("commit") or "unknown")[:10])
@@ -111,7 +107,8 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     differ = any(r["conditions"] for r in rows)  # runs under different conditions: say which row is which
     schedules = sorted({s for r in rows for s in r["schedule"]})
     lines = ["# Test error at the final iteration", "",
-             f"Schedule used: {'; '.join(schedules)} (the paper: 64000 iterations, lr /10 at 32000, 48000).",
+             f"Schedule used: {'; '.join(schedules)} (the paper: {recipe.ITERS} iterations, "
+             f"lr /{recipe.LR_DROP:g} at {', '.join(map(str, recipe.MILESTONES))}).",
              f"Device: {'; '.join(sorted({d for r in rows for d in r['device']}))}.", "",
              "| model | layers | params | seeds | test error % (mean ± std) | paper (Table 6) | seed impl. "
              "| wall time / run |" + (" conditions |" if differ else ""),

@@ -9,25 +9,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastres import recipe
 from fastres.runtime import autocast
-from fastres.schedule import PAPER_LR
 
 if TYPE_CHECKING:
     from fastres.data.loaders import Loader
 
 RECOMPILE_LIMIT = 64  # compiled models and modes per process before Dynamo gives up (see compile_model)
-PAPER_MOMENTUM = 0.9
-PAPER_WEIGHT_DECAY = 1e-4
 
 
 def make_optimizer(model: nn.Module, device: torch.device, amp_dtype: torch.dtype | None,
-                   momentum: float = PAPER_MOMENTUM, weight_decay: float = PAPER_WEIGHT_DECAY) -> torch.optim.SGD:
+                   momentum: float = recipe.MOMENTUM, weight_decay: float = recipe.WEIGHT_DECAY) -> torch.optim.SGD:
     """The paper's SGD: momentum 0.9 and weight decay 1e-4 on every parameter (as in the
     authors' code, BN included). Fused on CUDA (one kernel for all parameters), foreach
     elsewhere; also foreach under fp16 loss scaling, where fused SGD has been reported to
     advance its momentum on the steps GradScaler skips (torch 2.11, LibreYOLO PR #771)."""
     fused = device.type == "cuda" and amp_dtype != torch.float16
-    return torch.optim.SGD(model.parameters(), lr=PAPER_LR, momentum=momentum, weight_decay=weight_decay,
+    return torch.optim.SGD(model.parameters(), lr=recipe.LR, momentum=momentum, weight_decay=weight_decay,
                            fused=fused or None, foreach=None if fused else True)
 
 
@@ -71,7 +69,7 @@ class TrainStep:
     change can never trigger a recompile; it is set by the caller before each step."""
 
     def __init__(self, model: nn.Module, device: torch.device, amp_dtype: torch.dtype | None, compile: bool, *,
-                 momentum: float = PAPER_MOMENTUM, weight_decay: float = PAPER_WEIGHT_DECAY, runs: int = 1) -> None:
+                 momentum: float = recipe.MOMENTUM, weight_decay: float = recipe.WEIGHT_DECAY, runs: int = 1) -> None:
         self.model, self.device, self.amp_dtype, self.runs = model, device, amp_dtype, runs
         self.optimizer = make_optimizer(model, device, amp_dtype, momentum, weight_decay)
         self.forward = compile_model(model, device) if compile else model

@@ -30,7 +30,7 @@ from torch import nn
 from fastres import distributed, fused, group, rundir
 from fastres.checkpoint import Checkpoint, Normalization
 from fastres.cli import run_main
-from fastres.config import RunConfig, build_parser, configs_from_args, parse_spec, validate
+from fastres.config import RunConfig, build_parser, configs_from_args, parse_spec, resume_overrides, validate
 from fastres.data import loaders
 from fastres.data.dataset import DATASETS
 from fastres.errors import RunError, UsageError
@@ -52,8 +52,6 @@ from fastres.runtime import (
     versions,
 )
 from fastres.step import TrainStep
-
-RESUME_OVERRIDES = ("device", "progress")  # options that may change on resume: they change no result
 
 
 class StopFlag:
@@ -566,7 +564,7 @@ def resume_check(args: argparse.Namespace) -> Callable[[list[RunConfig], int], N
     def check(cfgs: list[RunConfig], step: int) -> None:
         if args.model and parse_spec(args.model, args.shortcut) != cfgs[0].spec:
             raise UsageError(f"--resume {' '.join(args.resume)} holds {cfgs[0].spec.tag} runs, not {args.model}")
-        fixed = {"model", "resume", "fuse", *RESUME_OVERRIDES}
+        fixed = {"model", "resume", "fuse", *resume_overrides()}
         changed = [k for k, v in vars(args).items() if v is not None and k not in fixed]
         if changed:
             raise UsageError(f"--resume continues the saved config; it cannot change {', '.join(changed)}")
@@ -576,7 +574,7 @@ def resume_check(args: argparse.Namespace) -> Callable[[list[RunConfig], int], N
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.resume:
-        overrides = {k: getattr(args, k) for k in RESUME_OVERRIDES if getattr(args, k)}
+        overrides = {k: getattr(args, k) for k in resume_overrides() if getattr(args, k)}
         return 0 if resume(args.resume, overrides, resume_check(args), alone=args.fuse == "off") is not None else 130
     cfgs = configs_from_args(args)
     device = pick_device(cfgs[0].device)

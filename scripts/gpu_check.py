@@ -37,6 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench import throughput  # noqa: E402
+from fastres import recipe  # noqa: E402
 from fastres.atomic import write_json  # noqa: E402
 from fastres.cli import Parser, run_main  # noqa: E402
 from fastres.config import RunConfig  # noqa: E402
@@ -53,7 +54,6 @@ from fastres.runtime import (  # noqa: E402
     tensor_dtype,
     versions,
 )
-from fastres.schedule import PAPER_ITERS  # noqa: E402
 from fastres.step import TrainStep  # noqa: E402
 from fastres.train import train  # noqa: E402
 
@@ -156,7 +156,7 @@ def throughput_part(check: Check, data: str, gpu: bool) -> dict[str, Any]:
 
 
 def agreement(data: str, device: torch.device, model_name: str, steps: int, precision: str,
-              batch_size: int = throughput.BATCH, channels_last: bool = True) -> dict[str, Any]:
+              batch_size: int = recipe.BATCH_SIZE, channels_last: bool = True) -> dict[str, Any]:
     """Train two copies of one model on the same batches, eager and compiled; compare.
     channels_last as training uses it on a GPU; the CPU rehearsal's fp64 runs NCHW (torch
     2.13's compiled float64 channels_last step crashes with SIGSEGV when ATen is capped at
@@ -193,10 +193,10 @@ def full_run_length(it_s: float | None, first_s: float, eval_s: float, left_s: f
     the measured rate says so, else the longest prefix that ends on a log point (0: none)."""
     if not it_s:
         return 0
-    evals = PAPER_ITERS // 2000
+    evals = recipe.ITERS // 2000
     overhead = first_s + evals * eval_s + margin_s
-    if overhead + PAPER_ITERS / it_s <= left_s:
-        return PAPER_ITERS
+    if overhead + recipe.ITERS / it_s <= left_s:
+        return recipe.ITERS
     fits = int(0.9 * (left_s - overhead) * it_s)  # 10% slack: the rate was measured, not promised
     return max(fits // log_every * log_every, 0)
 
@@ -220,14 +220,15 @@ def full_run(check: Check, data: str, model_name: str, run_dir: Path, cap_s: flo
     eval_s = test_images / fast["eval_img_s"] if fast and fast.get("eval_img_s") else 1.0
     seconds = min(check.left(), cap_s or float("inf"))
     iters = max(full_run_length(it_s, first_s, eval_s, seconds, margin_s, log_every), min_iters if it_s else 0)
-    plan = {"model": model_name, "measured_it_s": it_s, "planned_iters": iters, "full": iters == PAPER_ITERS,
+    plan = {"model": model_name, "measured_it_s": it_s, "planned_iters": iters, "full": iters == recipe.ITERS,
             "budget_left_s": round(check.left(), 1)}
     print(f"full run plan: {plan}", flush=True)
     if iters == 0:
         return {**plan, "skipped": "no measured rate, or no time left for a single log interval"}
     cfg = RunConfig(model=model_name, shortcut="A", data=data, amp=True, channels_last=True, compile=True,
                     log_every=log_every, out=str(run_dir), progress="plain")
-    results = train(cfg, stop_at=None if iters == PAPER_ITERS else iters, deadline=time.monotonic() + max(seconds, 1.0))
+    results = train(cfg, stop_at=None if iters == recipe.ITERS else iters,
+                    deadline=time.monotonic() + max(seconds, 1.0))
     run = RunDir(run_dir)
     metrics, saved = run.metrics.read(), run.checkpoint_files()
     kept = None
@@ -280,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
         for precision in ("bf16", "fp32") if gpu else ("fp64",):
             check.part(f"agreement_{precision}",
                        lambda p=precision: agreement(args.data, device, model, 20 if gpu else 3, p,
-                                                     throughput.BATCH if gpu else 32, channels_last=gpu))
+                                                     recipe.BATCH_SIZE if gpu else 32, channels_last=gpu))
         with tempfile.TemporaryDirectory(prefix="fastres-gpu-check-") as tmp:
             check.part("full_run", lambda: full_run(check, args.data, model, Path(tmp) / "run",
                                                     cap_s=None if gpu else REHEARSAL_RUN_S,

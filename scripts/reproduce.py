@@ -22,9 +22,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from fastres import group, report, schedule  # noqa: E402
+from fastres import group, recipe, report  # noqa: E402
 from fastres.cli import Parser, run_main  # noqa: E402
-from fastres.config import FUSE, RunConfig, run_name, validate  # noqa: E402
+from fastres.config import FUSE, RunConfig, recorded, resume_overrides, run_name, validate  # noqa: E402
 from fastres.data.dataset import DATASETS  # noqa: E402
 from fastres.errors import UsageError  # noqa: E402
 from fastres.models import ModelSpec  # noqa: E402
@@ -40,8 +40,8 @@ def run_configs(args: argparse.Namespace) -> list[RunConfig]:
     def scaled(n: int) -> int:
         return max(1, round(n * args.scale))
 
-    iters = scaled(schedule.PAPER_ITERS)
-    milestones = tuple(scaled(m) for m in schedule.PAPER_MILESTONES)
+    iters = scaled(recipe.ITERS)
+    milestones = tuple(scaled(m) for m in recipe.MILESTONES)
     configs = []
     for text in args.runs.split(","):
         try:
@@ -51,7 +51,7 @@ def run_configs(args: argparse.Namespace) -> list[RunConfig]:
         for seed in range(args.seeds):
             cfg = RunConfig(
                 model=spec.name, shortcut=spec.shortcut, iters=iters, milestones=milestones,
-                warmup_iters=round(schedule.default_warmup_iters(spec.depth) * args.scale), seed=seed, data=args.data,
+                warmup_iters=round(recipe.default_warmup_iters(spec.depth) * args.scale), seed=seed, data=args.data,
                 loader=args.loader, device=args.device, amp=args.amp, channels_last=args.channels_last,
                 compile=args.compile, eval_every=max(1, iters // args.curve_points), log_every=max(1, iters // 200),
                 checkpoint_every=max(1, iters // 20), out=str(args.out / "runs" / run_name(spec, args.dataset, seed)),
@@ -84,7 +84,7 @@ def build_parser() -> Parser:
 def same_run(saved: RunConfig, cfg: RunConfig) -> bool:
     """Whether a saved run is the one asked for (device, progress, the resolved precision
     and the recorded thread count may differ: they are what the run found, not what was asked)."""
-    keep = ("device", "progress", "precision", "cpu_threads")
+    keep = (*resume_overrides(), *recorded())
     return dataclasses.replace(saved, **{k: getattr(cfg, k) for k in keep}) == cfg
 
 

@@ -110,7 +110,7 @@ def test_a_second_process_is_refused_and_a_dead_ones_lock_taken_over(tiny_tree: 
     holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(run)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
-        live = json.dumps(RunConfig(model="resnet8", shortcut="A", out=str(run)).to_dict())  # a live run's, before its checkpoint
+        live = json.dumps(RunConfig(model="resnet8", shortcut="A", out=str(run)).to_dict())  # before its checkpoint
         (run / rundir.CONFIG).write_text(live)
         assert run_main(train_main, argv(tiny_tree, run)) == 2
         err = capsys.readouterr().err

@@ -1,6 +1,7 @@
 import pytest
 
-from fastres.schedule import default_warmup_iters, lr_at
+from fastres.recipe import default_warmup_iters
+from fastres.schedule import lr_at
 
 
 @pytest.mark.parametrize(("step", "lr"), [(0, 0.1), (399, 0.1), (400, 0.1), (31_999, 0.1), (32_000, 0.01),

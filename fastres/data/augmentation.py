@@ -10,11 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
-from fastres.data.dataset import IMAGE_SHAPE
+from fastres import recipe
 from fastres.errors import DataError
-
-PAD = 4  # pixels of zero padding on each side (He et al. 2016, Sec. 4.2)
-CROP = IMAGE_SHAPE[0]  # the crop is the original image size: 32x32
 
 
 @dataclass(frozen=True)
@@ -32,7 +29,7 @@ def epoch_generator(seed: int, epoch: int) -> torch.Generator:
 def draw(n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-image crop offsets, uniform integers in [-PAD, PAD] on each axis, and flips
     with probability 0.5."""
-    offsets = torch.randint(-PAD, PAD + 1, (n, 2), generator=generator)
+    offsets = torch.randint(-recipe.PAD, recipe.PAD + 1, (n, 2), generator=generator)
     flips = torch.rand(n, generator=generator) < 0.5
     return offsets, flips
 

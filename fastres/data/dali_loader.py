@@ -15,6 +15,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
+from fastres import recipe
 from fastres.data import augmentation
 from fastres.data.dataset import EncodedSplit, Split
 from fastres.errors import UsageError
@@ -113,7 +114,7 @@ def _pipeline(source: _BatchSource, *, encoded: bool, gpu: bool, mean: np.ndarra
     mean_t, inv_std_t = types.Constant(mean, device=where), types.Constant(inv_std, device=where)
     x = (fn.cast(images, dtype=types.FLOAT) * (1.0 / 255.0) - mean_t) * inv_std_t
     if train:
-        x = fn.slice(x, start=offsets, shape=[augmentation.CROP, augmentation.CROP], axis_names="HW",
+        x = fn.slice(x, start=offsets, shape=[recipe.CROP, recipe.CROP], axis_names="HW",
                      out_of_bounds_policy="pad", fill_values=0.0)
     x = fn.crop_mirror_normalize(x, mirror=flips if train else False, dtype=dtype,
                                  output_layout="HWC" if channels_last else "CHW")

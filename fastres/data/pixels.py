@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fastres.data.augmentation import CROP, PAD
+from fastres.recipe import CROP, PAD
 
 NORMALIZATIONS = ("pixel", "channel")
 

@@ -1,0 +1,39 @@
+"""Every RunConfig field states its roles (config.ROLES), and what is derived from them is
+spelled out here, so that a new field or a changed role is a deliberate edit of this file."""
+
+import dataclasses
+
+from fastres import config
+from fastres.config import ROLES, RunConfig, build_parser
+
+
+def test_every_field_has_every_role_in_the_dataclass_order() -> None:
+    assert list(ROLES) == [f.name for f in dataclasses.fields(RunConfig)]
+    for name, role in ROLES.items():
+        assert isinstance(role.flag, str) and role.flag, name
+        assert isinstance(role.free, bool) and isinstance(role.compared, bool), name
+        assert role.on_resume in ("fixed", "given", "found"), name
+
+
+def test_each_flag_is_the_option_that_sets_its_field() -> None:
+    """A field's flag is an option of the command line whose dest is that field; a field
+    named in words is one that no option sets."""
+    options = {}
+    for action in build_parser()._actions:
+        for option in action.option_strings:
+            options.setdefault(action.dest, set()).add(option)
+    for name, role in ROLES.items():
+        if role.flag.startswith("--"):
+            assert role.flag in options.get(name, set()), (name, role.flag)
+        else:
+            assert name not in options, (name, options.get(name))
+    assert config.flag("weight_decay") == "--wd" and config.flag("warmup_lr") == "the warm-up lr"
+
+
+def test_the_derived_lists() -> None:
+    assert config.free_in_group() == ("seed", "out")
+    assert config.comparable() == ("iters", "milestones", "lr", "warmup_iters", "warmup_lr", "momentum",
+                                   "weight_decay", "batch_size", "dataset", "data", "val_split", "normalize",
+                                   "precision")
+    assert config.resume_overrides() == ("device", "progress")
+    assert config.recorded() == ("precision", "cpu_threads")
