@@ -23,7 +23,7 @@ def test_official_reader_keeps_batch_order_and_pixels(tmp_path: Path) -> None:
 
 
 def test_official_md5_checked(tmp_path: Path) -> None:
-    path, _ = write_official(tmp_path / official.ARCHIVE_NAME)
+    path, _ = write_official(tmp_path / CIFAR10.archive)
     with pytest.raises(DataError, match="md5"):
         sources.load(sources.resolve(path))  # the official name is held to the official md5
     good = hashlib.md5(path.read_bytes()).hexdigest()
@@ -45,10 +45,10 @@ def test_truncated_archive(tmp_path: Path, tiny_official: Path) -> None:
 
 def test_download_from_url(tmp_path: Path, tiny_official: Path) -> None:
     md5 = hashlib.md5(tiny_official.read_bytes()).hexdigest()
-    dest = official.download(tiny_official.as_uri(), tmp_path / "dl" / official.ARCHIVE_NAME, md5)
+    dest = official.download(tiny_official.as_uri(), tmp_path / "dl" / CIFAR10.archive, md5)
     assert dest.read_bytes() == tiny_official.read_bytes()
     with pytest.raises(DataError, match="md5"):
-        official.download(tiny_official.as_uri(), tmp_path / "bad" / official.ARCHIVE_NAME, "0" * 32)
+        official.download(tiny_official.as_uri(), tmp_path / "bad" / CIFAR10.archive, "0" * 32)
     assert not list((tmp_path / "bad").iterdir())  # nothing half-written is left behind
 
 

@@ -18,8 +18,6 @@ import numpy as np
 from fastres.data.dataset import CIFAR10, DATASETS, Cifar, Split, Splits
 from fastres.errors import DataError
 
-# CIFAR-10's, kept by name for its callers.
-ARCHIVE_NAME, ARCHIVE_MD5, ARCHIVE_URL, BATCH_DIR = CIFAR10.archive, CIFAR10.archive_md5, CIFAR10.url, CIFAR10.folder
 CHUNK = 1 << 20
 # One batch file at most: the largest official one, CIFAR-100's `train`, is 50,000 rows of 3,072
 # pixels (153.6 MB) plus labels and file names; an archive member declaring more is refused by
@@ -42,7 +40,7 @@ def verify_md5(path: Path, md5: str) -> None:
                         "not the official archive; delete it and download it again")
 
 
-def download(url: str, dest: Path, md5: str | None = ARCHIVE_MD5) -> Path:
+def download(url: str, dest: Path, md5: str | None) -> Path:
     """Fetch `url` to `dest` with a progress bar, verify it, and only then move it into place."""
     from rich.progress import DownloadColumn, Progress, TransferSpeedColumn
 
