@@ -7,15 +7,14 @@ import hashlib
 import io
 import os
 import pickle
-import tarfile
 import urllib.error
 import urllib.request
-import zlib
 from pathlib import Path
 
 import numpy as np
 
 from fastres.data.dataset import CIFAR10, DATASETS, Cifar, Split, Splits
+from fastres.data.tars import open_tar
 from fastres.errors import DataError
 
 CHUNK = 1 << 20
@@ -101,16 +100,13 @@ def read_archive(path: Path, md5: str | None = None, cifar: Cifar = CIFAR10) -> 
         verify_md5(path, md5)
     wanted = {f"{cifar.folder}/{b}" for b in (*cifar.train_files, cifar.test_file)}
     raw: dict[str, bytes] = {}
-    try:
-        with tarfile.open(path, "r:*") as tar:
-            for member in tar:
-                if member.name in wanted and member.isfile():
-                    if member.size > MAX_BATCH_BYTES:
-                        raise DataError(f"{path}: member {member.name!r} is {member.size:,} bytes, over the "
-                                        f"{MAX_BATCH_BYTES:,} any official batch file needs")
-                    raw[member.name.rsplit("/", 1)[1]] = tar.extractfile(member).read()
-    except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
-        raise DataError(f"{path}: unreadable archive ({e}); it is truncated or corrupt") from None
+    with open_tar(path) as tar:
+        for member in tar:
+            if member.name in wanted and member.isfile():
+                if member.size > MAX_BATCH_BYTES:
+                    raise DataError(f"{path}: member {member.name!r} is {member.size:,} bytes, over the "
+                                    f"{MAX_BATCH_BYTES:,} any official batch file needs")
+                raw[member.name.rsplit("/", 1)[1]] = tar.extractfile(member).read()
     missing = [b for b in (*cifar.train_files, cifar.test_file) if b not in raw]
     if missing:
         raise DataError(f"{path}: missing {', '.join(missing)} under {cifar.folder}/; not a complete "

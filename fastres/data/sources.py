@@ -7,7 +7,6 @@ import hashlib
 import os
 import re
 import sys
-import tarfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ import numpy as np
 from fastres import atomic
 from fastres.data import images, official
 from fastres.data.dataset import DATASETS, Cifar, Split, Splits, check_split
+from fastres.data.tars import open_tar
 from fastres.errors import DataError, RunError
 
 CACHE_FORMAT = 2  # bump when the cached arrays' layout changes (2: with a checksum)
@@ -49,11 +49,8 @@ def _archive_dataset(path: Path) -> Cifar | None:
     named = next((d for d in DATASETS.values() if path.name == d.archive), None)
     if named is not None:
         return named
-    try:
-        with tarfile.open(path, "r:*") as tar:
-            first = tar.next()
-    except (tarfile.TarError, EOFError, OSError) as e:
-        raise DataError(f"{path}: unreadable archive ({e}); it is truncated or corrupt") from None
+    with open_tar(path) as tar:
+        first = tar.next()
     return None if first is None else official.dataset_of_folder(first.name.split("/")[0])
 
 
