@@ -110,11 +110,25 @@ def test_corrupt_image(tmp_path: Path) -> None:
         sources.load(sources.resolve(tree))
 
 
-def test_missing_class(tmp_path: Path) -> None:
+@pytest.mark.parametrize("packed", [False, True])
+def test_missing_class(tmp_path: Path, packed: bool) -> None:
+    """A tree or an archive of one, read decoded or encoded (DALI's), lacking class folders:
+    the same one line, naming the split and the classes."""
     tree = write_tree(tmp_path / "t", {"train": 1, "test": 1})
     shutil.rmtree(tree / "test" / "frog")
-    with pytest.raises(DataError, match="frog"):
-        sources.load(sources.resolve(tree))
+    for cls in ("airplane", "automobile", "bird", "cat", "deer", "dog"):
+        shutil.rmtree(tree / "train" / cls)
+    data = tree
+    if packed:
+        data = tmp_path / "t.tar"
+        with tarfile.open(data, "w") as tar:
+            tar.add(tree / "train", arcname="train")
+            tar.add(tree / "test", arcname="test")
+    expected = "train: no images of class airplane, automobile, bird, cat, deer and 1 more"
+    with pytest.raises(DataError, match=f"^{expected}$"):
+        sources.load(sources.resolve(data))
+    with pytest.raises(DataError, match="^test: no images of class frog$"):
+        images.read_encoded([data], ("test",))
 
 
 def test_unknown_class(tmp_path: Path) -> None:

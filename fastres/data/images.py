@@ -20,7 +20,7 @@ from typing import TypeVar
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from fastres.data.dataset import CLASSES, IMAGE_SHAPE, EncodedSplit, Split, Splits
+from fastres.data.dataset import CLASSES, IMAGE_SHAPE, EncodedSplit, Split, Splits, check_classes
 from fastres.data.tars import open_tar
 from fastres.errors import DataError
 
@@ -222,11 +222,9 @@ def _splits(found: Found, sources: list[Path], classes: tuple[str, ...],
         if not items:
             raise DataError(f"{', '.join(map(str, sources))}: no {split}/<class>/*.jpg|jpeg|png images found")
         items.sort(key=lambda t: (t[0], t[1]))
-        missing = sorted(set(range(len(classes))) - {label for label, _, _ in items})
-        if missing:
-            raise DataError(f"{split}: no images of class {', '.join(classes[i] for i in missing[:5])}"
-                            + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
-        read[split] = make([x for _, _, x in items], np.array([label for label, _, _ in items], dtype=np.int64))
+        labels = np.array([label for label, _, _ in items], dtype=np.int64)
+        check_classes(labels, split, classes)
+        read[split] = make([x for _, _, x in items], labels)
     empty = make([], np.zeros(0, np.int64))
     return Splits(read.get("train", empty), read["test"])
 
