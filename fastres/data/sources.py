@@ -7,6 +7,7 @@ import hashlib
 import os
 import re
 import sys
+import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,37 @@ def default_cache_dir() -> Path:
     if os.environ.get("FASTRES_CACHE"):
         return Path(os.environ["FASTRES_CACHE"])
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fastres"
+
+
+CACHE_WAY_OUT = "set FASTRES_CACHE (or XDG_CACHE_HOME) to a folder fastres may write"
+
+
+def file_in_place(folder: Path) -> Path | None:
+    """The file (or dangling link) standing where `folder` or a folder above it should be:
+    then no cache can be made there."""
+    for path in (folder, *folder.parents):
+        if os.path.lexists(path):
+            return None if os.path.isdir(path) else path
+    return None
+
+
+def check_writable_cache(folder: Path) -> None:
+    """Before a download into the cache: a cache folder that cannot be made or written (a file
+    in its place or above it, no permission, a read-only disk) is one line naming it and the
+    ways out, not a traceback from deep in the download."""
+    blocking = file_in_place(folder)
+    if blocking is not None:
+        raise RunError(_unusable_cache(folder, f"{blocking} is a file, not a folder"))
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()  # writing is the one sure test (permissions, ACLs, read-only)
+    except OSError as e:
+        raise RunError(_unusable_cache(folder, e.strerror or str(e))) from None
+
+
+def _unusable_cache(folder: Path, why: str) -> str:
+    return (f"the cache folder {folder} cannot hold the official archive ({why}): {CACHE_WAY_OUT}, or pass "
+            "--data PATH to a copy of the data")
 
 
 @dataclass(frozen=True)
@@ -74,6 +106,7 @@ def _resolve(data: str | Path | None, cache_dir: Path, url: str, splits: tuple[s
     if data is None:
         archive = cache_dir / cifar.archive
         if not archive.is_file():
+            check_writable_cache(cache_dir)
             official.download(url, archive, cifar.archive_md5)
         return Source("official", (archive,), f"official {cifar.name} archive in the fastres cache")
     path = Path(data).expanduser()
