@@ -1,4 +1,4 @@
-"""Find CIFAR-10 from `--data` (or the cache), load it, and cache the decoded arrays."""
+"""Find CIFAR-10 or CIFAR-100 from `--data` (or the cache), load it, and cache the decoded arrays."""
 
 from __future__ import annotations
 
