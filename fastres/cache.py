@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
                        f"{CACHE_WAY_OUT}")
     try:
         print(clear(folder) if args.clear else listing(folder))
-    except OSError as e:  # a cache folder that cannot be listed or read (permissions, a file in its place)
+    except OSError as e:  # a cache folder that cannot be listed or read (permissions)
         raise RunError(f"cannot read the cache {folder} ({e.strerror or e})") from None
     return 0
 
