@@ -1,6 +1,6 @@
 """Which way to fuse N runs into one step, measured: `python bench/fusion_candidates.py`.
 
-Times one training step (forward, loss, backward, SGD update) of N ResNets three ways, in
+Times one training step (forward, loss, backward, SGD update) of N ResNets four ways, in
 one process on one device, and writes the figures as JSON:
 
 - sequential: N separate models, one step each (what N runs one after another cost);

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from fastres.cli import Parser, run_main
 from fastres.data.dataset import DATASETS
-from fastres.data.sources import ENTRY, LEGACY_ENTRY, TEMPORARY, default_cache_dir
+from fastres.data.sources import CACHE_WAY_OUT, ENTRY, LEGACY_ENTRY, TEMPORARY, default_cache_dir, file_in_place
 from fastres.errors import RunError
 
 ARCHIVE = "downloaded archive; --clear keeps it"
@@ -75,9 +75,13 @@ def main(argv: list[str] | None = None) -> int:
                    help="remove the decoded data and leftovers fastres wrote (downloaded archives are kept)")
     args = p.parse_args(argv)
     folder = default_cache_dir()
+    blocking = file_in_place(folder)
+    if blocking is not None:  # else the listing would show an empty cache that cannot exist
+        raise RunError(f"the cache folder {folder} cannot be made ({blocking} is a file, not a folder): "
+                       f"{CACHE_WAY_OUT}")
     try:
         print(clear(folder) if args.clear else listing(folder))
-    except OSError as e:  # a cache folder that cannot be listed or read (permissions, a file in its place)
+    except OSError as e:  # a cache folder that cannot be listed or read (permissions)
         raise RunError(f"cannot read the cache {folder} ({e.strerror or e})") from None
     return 0
 

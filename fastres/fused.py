@@ -47,26 +47,6 @@ class GroupedLinear(nn.Module):
         return f"{self.runs} x ({self.in_features} -> {self.out_features})"
 
 
-class GroupedShortcutA(nn.Module):
-    """Option A for N members: subsample, then zero-pad each member's own channels."""
-
-    def __init__(self, shortcut: ShortcutA, runs: int) -> None:
-        super().__init__()
-        self.in_planes, self.planes, self.stride, self.front = (shortcut.in_planes, shortcut.planes,
-                                                                shortcut.stride, shortcut.front)
-        self.runs = runs
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.stride > 1:
-            x = x[:, :, :: self.stride, :: self.stride]
-        x = x.unflatten(1, (self.runs, self.in_planes))  # (B, N, C, H, W): pad C, per member
-        x = nn.functional.pad(x, (0, 0, 0, 0, self.front, self.planes - self.in_planes - self.front))
-        return x.flatten(1, 2)
-
-    def extra_repr(self) -> str:
-        return f"{self.runs} x ({self.in_planes}->{self.planes}, stride={self.stride}, zero-pad per member)"
-
-
 def _stacked(members: list[nn.Module], name: str) -> torch.Tensor:
     return torch.cat([getattr(m, name).detach() for m in members])
 
@@ -96,7 +76,7 @@ def _fuse_layer(members: list[nn.Module]) -> nn.Module | None:
         fc.bias.data.copy_(_stacked(members, "bias"))
         return fc
     if isinstance(first, ShortcutA):
-        return GroupedShortcutA(first, runs)
+        return ShortcutA(first.in_planes, first.planes, first.stride, first.front, runs)
     if any(True for _ in first.parameters(recurse=False)) or any(True for _ in first.buffers(recurse=False)):
         raise TypeError(f"cannot fuse {type(first).__name__}: no grouped counterpart")
     return None

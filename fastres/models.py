@@ -43,23 +43,29 @@ PAPER_DEPTHS = {"resnet": (20, 32, 44, 56, 110, 1202), "plain": (20, 32, 44, 56,
 class ShortcutA(nn.Module):
     """Option A: subsample by `stride` and add zero channels; no parameters. fastres
     appends them (`front=0`); a model imported from a peer that puts half of them in front
-    (akamaster's) sets `front` to compute that peer's function exactly."""
+    (akamaster's) sets `front` to compute that peer's function exactly. `runs` members
+    stacked on the channel axis (a fused group, `fastres.fused`) are each padded on their
+    own, so one implementation serves a single model and a group alike."""
 
-    def __init__(self, in_planes: int, planes: int, stride: int, front: int = 0) -> None:
+    def __init__(self, in_planes: int, planes: int, stride: int, front: int = 0, runs: int = 1) -> None:
         super().__init__()
         if planes < in_planes:
             raise ValueError(f"option A cannot shrink channels ({in_planes} -> {planes})")
-        self.in_planes, self.planes, self.stride, self.front = in_planes, planes, stride, front
+        self.in_planes, self.planes, self.stride, self.front, self.runs = in_planes, planes, stride, front, runs
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.stride > 1:
             x = x[:, :, :: self.stride, :: self.stride]
         # F.pad pads the last dims first: (W, W, H, H, C_front, C_back).
-        return F.pad(x, (0, 0, 0, 0, self.front, self.planes - self.in_planes - self.front))
+        pad = (0, 0, 0, 0, self.front, self.planes - self.in_planes - self.front)
+        if self.runs == 1:  # padded as it is, which keeps a channels_last input channels_last
+            return F.pad(x, pad)
+        return F.pad(x.unflatten(1, (self.runs, self.in_planes)), pad).flatten(1, 2)  # (B, N, C, H, W)
 
     def extra_repr(self) -> str:
         where = f", {self.front} in front" if self.front else ""
-        return f"{self.in_planes}->{self.planes}, stride={self.stride}, zero-pad{where}"
+        members = f"{self.runs} x " if self.runs > 1 else ""
+        return f"{members}{self.in_planes}->{self.planes}, stride={self.stride}, zero-pad{where}"
 
 
 def projection(in_planes: int, planes: int, stride: int) -> nn.Sequential:

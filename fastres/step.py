@@ -31,8 +31,8 @@ def make_optimizer(model: nn.Module, device: torch.device, amp_dtype: torch.dtyp
 
 def compile_model(model: nn.Module, device: torch.device) -> nn.Module:
     """torch.compile; on CUDA with CUDA graphs ("reduce-overhead"): the several hundred
-    kernel launches of a ResNet-56 forward and backward (57 convolutions, 57 BNs, their
-    gradients) become two graph replays. Shapes are
+    kernel launches of a ResNet-56 forward and backward (option A: 55 convolutions,
+    55 BNs, their gradients; tests/test_models.py) become two graph replays. Shapes are
     static (the loaders drop partial training batches), so the graphs are captured once
     per mode (train, eval) and replayed; BN's running statistics are buffers updated in
     place inside the graph. `dynamic=False`: without it, the first evaluation batch of

@@ -23,7 +23,7 @@ def test_official_reader_keeps_batch_order_and_pixels(tmp_path: Path) -> None:
 
 
 def test_official_md5_checked(tmp_path: Path) -> None:
-    path, _ = write_official(tmp_path / official.ARCHIVE_NAME)
+    path, _ = write_official(tmp_path / CIFAR10.archive)
     with pytest.raises(DataError, match="md5"):
         sources.load(sources.resolve(path))  # the official name is held to the official md5
     good = hashlib.md5(path.read_bytes()).hexdigest()
@@ -45,10 +45,10 @@ def test_truncated_archive(tmp_path: Path, tiny_official: Path) -> None:
 
 def test_download_from_url(tmp_path: Path, tiny_official: Path) -> None:
     md5 = hashlib.md5(tiny_official.read_bytes()).hexdigest()
-    dest = official.download(tiny_official.as_uri(), tmp_path / "dl" / official.ARCHIVE_NAME, md5)
+    dest = official.download(tiny_official.as_uri(), tmp_path / "dl" / CIFAR10.archive, md5)
     assert dest.read_bytes() == tiny_official.read_bytes()
     with pytest.raises(DataError, match="md5"):
-        official.download(tiny_official.as_uri(), tmp_path / "bad" / official.ARCHIVE_NAME, "0" * 32)
+        official.download(tiny_official.as_uri(), tmp_path / "bad" / CIFAR10.archive, "0" * 32)
     assert not list((tmp_path / "bad").iterdir())  # nothing half-written is left behind
 
 
@@ -110,11 +110,25 @@ def test_corrupt_image(tmp_path: Path) -> None:
         sources.load(sources.resolve(tree))
 
 
-def test_missing_class(tmp_path: Path) -> None:
+@pytest.mark.parametrize("packed", [False, True])
+def test_missing_class(tmp_path: Path, packed: bool) -> None:
+    """A tree or an archive of one, read decoded or encoded (DALI's), lacking class folders:
+    the same one line, naming the split and the classes."""
     tree = write_tree(tmp_path / "t", {"train": 1, "test": 1})
     shutil.rmtree(tree / "test" / "frog")
-    with pytest.raises(DataError, match="frog"):
-        sources.load(sources.resolve(tree))
+    for cls in ("airplane", "automobile", "bird", "cat", "deer", "dog"):
+        shutil.rmtree(tree / "train" / cls)
+    data = tree
+    if packed:
+        data = tmp_path / "t.tar"
+        with tarfile.open(data, "w") as tar:
+            tar.add(tree / "train", arcname="train")
+            tar.add(tree / "test", arcname="test")
+    expected = "train: no images of class airplane, automobile, bird, cat, deer and 1 more"
+    with pytest.raises(DataError, match=f"^{expected}$"):
+        sources.load(sources.resolve(data))
+    with pytest.raises(DataError, match="^test: no images of class frog$"):
+        images.read_encoded([data], ("test",))
 
 
 def test_unknown_class(tmp_path: Path) -> None:
@@ -246,3 +260,71 @@ def test_the_extracted_folder_torchvision_leaves(tmp_path: Path, monkeypatch: py
     assert run_main(train_main, ["resnet8", "--data", str(folder), "--out", str(tmp_path / "r")]) == 2
     assert "data_batch_3: missing from the extracted cifar10 folder" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+UNUSABLE_CACHES = ["XDG_CACHE_HOME is a file", "FASTRES_CACHE is a file", "an unwritable folder"]
+
+
+def unusable_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str) -> Path:
+    """Point fastres' cache where no download can go; the folder the one line must name."""
+    if how == "XDG_CACHE_HOME is a file":
+        (tmp_path / "xdg").write_text("")
+        monkeypatch.delenv("FASTRES_CACHE")
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+        return tmp_path / "xdg" / "fastres"
+    folder = tmp_path / "cache"
+    if how == "FASTRES_CACHE is a file":
+        folder.write_text("")
+    else:
+        folder.mkdir()
+        folder.chmod(0o555)
+        if os.access(folder, os.W_OK):
+            pytest.skip("this user may write a read-only folder (root): there is no unwritable one to make")
+    monkeypatch.setenv("FASTRES_CACHE", str(folder))
+    return folder
+
+
+@pytest.mark.parametrize("how", UNUSABLE_CACHES)
+def test_training_and_evaluating_without_data_into_an_unusable_cache_is_one_line(
+        tmp_path: Path, tiny_tree: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture,
+        how: str) -> None:
+    """No --data: the official archive would be downloaded into the cache. Where it cannot
+    go, one line names the folder and the ways out, before any download is tried."""
+    from fastres.cli import run_main
+    from fastres.evaluate import main as evaluate_main
+    from fastres.export import main as export_main
+    from fastres.train import main as train_main
+
+    run, weights = tmp_path / "run", tmp_path / "w.pt"
+    common = ["--iters", "2", "--eval-every", "2", "--checkpoint-every", "2", "--progress", "none", "--device", "cpu"]
+    assert run_main(train_main, ["resnet8", "--data", str(tiny_tree), "--out", str(run), *common]) == 0
+    assert run_main(export_main, [str(run), str(weights)]) == 0
+    folder = unusable_cache(tmp_path, monkeypatch, how)
+    capsys.readouterr()
+    monkeypatch.setattr("urllib.request.urlopen", lambda *a, **k: pytest.fail("a download was tried"))
+    for main, argv in ((train_main, ["resnet8", "--out", str(tmp_path / "new"), *common]),
+                       (evaluate_main, [str(weights), "--device", "cpu"])):
+        assert run_main(main, argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"cache folder {folder} " in err, err
+        assert "FASTRES_CACHE" in err and "XDG_CACHE_HOME" in err and "--data" in err
+
+
+@pytest.mark.parametrize("how", UNUSABLE_CACHES)
+def test_the_cache_command_on_an_unusable_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                capsys: pytest.CaptureFixture, how: str) -> None:
+    """A file where the cache folder should be is one line naming both, not an empty listing;
+    a folder fastres may not write can still be listed."""
+    from fastres.cache import main as cache_main
+    from fastres.cli import run_main
+
+    folder = unusable_cache(tmp_path, monkeypatch, how)
+    for argv in ([], ["--clear"]):
+        if how == "an unwritable folder":
+            assert run_main(cache_main, argv) == 0
+            assert capsys.readouterr().out.startswith(f"fastres cache: {folder}\n")
+            continue
+        assert run_main(cache_main, argv) == 2
+        out, err = capsys.readouterr()
+        assert out == "" and err.count("\n") == 1 and f"cache folder {folder} " in err, err
+        assert f"{tmp_path / ('xdg' if 'XDG' in how else 'cache')} is a file" in err and "FASTRES_CACHE" in err

@@ -87,12 +87,21 @@ def test_hostile_tar_members_are_refused_and_nothing_is_written(tmp_path: Path, 
     assert set(tmp_path.rglob("*")) == before and not Path("/tmp/train/cat/evil.png").exists()
 
 
-def test_random_bytes_archive_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+@pytest.mark.parametrize("kind", ["random bytes", "official archive cut", "image archive cut"])
+def test_an_unreadable_archive_is_the_same_one_line_whoever_reads_it(tmp_path: Path, tiny_official: Path, kind: str,
+                                                                    capsys: pytest.CaptureFixture) -> None:
+    """Random bytes fail at the look at the archive's kind (sources), a cut official archive
+    in its batches (official), a cut image archive in its images (images)."""
     bad = tmp_path / "cifar.tar.gz"
-    bad.write_bytes(np.random.default_rng(0).bytes(4096))
+    if kind == "random bytes":
+        bad.write_bytes(np.random.default_rng(0).bytes(4096))
+    else:
+        whole = tiny_official if kind == "official archive cut" else tar_with(tmp_path / "whole.tar.gz",
+                                                                              tarfile.TarInfo("README"))
+        bad.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
     assert run_main(train_main, ["resnet8", "--data", str(bad), "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "unreadable archive" in err
+    assert err.count("\n") == 1 and f"{bad}: unreadable archive (" in err and "truncated or corrupt" in err
 
 
 def test_a_stray_folder_beside_the_tree_is_never_walked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -73,6 +73,16 @@ def test_output_shape_and_layer_count(name: str) -> None:
     assert len(weighted) == model.depth  # 6n+2 weighted layers; option A adds none
 
 
+@pytest.mark.parametrize(("shortcut", "convs"), [("A", 55), ("B", 57), ("C", 55 + 27)])
+def test_resnet56_convolutions_and_bns(shortcut: str, convs: int) -> None:
+    """What fastres.step's compile note counts: depth - 1 = 55 convolutions with option A
+    (its shortcuts have none), plus one per projection shortcut with B (2) and C (27), and a
+    BN after every convolution."""
+    model = resnet(56, shortcut)
+    assert sum(isinstance(m, torch.nn.Conv2d) for m in model.modules()) == convs
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()) == convs
+
+
 def test_stage_shapes() -> None:
     model = resnet(20)
     x = torch.relu(model.bn1(model.conv1(torch.randn(1, 3, 32, 32))))

@@ -1,1 +1,1 @@
-"""CIFAR-10 sources, caching, splits and loaders."""
+"""CIFAR-10 and CIFAR-100 sources, caching, splits and loaders."""

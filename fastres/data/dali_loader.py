@@ -147,10 +147,8 @@ class DaliLoader:
         self.seed = seed
         self._iterator: DALIGenericIterator | None = None
         self._next: tuple[int, int] | None = None
-        self.builds = 0  # pipelines built: one per run unless it jumps (resume) or stops mid-epoch
 
     def _build(self, first_epoch: int, start: int) -> None:
-        self.builds += 1
         self.source.restart(first_epoch, start)
         build = pipeline_def(_pipeline, batch_size=self.batch_size, num_threads=NUM_THREADS,
                              device_id=self.device_id, seed=self.seed)

@@ -118,7 +118,13 @@ def check_split(split: Split, name: str, classes: tuple[str, ...] = CLASSES) -> 
     """Every class present and every image 32x32 RGB: a smaller set is never silent."""
     if split.images.shape[1:] != IMAGE_SHAPE:
         raise DataError(f"{name}: images are {split.images.shape[1:]}, expected {IMAGE_SHAPE}")
-    missing = sorted(set(range(len(classes))) - set(np.unique(split.labels).tolist()))
+    check_classes(split.labels, name, classes)
+
+
+def check_classes(labels: np.ndarray, name: str, classes: tuple[str, ...] = CLASSES) -> None:
+    """Every class among `labels`: a split missing some (a tree or archive without some
+    class folders) is refused in one line naming them, never read as a smaller set."""
+    missing = sorted(set(range(len(classes))) - set(np.unique(labels).tolist()))
     if missing:
         shown = ", ".join(classes[i] for i in missing[:5])
         shown += f" and {len(missing) - 5} more" if len(missing) > 5 else ""

@@ -13,7 +13,6 @@ import os
 import stat
 import sys
 import tarfile
-import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
@@ -21,7 +20,8 @@ from typing import TypeVar
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from fastres.data.dataset import CLASSES, IMAGE_SHAPE, EncodedSplit, Split, Splits
+from fastres.data.dataset import CLASSES, IMAGE_SHAPE, EncodedSplit, Split, Splits, check_classes
+from fastres.data.tars import open_tar
 from fastres.errors import DataError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -177,26 +177,23 @@ def _walk_archive(path: Path, splits: tuple[str, ...], others: list[str]) -> Ite
     is a link or a device, appears twice, or is over MAX_IMAGE_BYTES by its header, is refused
     in one line before any of it is read."""
     seen: set[str] = set()
-    try:
-        with tarfile.open(path, "r:*") as tar:
-            for member in tar:
-                name = _member_name(path, member)
-                layout = _layout(name.split("/"), splits)
-                if layout == "other" and not member.isdir():
-                    others.append(name)
-                if layout != "image":
-                    continue
-                if not member.isfile():
-                    raise DataError(f"{path}: member {member.name!r} is a link or device, not an image file")
-                if name in seen:
-                    raise DataError(f"{path}: member {member.name!r} appears twice; each image must be there once")
-                seen.add(name)
-                if member.size > MAX_IMAGE_BYTES:
-                    raise DataError(f"{path}: member {member.name!r} is {member.size:,} bytes, over the bound of "
-                                    f"{MAX_IMAGE_BYTES:,} bytes for one image file")
-                yield name, f"{path}: member {name}", tar.extractfile(member).read()
-    except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
-        raise DataError(f"{path}: unreadable archive ({e}); it is truncated or corrupt") from None
+    with open_tar(path) as tar:
+        for member in tar:
+            name = _member_name(path, member)
+            layout = _layout(name.split("/"), splits)
+            if layout == "other" and not member.isdir():
+                others.append(name)
+            if layout != "image":
+                continue
+            if not member.isfile():
+                raise DataError(f"{path}: member {member.name!r} is a link or device, not an image file")
+            if name in seen:
+                raise DataError(f"{path}: member {member.name!r} appears twice; each image must be there once")
+            seen.add(name)
+            if member.size > MAX_IMAGE_BYTES:
+                raise DataError(f"{path}: member {member.name!r} is {member.size:,} bytes, over the bound of "
+                                f"{MAX_IMAGE_BYTES:,} bytes for one image file")
+            yield name, f"{path}: member {name}", tar.extractfile(member).read()
 
 
 Found = dict[str, list[tuple[int, str, T]]]
@@ -225,11 +222,9 @@ def _splits(found: Found, sources: list[Path], classes: tuple[str, ...],
         if not items:
             raise DataError(f"{', '.join(map(str, sources))}: no {split}/<class>/*.jpg|jpeg|png images found")
         items.sort(key=lambda t: (t[0], t[1]))
-        missing = sorted(set(range(len(classes))) - {label for label, _, _ in items})
-        if missing:
-            raise DataError(f"{split}: no images of class {', '.join(classes[i] for i in missing[:5])}"
-                            + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
-        read[split] = make([x for _, _, x in items], np.array([label for label, _, _ in items], dtype=np.int64))
+        labels = np.array([label for label, _, _ in items], dtype=np.int64)
+        check_classes(labels, split, classes)
+        read[split] = make([x for _, _, x in items], labels)
     empty = make([], np.zeros(0, np.int64))
     return Splits(read.get("train", empty), read["test"])
 

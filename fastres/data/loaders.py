@@ -119,7 +119,7 @@ class HostToDevice:
             yield to_device(batch, self.device)
 
 
-def _source_splits(data: Prepared, loader: str, seed: int | Sequence[int]) -> tuple[Splits, type]:
+def _source_splits(data: Prepared, loader: str) -> tuple[Splits, type]:
     """The splits a loader reads (DALI decodes the encoded files itself: same files, order
     and split as the arrays) and the loader class."""
     if loader != "dali":
@@ -139,7 +139,7 @@ def build_evals(data: Prepared, where: Placement, *, mean: np.ndarray, std: np.n
                 eval_batch_size: int = 1000, loader: str = "torch") -> dict[str, Loader]:
     """Evaluation loaders alone ("test", and "val" with a validation split), normalised with
     the given mean and std (a checkpoint's own): evaluation needs no training loader."""
-    splits, loader_cls = _source_splits(data, loader, data.split_seed)
+    splits, loader_cls = _source_splits(data, loader)
     common = dict(mean=mean, std=std, device=torch.device("cpu") if where.host else where.device, dtype=where.dtype,
                   channels_last=where.channels_last)
     held = {"test": splits.test, "val": splits.val}
@@ -154,7 +154,7 @@ def build(data: Prepared, where: Placement, *, batch_size: int = 128, eval_batch
     if loader == "dali" and not isinstance(seed, int):
         raise UsageError(f"--loader dali feeds one run: train fused runs ({len(seed)} seeds) with --loader torch, "
                          "or the seeds one after another (--fuse off)")
-    splits, loader_cls = _source_splits(data, loader, seed)
+    splits, loader_cls = _source_splits(data, loader)
     train = loader_cls(splits.train, batch_size // where.num_shards, train=True, seed=seed, mean=data.mean,
                        std=data.std, device=torch.device("cpu") if where.host else where.device, dtype=where.dtype,
                        channels_last=where.channels_last, shard_id=where.shard_id, num_shards=where.num_shards)

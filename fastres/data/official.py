@@ -7,19 +7,16 @@ import hashlib
 import io
 import os
 import pickle
-import tarfile
 import urllib.error
 import urllib.request
-import zlib
 from pathlib import Path
 
 import numpy as np
 
 from fastres.data.dataset import CIFAR10, DATASETS, Cifar, Split, Splits
+from fastres.data.tars import open_tar
 from fastres.errors import DataError
 
-# CIFAR-10's, kept by name for its callers.
-ARCHIVE_NAME, ARCHIVE_MD5, ARCHIVE_URL, BATCH_DIR = CIFAR10.archive, CIFAR10.archive_md5, CIFAR10.url, CIFAR10.folder
 CHUNK = 1 << 20
 # One batch file at most: the largest official one, CIFAR-100's `train`, is 50,000 rows of 3,072
 # pixels (153.6 MB) plus labels and file names; an archive member declaring more is refused by
@@ -42,7 +39,7 @@ def verify_md5(path: Path, md5: str) -> None:
                         "not the official archive; delete it and download it again")
 
 
-def download(url: str, dest: Path, md5: str | None = ARCHIVE_MD5) -> Path:
+def download(url: str, dest: Path, md5: str | None) -> Path:
     """Fetch `url` to `dest` with a progress bar, verify it, and only then move it into place."""
     from rich.progress import DownloadColumn, Progress, TransferSpeedColumn
 
@@ -103,16 +100,13 @@ def read_archive(path: Path, md5: str | None = None, cifar: Cifar = CIFAR10) -> 
         verify_md5(path, md5)
     wanted = {f"{cifar.folder}/{b}" for b in (*cifar.train_files, cifar.test_file)}
     raw: dict[str, bytes] = {}
-    try:
-        with tarfile.open(path, "r:*") as tar:
-            for member in tar:
-                if member.name in wanted and member.isfile():
-                    if member.size > MAX_BATCH_BYTES:
-                        raise DataError(f"{path}: member {member.name!r} is {member.size:,} bytes, over the "
-                                        f"{MAX_BATCH_BYTES:,} any official batch file needs")
-                    raw[member.name.rsplit("/", 1)[1]] = tar.extractfile(member).read()
-    except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
-        raise DataError(f"{path}: unreadable archive ({e}); it is truncated or corrupt") from None
+    with open_tar(path) as tar:
+        for member in tar:
+            if member.name in wanted and member.isfile():
+                if member.size > MAX_BATCH_BYTES:
+                    raise DataError(f"{path}: member {member.name!r} is {member.size:,} bytes, over the "
+                                    f"{MAX_BATCH_BYTES:,} any official batch file needs")
+                raw[member.name.rsplit("/", 1)[1]] = tar.extractfile(member).read()
     missing = [b for b in (*cifar.train_files, cifar.test_file) if b not in raw]
     if missing:
         raise DataError(f"{path}: missing {', '.join(missing)} under {cifar.folder}/; not a complete "

@@ -1,4 +1,4 @@
-"""Find CIFAR-10 from `--data` (or the cache), load it, and cache the decoded arrays."""
+"""Find CIFAR-10 or CIFAR-100 from `--data` (or the cache), load it, and cache the decoded arrays."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import hashlib
 import os
 import re
 import sys
-import tarfile
+import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +17,7 @@ import numpy as np
 from fastres import atomic
 from fastres.data import images, official
 from fastres.data.dataset import DATASETS, Cifar, Split, Splits, check_split
+from fastres.data.tars import open_tar
 from fastres.errors import DataError, RunError
 
 CACHE_FORMAT = 2  # bump when the cached arrays' layout changes (2: with a checksum)
@@ -27,6 +28,37 @@ def default_cache_dir() -> Path:
     if os.environ.get("FASTRES_CACHE"):
         return Path(os.environ["FASTRES_CACHE"])
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fastres"
+
+
+CACHE_WAY_OUT = "set FASTRES_CACHE (or XDG_CACHE_HOME) to a folder fastres may write"
+
+
+def file_in_place(folder: Path) -> Path | None:
+    """The file (or dangling link) standing where `folder` or a folder above it should be:
+    then no cache can be made there."""
+    for path in (folder, *folder.parents):
+        if os.path.lexists(path):
+            return None if os.path.isdir(path) else path
+    return None
+
+
+def check_writable_cache(folder: Path) -> None:
+    """Before a download into the cache: a cache folder that cannot be made or written (a file
+    in its place or above it, no permission, a read-only disk) is one line naming it and the
+    ways out, not a traceback from deep in the download."""
+    blocking = file_in_place(folder)
+    if blocking is not None:
+        raise RunError(_unusable_cache(folder, f"{blocking} is a file, not a folder"))
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()  # writing is the one sure test (permissions, ACLs, read-only)
+    except OSError as e:
+        raise RunError(_unusable_cache(folder, e.strerror or str(e))) from None
+
+
+def _unusable_cache(folder: Path, why: str) -> str:
+    return (f"the cache folder {folder} cannot hold the official archive ({why}): {CACHE_WAY_OUT}, or pass "
+            "--data PATH to a copy of the data")
 
 
 @dataclass(frozen=True)
@@ -49,11 +81,8 @@ def _archive_dataset(path: Path) -> Cifar | None:
     named = next((d for d in DATASETS.values() if path.name == d.archive), None)
     if named is not None:
         return named
-    try:
-        with tarfile.open(path, "r:*") as tar:
-            first = tar.next()
-    except (tarfile.TarError, EOFError, OSError) as e:
-        raise DataError(f"{path}: unreadable archive ({e}); it is truncated or corrupt") from None
+    with open_tar(path) as tar:
+        first = tar.next()
     return None if first is None else official.dataset_of_folder(first.name.split("/")[0])
 
 
@@ -77,6 +106,7 @@ def _resolve(data: str | Path | None, cache_dir: Path, url: str, splits: tuple[s
     if data is None:
         archive = cache_dir / cifar.archive
         if not archive.is_file():
+            check_writable_cache(cache_dir)
             official.download(url, archive, cifar.archive_md5)
         return Source("official", (archive,), f"official {cifar.name} archive in the fastres cache")
     path = Path(data).expanduser()
