@@ -20,7 +20,6 @@ import torch
 from fastres import atomic
 from fastres.config import RunConfig
 from fastres.errors import RunError, UsageError
-from fastres.weights import load_file
 
 # What a checkpoint holds. 0: before it had a version; 1: adds "normalization" (mean, std).
 FORMAT = 1
@@ -65,6 +64,15 @@ def encode(ckpt: Checkpoint) -> dict[str, Any]:
 def write(path: Path, ckpt: Checkpoint) -> None:
     """Write atomically: a kill leaves the previous file or this one, never half of one."""
     atomic.torch_save(path, encode(ckpt))
+
+
+def load_file(path: Path, what: str) -> Any:
+    """`torch.load` of tensors only, on the CPU; a damaged file is one line."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for a damaged file
+        raise RunError(f"{path}: unreadable {what} ({type(e).__name__})") from None
+
 
 
 def read(path: Path) -> Checkpoint:

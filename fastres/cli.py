@@ -37,6 +37,9 @@ def run_main(main: Callable[[list[str] | None], int], argv: list[str] | None = N
     except BrokenPipeError:  # `... | head` stopped reading: nothing left to say, and no traceback
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
+    except KeyboardInterrupt:  # Ctrl-C before the training loop takes it over (start-up): nothing half done
+        print("fastres: interrupted", file=sys.stderr)
+        return 130
     except EXPECTED as e:
         print(f"fastres: error: {' '.join(str(e).split())}", file=sys.stderr)  # one line, whatever a library said
         return EXIT_USAGE

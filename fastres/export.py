@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from fastres import atomic, rundir, weights
+from fastres import atomic, checkpoint, rundir, weights
 from fastres.cli import Parser, run_main
 from fastres.data.dataset import DATASETS
 from fastres.errors import RunError, UsageError
@@ -31,8 +31,9 @@ def export(run: Path, out: Path) -> dict:
     if norm is None:
         raise RunError(f"{run}: this checkpoint predates saved normalisation (format 0); resume it for one "
                        "checkpoint, then export")
-    results = RunDir(run).results() if Path(run).is_dir() else None
     classes = DATASETS[cfg.dataset].classes
+    weights.load_into(cfg.spec.build(len(classes)), ckpt.model, str(run))  # weights that fit their model, or one line
+    results = RunDir(run).results() if Path(run).is_dir() else None
     meta = {"model": cfg.model, "shortcut": cfg.shortcut, "tag": cfg.spec.tag, "dataset": cfg.dataset,
             "classes": list(classes), "num_classes": len(classes), "step": ckpt.step, "iters": cfg.iters,
             "normalize": cfg.normalize, "normalization": {"mean": norm.mean.tolist(), "std": norm.std.tolist()},
@@ -59,7 +60,7 @@ def refuse_overwrite(out: Path) -> None:
     if not present:
         return
     try:  # an earlier export: both files there, a state dict of tensors and its description
-        state = weights.load_file(out, "weights")
+        state = checkpoint.load_file(out, "weights")
         earlier = _tensors_only(state) and bool(weights.read_meta(out))
     except RunError:
         earlier = False

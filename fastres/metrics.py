@@ -3,11 +3,20 @@ loop never waits for the host; read (and summed over processes) every `--log-eve
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 
 from fastres import distributed
+
+
+@dataclass
+class Sums:
+    """A window's sums over all processes, as a checkpoint keeps them."""
+
+    loss: torch.Tensor  # (runs,) float64
+    wrong: torch.Tensor  # (runs,) int64
+    steps: int
 
 
 class Window:
@@ -43,16 +52,16 @@ class Window:
         distributed.all_sum(wrong, dist)
         return loss, wrong
 
-    def state(self, dist: distributed.DistInfo) -> dict[str, Any]:
+    def state(self, dist: distributed.DistInfo) -> Sums:
         """The window as a checkpoint holds it: the sums over all processes, so a resume
         that gives them back to one process reads the same figures as an unbroken run."""
         loss, wrong = self._summed(dist)
-        return {"loss_sum": loss.cpu(), "wrong_sum": wrong.cpu(), "window": self.steps}
+        return Sums(loss.cpu(), wrong.cpu(), self.steps)
 
-    def load(self, state: dict[str, Any], dist: distributed.DistInfo) -> None:
+    def load(self, sums: Sums, dist: distributed.DistInfo) -> None:
         """Give a saved window back: its sums to rank 0 (the others start from zero, so the
         next read sums to the saved figures), its step count to every process."""
-        self.steps = state["window"]
+        self.steps = sums.steps
         if dist.is_main:
-            self.loss.copy_(state["loss_sum"].reshape(-1))
-            self.wrong.copy_(state["wrong_sum"].reshape(-1))
+            self.loss.copy_(sums.loss.reshape(-1))
+            self.wrong.copy_(sums.wrong.reshape(-1))

@@ -25,13 +25,11 @@ Parameters (tested to the unit in tests/test_models.py):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastres import weights as weights_io
 from fastres.errors import RunError
 from fastres.runtime import memory_bytes
 
@@ -240,7 +238,8 @@ class ModelSpec:
         activation per convolution output at `element_bytes`, for `runs` fused runs. A lower
         bound, so nothing that could fit is refused."""
         params = self.parameter_count(num_classes)
-        need = runs * (params * 4 * (3 if batch_size else 1) + batch_size * self.activations_per_image() * element_bytes)
+        activations = batch_size * self.activations_per_image() * element_bytes
+        need = runs * (params * 4 * (3 if batch_size else 1) + activations)
         if need > memory:
             what = f"to train at batch {batch_size}" + (f" x{runs} runs" if runs > 1 else "") if batch_size else ""
             raise RunError(f"{self.name} ({params:,} parameters) needs at least {need / 2**30:,.1f} GiB {what}"
@@ -253,21 +252,10 @@ class ModelSpec:
         return CifarResNet(self.depth, self.shortcut, num_classes)
 
 
-def build_model(name: str, shortcut: str | None = None, num_classes: int = 10,
-                weights: str | Path | None = None) -> CifarResNet:
+def build_model(name: str, shortcut: str | None = None, num_classes: int = 10) -> CifarResNet:
     """Build a model by name (`resnet56`, `resnet56:B`, `plain20`); `shortcut` (A, B or C)
-    applies to ResNets only, default A. `weights`: a run directory, a checkpoint or an
-    exported `.pt`, loaded strictly (a different model, or any missing, extra or misshapen
-    tensor, is one line naming the first mismatch)."""
-    spec = ModelSpec.parse(name, shortcut)
-    model = spec.build(num_classes)
-    if weights is None:
-        return model
-    state, meta = weights_io.read(weights)
-    saved = ModelSpec.parse(meta["model"], meta.get("shortcut"))
-    if saved != spec:
-        raise RunError(f"{weights}: holds {saved.tag} weights, not {spec.tag}")
-    return weights_io.load_into(model, state, str(weights))
+    applies to ResNets only, default A. Trained weights: `fastres.weights.load_model`."""
+    return ModelSpec.parse(name, shortcut).build(num_classes)
 
 
 def count_parameters(model: nn.Module) -> int:

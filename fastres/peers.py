@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fastres import weights
+from fastres import checkpoint, weights
 from fastres.errors import RunError
 from fastres.models import CifarResNet, ModelSpec, ShortcutA
 
@@ -25,7 +25,7 @@ def akamaster(path: str | Path) -> tuple[CifarResNet, np.ndarray, np.ndarray]:
     the peer's mean and std (HWC, on the 0-1 scale). The peer's option A puts half of the new
     zero channels in front of the old ones and half behind; fastres appends them all, so the
     imported model's shortcuts are told to pad the peer's way."""
-    state = weights.load_file(Path(path), "checkpoint")
+    state = checkpoint.load_file(Path(path), "checkpoint")
     raw = state.get("state_dict", state) if isinstance(state, dict) else None
     if not isinstance(raw, dict) or not all(isinstance(v, torch.Tensor) for v in raw.values()):
         raise RunError(f"{path}: not an akamaster checkpoint (a dict with a state_dict of tensors)")

@@ -36,9 +36,9 @@ from fastres import atomic, checkpoint
 from fastres.checkpoint import Checkpoint
 from fastres.config import RunConfig
 from fastres.errors import RunError, UsageError
-from fastres.weights import CHECKPOINT
 
 CONFIG = "config.json"
+CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
 RESULTS = "results.json"
 LOCK = ".lock"
@@ -310,8 +310,8 @@ class RunDir:
         if not foreign and any(n in names for n in RESTARTABLE):
             try:
                 checkpoint.read_config(self._json(CONFIG, "config"), self.path / CONFIG)
-            except RunError:
-                foreign = [CONFIG]  # not a config fastres wrote: maybe the user's
+            except RunError:  # no config that fastres wrote beside them: maybe the user's files
+                foreign = [n for n in names if n in RESTARTABLE]
         if foreign:
             shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
             raise RunError(f"{self.path} holds files that are not a fastres run's ({shown}); fastres removes only "

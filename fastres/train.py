@@ -34,7 +34,7 @@ from fastres.config import RunConfig, build_parser, configs_from_args, parse_spe
 from fastres.data import loaders
 from fastres.data.dataset import DATASETS
 from fastres.errors import RunError, UsageError
-from fastres.metrics import Window
+from fastres.metrics import Sums, Window
 from fastres.models import count_parameters
 from fastres.progress import Reporter
 from fastres.rundir import RunDir
@@ -77,8 +77,10 @@ class Clock:
     across resumes; `lap_window` gives the steps and training seconds since the last
     metrics read, both counted by this process (after a resume: since it started)."""
 
+    now = staticmethod(time.perf_counter)
+
     def __init__(self, train_time: float = 0.0, wall_time: float = 0.0) -> None:
-        self.train_time, self._wall0, self._start = train_time, wall_time, time.perf_counter()
+        self.train_time, self._wall0, self._start = train_time, wall_time, self.now()
         self._mark, self._window, self._running, self._steps = self._start, 0.0, True, 0
 
     def tick(self) -> None:
@@ -86,7 +88,7 @@ class Clock:
         self._steps += 1
 
     def _lap(self) -> None:
-        now = time.perf_counter()
+        now = self.now()
         if self._running:
             self.train_time += now - self._mark
             self._window += now - self._mark
@@ -109,7 +111,7 @@ class Clock:
         return steps, seconds
 
     def wall(self) -> float:
-        return self._wall0 + time.perf_counter() - self._start
+        return self._wall0 + self.now() - self._start
 
 
 @dataclass
@@ -466,9 +468,8 @@ def restore(s: Session, states: list[Checkpoint], window: Window) -> tuple[int, 
         s.model.load_state_dict(fused.join_states([state.model for state in states]))
         s.step.optimizer.load_state_dict(fused.join_optimizer_states([state.optimizer for state in states]))
         s.step.scaler.load_state_dict(first.scaler)
-        window.load({"loss_sum": torch.cat([state.loss_sum.reshape(-1) for state in states]),
-                     "wrong_sum": torch.cat([state.wrong_sum.reshape(-1) for state in states]),
-                     "window": first.window}, s.dist)
+        window.load(Sums(torch.cat([state.loss_sum.reshape(-1) for state in states]),
+                         torch.cat([state.wrong_sum.reshape(-1) for state in states]), first.window), s.dist)
     except (RuntimeError, ValueError, KeyError, IndexError, TypeError) as e:
         why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise RunError(f"{', '.join(c.out for c in s.cfgs)}: the checkpoint does not fit its run's model and "
@@ -530,8 +531,8 @@ def member_states(s: Session, step: int, window: Window, clock: Clock, members: 
     sums = window.state(s.dist)
     norm = Normalization(torch.from_numpy(s.prepared.mean), torch.from_numpy(s.prepared.std))
     return [Checkpoint(config=s.cfgs[k], step=step, model=models[k], optimizer=optimizers[k],
-                       scaler=s.step.scaler.state_dict(), loss_sum=sums["loss_sum"][k:k + 1].clone(),
-                       wrong_sum=sums["wrong_sum"][k:k + 1].clone(), window=sums["window"],
+                       scaler=s.step.scaler.state_dict(), loss_sum=sums.loss[k:k + 1].clone(),
+                       wrong_sum=sums.wrong[k:k + 1].clone(), window=sums.steps,
                        train_time=clock.train_time, wall_time=clock.wall(), normalization=norm)
             for k in members]
 

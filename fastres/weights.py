@@ -4,7 +4,7 @@ exported file (with the JSON that describes it), and wrap a model with its prepr
 An export is a plain `.pt` state dict (tensors only: `torch.load(..., weights_only=True)`
 reads it) and a `.json` beside it with the model spec, dataset, class names and
 normalisation: everything needed to use the model without fastres' checkpoint internals
-or the training set. This module imports nothing of the models, so `build_model` can use it.
+or the training set.
 """
 
 from __future__ import annotations
@@ -16,18 +16,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from fastres import checkpoint, rundir
 from fastres.data import pixels
+from fastres.data.dataset import DATASETS
 from fastres.errors import RunError
-
-CHECKPOINT = "checkpoint.pt"  # a run directory's checkpoint (checkpoint.py takes the name from here)
-
-
-def load_file(path: Path, what: str) -> Any:
-    """`torch.load` of tensors only, on the CPU; a damaged file is one line."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many types for a damaged file
-        raise RunError(f"{path}: unreadable {what} ({type(e).__name__})") from None
+from fastres.models import ModelSpec
 
 
 def meta_path(weights: Path) -> Path:
@@ -38,13 +31,11 @@ def meta_path(weights: Path) -> Path:
 def read(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The state dict and what describes it (model, shortcut, normalisation, ...) from a run
     directory, its checkpoint, or an exported `.pt` with its `.json`; one line if unreadable."""
-    from fastres import checkpoint, rundir  # here: they import the config, which imports the models, which import this
-
     path = Path(path)
     file = rundir.checkpoint_file(path) if path.is_dir() else path
     if not file.is_file():
-        raise RunError(f"{path}: no weights there (a run directory, its {CHECKPOINT}, or an exported .pt)")
-    state = load_file(file, "weights")
+        raise RunError(f"{path}: no weights there (a run directory, its {rundir.CHECKPOINT}, or an exported .pt)")
+    state = checkpoint.load_file(file, "weights")
     if isinstance(state, dict) and "model" in state and "config" in state:  # a fastres checkpoint
         ckpt = checkpoint.decode(state, file)
         meta = {"model": ckpt.config.model, "shortcut": ckpt.config.shortcut, "dataset": ckpt.config.dataset,
@@ -94,6 +85,20 @@ def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> 
         raise RunError(f"{source}: weights for {extra[0]!r}, which the model does not have")
     model.load_state_dict(state)
     return model
+
+
+def load_model(path: str | Path, name: str | None = None, shortcut: str | None = None) -> nn.Module:
+    """The model a run directory, a checkpoint or an exported `.pt` holds, built and loaded
+    strictly (any missing, extra or misshapen tensor is one line naming the first). `name`
+    (and `shortcut`): the model expected; another one in the file is refused."""
+    state, meta = read(path)
+    saved = ModelSpec.parse(meta["model"], meta.get("shortcut"))
+    if name is not None and ModelSpec.parse(name, shortcut) != saved:
+        raise RunError(f"{path}: holds {saved.tag} weights, not {ModelSpec.parse(name, shortcut).tag}")
+    dataset = meta.get("dataset", "cifar10")
+    if dataset not in DATASETS:
+        raise RunError(f"{path}: dataset {dataset!r} is not one fastres knows ({', '.join(DATASETS)})")
+    return load_into(saved.build(DATASETS[dataset].num_classes), state, str(path))
 
 
 class WithPreprocessing(nn.Module):

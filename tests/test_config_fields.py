@@ -3,8 +3,10 @@ spelled out here, so that a new field or a changed role is a deliberate edit of 
 
 import dataclasses
 
+import pytest
+
 from fastres import config
-from fastres.config import ROLES, RunConfig, build_parser
+from fastres.config import FIELD_TYPES, ROLES, RunConfig, build_parser
 
 
 def test_every_field_has_every_role_in_the_dataclass_order() -> None:
@@ -37,3 +39,14 @@ def test_the_derived_lists() -> None:
                                    "precision")
     assert config.resume_overrides() == ("device", "progress")
     assert config.recorded() == ("precision", "cpu_threads")
+
+
+def test_every_field_has_a_checked_type_when_read_back() -> None:
+    """A saved config (config.json, a checkpoint's) is read field by field against its
+    annotation: every annotation has its check, and a value of another type is refused."""
+    assert {f.type for f in dataclasses.fields(RunConfig)} <= set(FIELD_TYPES)
+    saved = RunConfig(model="resnet8", shortcut="A").to_dict()
+    assert RunConfig.from_dict(saved) == RunConfig(model="resnet8", shortcut="A")
+    for f in dataclasses.fields(RunConfig):
+        with pytest.raises(ValueError, match=f"field {f.name!r} should be"):
+            RunConfig.from_dict({**saved, f.name: object()})

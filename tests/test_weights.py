@@ -15,9 +15,8 @@ from fastres.data import loaders
 from fastres.errors import RunError
 from fastres.evaluate import main as evaluate_main
 from fastres.export import main as export_main
-from fastres.models import build_model
 from fastres.train import train
-from fastres.weights import WithPreprocessing
+from fastres.weights import WithPreprocessing, load_model
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +35,7 @@ def test_export_round_trip_gives_bit_identical_logits(trained: tuple[Path, dict]
     assert meta["test_error"] == results["test_error"]
     assert set(torch.load(out, weights_only=True)) == set(rundir.read_checkpoint(run).model)
     x = torch.randn(4, 3, 32, 32)
-    a, b = build_model("resnet8", weights=out).eval(), build_model("resnet8", weights=run).eval()
+    a, b = load_model(out).eval(), load_model(run).eval()
     assert torch.equal(a(x), b(x))
 
 
@@ -71,9 +70,9 @@ def test_strict_loading_names_the_first_mismatch(trained: tuple[Path, dict], tmp
 def test_weights_of_another_model_are_refused(trained: tuple[Path, dict]) -> None:
     run, _ = trained
     with pytest.raises(RunError, match="holds resnet8-A weights, not resnet8-B"):
-        build_model("resnet8", "B", weights=run)
+        load_model(run, "resnet8", "B")
     with pytest.raises(RunError, match="no weights there"):
-        build_model("resnet8", weights=run / "nothing.pt")
+        load_model(run / "nothing.pt")
 
 
 def test_the_model_comes_with_its_preprocessing(trained: tuple[Path, dict], tiny_tree: Path) -> None:
@@ -82,7 +81,7 @@ def test_the_model_comes_with_its_preprocessing(trained: tuple[Path, dict], tiny
     run, _ = trained
     state = rundir.read_checkpoint(run)
     norm = state.normalization
-    model = build_model("resnet8", weights=run).eval()
+    model = load_model(run).eval()
     wrapped = WithPreprocessing(model, norm.mean, norm.std).eval()
     test = loaders.prepare(str(tiny_tree)).splits.test
     data = loaders.build_evals(loaders.prepare(str(tiny_tree)), loaders.Placement(torch.device("cpu")),
@@ -124,7 +123,7 @@ def test_predict_gives_the_models_own_top_classes(trained: tuple[Path, dict], ti
     results = json.loads(out.out)
     assert "big.png: resized from 64x64 to 32x32" in out.err
     state = rundir.read_checkpoint(run)
-    model = build_model("resnet8", weights=run).eval()
+    model = load_model(run).eval()
     mean, std = state.normalization.mean, state.normalization.std
     for r, f in zip(results, files, strict=False):
         x = (torch.from_numpy(np.array(Image.open(f).convert("RGB"))).float() / 255 - mean) / std
