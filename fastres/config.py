@@ -7,17 +7,23 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from fastres import recipe, schedule
 from fastres.cli import Parser
 from fastres.data.dataset import DATASETS
-from fastres.data.pixels import NORMALIZATIONS
 from fastres.errors import UsageError
-from fastres.models import SHORTCUTS, ModelSpec
-from fastres.runtime import PRECISIONS
+from fastres.recipe import NORMALIZATIONS, SHORTCUTS
+
+if TYPE_CHECKING:
+    from fastres.models import ModelSpec
+
+# The precisions a run may train in (fastres.runtime.PRECISIONS maps them to dtypes; a test
+# holds the two together). This module imports no torch, so `--help` answers at once.
+PRECISIONS = ("fp32", "bf16", "fp16", "fp64")
 
 LOADERS = ("torch", "dali")
 AMP_DTYPES = ("auto", "bf16", "fp16")
@@ -306,6 +312,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     given.update(model=spec.name, shortcut=spec.shortcut)
     given.setdefault("warmup_iters", recipe.default_warmup_iters(spec.depth))
     given.setdefault("out", str(Path("runs") / run_name(spec, given.get("dataset", "cifar10"), given.get("seed", 0))))
+    if given.get("data"):  # saved absolute, so `--resume` works from any folder
+        given["data"] = os.path.abspath(given["data"])
     return validate(RunConfig(**given))
 
 
@@ -329,6 +337,8 @@ def configs_from_args(args: argparse.Namespace) -> list[RunConfig]:
 
 def parse_spec(text: str, shortcut: str | None = None) -> ModelSpec:
     """ModelSpec.parse, with its message as a usage error."""
+    from fastres.models import ModelSpec  # here: the models import torch, which --help does without
+
     try:
         return ModelSpec.parse(text, shortcut)
     except ValueError as e:

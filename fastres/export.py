@@ -9,6 +9,7 @@ Load them with `build_model(name, weights="OUT.pt")`, or `python -m fastres.eval
 from __future__ import annotations
 
 import io
+import json
 import sys
 from pathlib import Path
 
@@ -46,7 +47,9 @@ def export(run: Path, out: Path) -> dict:
     except OSError as e:
         raise RunError(f"cannot create {out.parent} for the export ({e.strerror})") from None
     atomic.write_bytes(out, buf.getvalue())
-    atomic.write_json(weights.meta_path(out), meta)
+    # one line a key: the per-pixel mean and std (3,072 numbers each) stay on one line each
+    text = "{\n" + ",\n".join(f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in meta.items()) + "\n}\n"
+    atomic.write_bytes(weights.meta_path(out), text.encode())
     return meta
 
 

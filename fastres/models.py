@@ -31,9 +31,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastres.errors import RunError
+from fastres.recipe import SHORTCUTS
 from fastres.runtime import memory_bytes
 
-SHORTCUTS = ("A", "B", "C")
 STAGE_WIDTHS = (16, 32, 64)
 PAPER_DEPTHS = {"resnet": (20, 32, 44, 56, 110, 1202), "plain": (20, 32, 44, 56, 110)}
 

@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"{results[0]['model']}: top {args.top}")
+    table = Table(title=f"{results[0]['model']}: top {len(results[0]['top'])}")
     for col in ("image", "class", "probability"):
         table.add_column(col, justify="right" if col == "probability" else "left")
     for r in results:

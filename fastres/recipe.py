@@ -18,6 +18,8 @@ BATCH_SIZE = 128  # "a mini-batch size of 128 on two GPUs": the global batch (Se
 PAD = 4  # "4 pixels are padded on each side" (Sec. 4.2); with zeros, after the mean subtraction
 CROP = 32  # "a 32x32 crop is randomly sampled from the padded image" (Sec. 4.2): the original image size
 NORMALIZE = "pixel"  # "32x32 images, with the per-pixel mean subtracted" (Sec. 4.2)
+NORMALIZATIONS = (NORMALIZE, "channel")  # the paper's, and the per-channel mean/std most reimplementations use
+SHORTCUTS = ("A", "B", "C")  # the projection options of Sec. 3.3 and 4.1: A (zero-padding, CIFAR's), B, C
 
 
 def default_warmup_iters(depth: int) -> int:

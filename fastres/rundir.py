@@ -26,6 +26,7 @@ import json
 import numbers
 import os
 import re
+import shlex
 import socket
 import sys
 from collections.abc import Iterator, Sequence
@@ -305,7 +306,8 @@ class RunDir:
             raise RunError(f"{self.path} holds a finished run ({RESULTS}): fastres never redoes or clears one; "
                            "choose another --out")
         if CHECKPOINT in names or PREVIOUS in names:
-            raise RunError(f"{self.path} already holds a run: pass --resume {self.path}, or choose another --out")
+            raise RunError(f"{self.path} already holds a run: pass --resume {shlex.quote(str(self.path))}, or choose "
+                           "another --out")
         foreign = [n for n in names if n not in (*RESTARTABLE, LOCK) and not TEMPORARY.fullmatch(n)]
         if not foreign and any(n in names for n in RESTARTABLE):
             try:

@@ -108,7 +108,18 @@ def resolve_precision(device: torch.device, requested: str) -> tuple[str, str | 
                         "is emulated and about 10x slower; training in fp32 (--amp-dtype bf16 forces bf16)")
     if requested == "bf16" and not native:
         return "bf16", "warning: bf16 is emulated on this CPU (no AVX-512 BF16 or AMX) and about 10x slower than fp32"
+    if requested == "fp16":
+        return "fp16", ("warning: fp16 on a CPU runs ATen's reference convolutions, about 10x slower than fp32 "
+                        "(measured here); it is for checking the fp16 path, not for speed")
     return requested, None
+
+
+def dali_package() -> str:
+    """The NVIDIA DALI wheel for this torch: DALI is built per CUDA major version, and the
+    one of torch's CUDA is the one that shares its runtime (cuda120 for a CPU-only torch,
+    whose CPU pipelines any build runs)."""
+    major = (torch.version.cuda or "12").split(".")[0]
+    return f"nvidia-dali-cuda{major}0"
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:

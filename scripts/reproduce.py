@@ -43,6 +43,7 @@ def run_configs(args: argparse.Namespace) -> list[RunConfig]:
     iters = scaled(recipe.ITERS)
     milestones = tuple(scaled(m) for m in recipe.MILESTONES)
     configs = []
+    data = args.data and os.path.abspath(args.data)  # saved absolute: a resume works from any folder
     for text in args.runs.split(","):
         try:
             spec = ModelSpec.parse(text)
@@ -51,7 +52,7 @@ def run_configs(args: argparse.Namespace) -> list[RunConfig]:
         for seed in range(args.seeds):
             cfg = RunConfig(
                 model=spec.name, shortcut=spec.shortcut, iters=iters, milestones=milestones,
-                warmup_iters=round(recipe.default_warmup_iters(spec.depth) * args.scale), seed=seed, data=args.data,
+                warmup_iters=round(recipe.default_warmup_iters(spec.depth) * args.scale), seed=seed, data=data,
                 loader=args.loader, device=args.device, amp=args.amp, channels_last=args.channels_last,
                 compile=args.compile, eval_every=max(1, iters // args.curve_points), log_every=max(1, iters // 200),
                 checkpoint_every=max(1, iters // 20), out=str(args.out / "runs" / run_name(spec, args.dataset, seed)),

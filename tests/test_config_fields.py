@@ -50,3 +50,15 @@ def test_every_field_has_a_checked_type_when_read_back() -> None:
     for f in dataclasses.fields(RunConfig):
         with pytest.raises(ValueError, match=f"field {f.name!r} should be"):
             RunConfig.from_dict({**saved, f.name: object()})
+
+
+def test_the_config_names_the_precisions_the_runtime_has_and_imports_no_torch() -> None:
+    """`fastres train --help` builds this module's parser without importing torch."""
+    import subprocess
+    import sys
+
+    from fastres import runtime
+
+    assert tuple(runtime.PRECISIONS) == config.PRECISIONS
+    code = "import sys, fastres.config; fastres.config.build_parser(); print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"

@@ -19,6 +19,7 @@ from fastres import recipe
 from fastres.data import augmentation
 from fastres.data.dataset import EncodedSplit, Split
 from fastres.errors import UsageError
+from fastres.runtime import dali_package
 
 try:
     from nvidia.dali import fn, pipeline_def, types
@@ -33,8 +34,8 @@ NUM_THREADS = 4
 
 def require_dali() -> None:
     if fn is None:
-        raise UsageError("--loader dali needs NVIDIA DALI (Linux: pip install nvidia-dali-cuda120); "
-                         "or use --loader torch")
+        raise UsageError(f"--loader dali needs NVIDIA DALI (Linux: pip install {dali_package()}, the build of "
+                         "this torch's CUDA); or use --loader torch")
 
 
 class _BatchSource:

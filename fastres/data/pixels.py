@@ -12,9 +12,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fastres import recipe
 from fastres.recipe import CROP, PAD
 
-NORMALIZATIONS = ("pixel", "channel")
+NORMALIZATIONS = recipe.NORMALIZATIONS
 
 
 def normalization_stats(train_images: np.ndarray, mode: str = "pixel") -> tuple[np.ndarray, np.ndarray]:
