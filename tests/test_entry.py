@@ -34,3 +34,32 @@ def test_a_bad_option_is_one_line_through_the_entry_point(tmp_path: Path, _priva
     proc = fastres(["train", "resnet21"], tmp_path, _private_cache)
     assert proc.returncode == 2 and proc.stderr.strip() == (
         "fastres: error: resnet21: depth must be 6n+2 with n >= 1 (20, 32, 44, 56, 110, ...)")
+
+
+def test_a_run_started_with_relative_paths_resumes_from_any_folder(
+        tiny_tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    """`--data` is saved absolute and the printed resume command is quoted: pasted from
+    another folder, it resumes (here: a run stopped at iteration 1, into "out dir/run")."""
+    import shlex
+
+    from fastres.cli import run_main
+    from fastres.rundir import RunDir
+    from fastres.train import main as train_main
+
+    monkeypatch.chdir(tiny_tree.parent)
+    out = tmp_path / "out dir" / "run"
+    argv = ["resnet8", "--data", tiny_tree.name, "--iters", "4", "--milestones", "3", "--batch-size", "32",
+            "--log-every", "2", "--eval-every", "4", "--checkpoint-every", "2", "--out", str(out),
+            "--device", "cpu", "--progress", "plain"]
+    def ctrl_c_at_once(self: object) -> None:
+        self.signum = 2  # as if Ctrl-C came during the first step
+    monkeypatch.setattr("fastres.train.StopFlag.__init__", ctrl_c_at_once)
+    assert run_main(train_main, argv) == 130
+    monkeypatch.undo()
+    printed = capsys.readouterr().out
+    command = printed.split("Continue with: ")[1].strip()
+    assert command == f"python -m fastres.train --resume {shlex.quote(str(out))}"
+    assert RunDir(out).config().data == str(tiny_tree)
+    monkeypatch.chdir(tmp_path)
+    assert run_main(train_main, shlex.split(command)[3:]) == 0
+    assert RunDir(out).results()["iters"] == 4
