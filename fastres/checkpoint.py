@@ -9,6 +9,7 @@ file and the field, never a traceback later.
 from __future__ import annotations
 
 import dataclasses
+import math
 import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -74,7 +75,6 @@ def load_file(path: Path, what: str) -> Any:
         raise RunError(f"{path}: unreadable {what} ({type(e).__name__})") from None
 
 
-
 def read(path: Path) -> Checkpoint:
     """The checkpoint in `path`, validated field by field; one RunError line if it is not one."""
     return decode(load_file(path, "checkpoint"), path)
@@ -95,7 +95,9 @@ def _tensor_dict(v: Any) -> bool:
 
 def _optimizer(v: Any) -> bool:
     return (isinstance(v, dict) and isinstance(v.get("state"), dict) and isinstance(v.get("param_groups"), list)
-            and all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in v["param_groups"]))
+            and all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in v["param_groups"])
+            and all(isinstance(st, dict) and all(isinstance(t, torch.Tensor) for t in st.values())
+                    for st in v["state"].values()))
 
 
 def _one_number(v: Any) -> bool:
@@ -111,14 +113,19 @@ CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "loss_sum": (_one_number, "a one-element tensor"),
     "wrong_sum": (_one_number, "a one-element tensor"),
     "window": (lambda v: _is_int(v) and v >= 0, "a step count (an integer >= 0)"),
-    "train_time": (lambda v: _is_real(v) and v >= 0, "seconds (a number >= 0)"),
-    "wall_time": (lambda v: _is_real(v) and v >= 0, "seconds (a number >= 0)"),
+    "train_time": (lambda v: _is_real(v) and 0 <= v < math.inf, "seconds (a finite number >= 0)"),
+    "wall_time": (lambda v: _is_real(v) and 0 <= v < math.inf, "seconds (a finite number >= 0)"),
 }
+
+
+def is_checkpoint(state: Any) -> bool:
+    """Whether what `torch.load` returned claims to be a fastres checkpoint (not an export)."""
+    return isinstance(state, dict) and "config" in state and "model" in state
 
 
 def decode(state: Any, source: Path) -> Checkpoint:
     """A `Checkpoint` from what `torch.load` returned, or one line naming the field at fault."""
-    if not isinstance(state, dict) or "config" not in state or "model" not in state:
+    if not is_checkpoint(state):
         raise RunError(f"{source}: not a fastres checkpoint")
     version = state.get("format", 0)
     if not _is_int(version) or version < 0:

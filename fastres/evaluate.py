@@ -19,6 +19,7 @@ from fastres.cli import Parser, run_main
 from fastres.config import LOADERS, RunConfig
 from fastres.data import loaders
 from fastres.data.dataset import DATASETS
+from fastres.errors import UsageError
 from fastres.models import build_model
 from fastres.runtime import PRECISIONS, param_dtype, pick_device, requested_precision, resolve_precision, tensor_dtype
 from fastres.step import class_errors
@@ -117,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.per_class:
             print_classes(name, report[name]["per_class"])
     if args.json:
+        if args.json.name in rundir.OWN:
+            raise UsageError(f"--json {args.json}: a run directory's own file name; write the errors elsewhere")
         write_json(args.json, report)
     return 0
 

@@ -3,7 +3,7 @@
 Writes the weights alone (a plain state dict of tensors, `torch.load(..., weights_only=True)`
 reads it) and `OUT.json` beside it: model, shortcut, dataset, class names, normalisation,
 the iteration and, for a finished run, its final test error. Both are written atomically.
-Load them with `build_model(name, weights="OUT.pt")`, or `python -m fastres.evaluate OUT.pt`.
+Load them with `fastres.weights.load_model("OUT.pt")`, or `python -m fastres.evaluate OUT.pt`.
 """
 
 from __future__ import annotations

@@ -69,7 +69,9 @@ def find_runs(paths: list[Path]) -> list[Run]:
             raise RunError(f"{root}: no such folder")
         for res in sorted(root.rglob(rundir.RESULTS)):
             d = RunDir(res.parent)
-            runs.append(Run(d.results() or {}, d.metrics.read()))
+            results = d.results()
+            assert results is not None  # the file was just found
+            runs.append(Run(results, d.metrics.read()))
     if not runs:
         raise RunError(f"no finished runs ({rundir.RESULTS}) under {', '.join(map(str, paths))}")
     return runs

@@ -9,7 +9,7 @@ What fastres writes into a run directory, and nothing else:
     checkpoint.prev.pt  the one before it, kept by the runs of a fused group
     group.json          a fused run's group: its runs' directories, relative to its own
     results.json        the final results, once the run has finished
-    .lock               held (flock) by the one process that writes the directory
+    .fastres.lock       held (flock) by the one process that writes the directory
 
 Rules: the lock is taken before anything in the directory is read to decide or written; a
 new run refuses a directory that holds anything but its own files of a run stopped before
@@ -42,7 +42,7 @@ CONFIG = "config.json"
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
 RESULTS = "results.json"
-LOCK = ".lock"
+LOCK = ".fastres.lock"
 PREVIOUS = "checkpoint.prev.pt"
 GROUP = "group.json"
 # A run stopped before its first checkpoint leaves these (and its lock, and atomic writes'
@@ -53,7 +53,7 @@ TEMPORARY = re.compile(rf"\.({'|'.join(map(re.escape, OWN))})\.[A-Za-z0-9_]+\.tm
 
 
 class RunLock:
-    """One writer per run directory: an exclusive `flock` on `.lock`, released by the kernel
+    """One writer per run directory: an exclusive `flock` on `.fastres.lock`, released by the kernel
     when its process ends however it ends, so a lock can neither be held twice nor outlive
     a kill -9. The file names its holder (host, pid) for the message a second process gets;
     the name is information, the flock is the lock."""
@@ -68,23 +68,37 @@ class RunLock:
             fd = self._open()
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
+            except OSError as e:
                 owner = _owner(fd)
                 os.close(fd)
+                if not isinstance(e, BlockingIOError):  # a filesystem without flock (some NFS, Lustre)
+                    raise RunError(f"cannot lock {self.path} ({e.strerror}): this filesystem does not support "
+                                   "file locks; choose an --out on one that does") from None
                 who = f"pid {owner['pid']} on {owner['host']}" if owner else "another process"
                 raise RunError(f"{self.path.parent} is in use by {who}; wait for it to finish, or pass another "
                                "--out") from None
             if not _same_file(fd, self.path):  # its holder removed it as we opened it: take the new one
                 os.close(fd)
                 continue
-            stale = _owner(fd)
+            self._check_stale(fd)
             self._write_owner(fd)
             self.fd = fd
-            if stale is not None and stale != self.me:
-                print(f"fastres: note: taking over {self.path} from pid {stale['pid']}, no longer running",
-                      file=sys.stderr)
             return self
         raise RunError(f"{self.path}: could not take the lock")
+
+    def _check_stale(self, fd: int) -> None:
+        """What an unheld lock file says: nothing (new), a holder on this host that is gone
+        (taken over, with a note), or something fastres did not write, or a holder on
+        another host, which a lock that is not shared between hosts cannot rule out: both
+        refused, the file left as it is."""
+        stale, size = _owner(fd), os.fstat(fd).st_size
+        if stale is None and size == 0 or stale == self.me:
+            return
+        if stale is None or stale["host"] != self.me["host"]:
+            os.close(fd)
+            what = "is not a fastres lock" if stale is None else f"names pid {stale['pid']} on {stale['host']}"
+            raise RunError(f"{self.path} {what}: if no run is using {self.path.parent}, remove the file")
+        print(f"fastres: note: taking over {self.path} from pid {stale['pid']}, no longer running", file=sys.stderr)
 
     def _open(self) -> int:
         try:
@@ -147,9 +161,9 @@ class MetricsLog:
                 if number == len(lines) and not text.endswith("\n"):
                     continue  # a line cut short by a kill: its iteration is recomputed
                 raise RunError(f"{self.path}, line {number}: not JSON; fastres wrote one record a line") from None
-            if not (isinstance(record, dict) and _is_int(record.get("iter")) and record["iter"] > 0):
+            if not _is_record(record):
                 raise RunError(f"{self.path}, line {number}: not a metrics record (an object with a positive "
-                               "integer 'iter')")
+                               "integer 'iter' and numbers)")
             records.append((line, record))
         return records
 
@@ -174,6 +188,12 @@ class MetricsLog:
 
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_record(record: Any) -> bool:
+    """A metrics record: a positive integer `iter`, numbers (or null), and a divergence's message."""
+    return (isinstance(record, dict) and _is_int(record.get("iter")) and record["iter"] > 0
+            and all(v is None or _real(v) or (k == "diverged" and isinstance(v, str)) for k, v in record.items()))
 
 
 def _real(v: Any) -> bool:
@@ -427,6 +447,12 @@ class ResumePoint:
             s.dir.clear([*saved, *(s.path / n for n in RESTARTABLE if (s.path / n).exists())], why)
 
 
+    def leave_group(self) -> None:
+        """The runs go on alone (`--fuse off`): each becomes a single run, its group file removed."""
+        for s in self.saved:
+            s.dir.write_group([str(s.path)])
+
+
 @contextlib.contextmanager
 def resuming(dirs: Sequence[str | Path], enabled: bool = True) -> Iterator[ResumePoint]:
     """Lock the runs to resume, then read where they resume from. One directory resumes
@@ -434,13 +460,16 @@ def resuming(dirs: Sequence[str | Path], enabled: bool = True) -> Iterator[Resum
     runs of one group. `enabled` False (the ranks that do not write): read without locks."""
     with contextlib.ExitStack() as locks:
         first = RunDir(dirs[0])
-        if not first.path.is_dir():
-            raise RunError(f"{first.path}: no such run directory to resume")
+        if not (first.checkpoint_files() or (first.path / CONFIG).is_file()):  # before a lock file is made there
+            raise RunError(f"{first.path}: not a run directory (no {CHECKPOINT}, no {CONFIG}) to resume")
         if enabled:
             locks.enter_context(first.lock())
         names = [first.path, *map(Path, dirs[1:])]
         if len(dirs) == 1 and len(first.group()) > 1:
             names = [p for p in first.group() if not RunDir(p).diverged()]  # a diverged run left its group
+            if not names:
+                raise RunError(f"every run of {dirs[0]}'s group diverged: start them again with a lower --lr "
+                               "(or a --warmup-iters)")
             print(f"fastres: {dirs[0]} was trained fused: resuming its group ({', '.join(map(str, names))})",
                   file=sys.stderr)
         runs = [first if os.path.normpath(p) == os.path.normpath(first.path) else RunDir(p) for p in names]

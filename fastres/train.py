@@ -205,25 +205,31 @@ def resume(dirs: list[str], overrides: dict[str, Any] | None = None,
     iteration 0 if that is none; and a finished run whose results were lost gets them back
     from its final checkpoint. `overrides`: options that change no result (device,
     progress); `check`: the caller's test of the saved configs and the step they resume
-    from; `alone`: a group's runs go
-    on one after another, each in a single run's format from then on (`--fuse off`)."""
+    from; `alone`: a group's runs go on one after another, each a single run from then on
+    (`--fuse off`). Nothing in the directories changes before everything is built."""
     writes = int(os.environ.get("RANK", "0")) == 0
     with rundir.resuming(dirs, enabled=writes) as point:
         cfgs = [validate(dataclasses.replace(s.config, out=str(s.path), **(overrides or {}))) for s in point.saved]
         if check is not None:
             check(cfgs, point.step)
-        claimed = [s.dir for s in point.saved]
         if point.step >= cfgs[0].iters:
             return finished(cfgs, point, writes)
-        group.check(cfgs, int(os.environ.get("WORLD_SIZE", "1")))
-        if point.step == 0 and writes:
-            point.clear_for_restart()
-        states = point.states
-        parts = [[k] for k in range(len(cfgs))] if alone else [list(range(len(cfgs)))]
+        if not alone:
+            group.check(cfgs, int(os.environ.get("WORLD_SIZE", "1")))
+        changes = [point.clear_for_restart] if point.step == 0 else []
+        if alone and len(cfgs) > 1:
+            changes.append(point.leave_group)
+
+        def claim(writing: bool, part: list[int]) -> contextlib.AbstractContextManager[list[RunDir]]:
+            """Called once the part's data and model are built: the directories change only now."""
+            while writing and changes:
+                changes.pop(0)()
+            return contextlib.nullcontext([point.saved[k].dir for k in part])
+
         results: list[dict[str, Any]] = []
-        for part in parts:
-            done = _run([cfgs[k] for k in part], None if states is None else [states[k] for k in part],
-                        lambda _, part=part: contextlib.nullcontext([claimed[k] for k in part]), stop_at, deadline)
+        for part in [[k] for k in range(len(cfgs))] if alone else [list(range(len(cfgs)))]:
+            states = None if point.states is None else [point.states[k] for k in part]
+            done = _run([cfgs[k] for k in part], states, lambda w, part=part: claim(w, part), stop_at, deadline)
             if done is None:
                 return None
             results += done
@@ -271,16 +277,17 @@ def _run(cfgs: list[RunConfig], states: list[Checkpoint] | None, claim: Claim, s
     finished."""
     dist = distributed.setup()
     failed: list[str] = []
+    saved = None if states is None else states[0].step
     try:
         s = setup(cfgs, dist)
         with claim(dist.is_main) as dirs:
             files = Files(dirs, dist.is_main)
             while True:
-                outcome = _train(s, files, states, stop_at, deadline)
+                outcome = _train(s, files, states, stop_at, deadline, saved)
                 failed += outcome.diverged
                 if outcome.go_on is None:
                     break
-                live, states = outcome.go_on  # the runs that did not diverge go on as a smaller group
+                live, states, saved = outcome.go_on  # the runs that did not diverge go on as a smaller group
                 files, s = files.only(live), setup([s.cfgs[k] for k in live], dist, s.prepared)
     finally:
         distributed.teardown(dist)
@@ -336,7 +343,7 @@ class Outcome:
 
     results: list[dict[str, Any]] | None
     diverged: list[str]
-    go_on: tuple[list[int], list[Checkpoint]] | None = None
+    go_on: tuple[list[int], list[Checkpoint], int] | None = None  # live runs, their states, the last checkpoint step
 
 
 @dataclass
@@ -350,13 +357,13 @@ class Progress:
 
 
 def _train(s: Session, files: Files, states: list[Checkpoint] | None, stop_at: int | None,
-           deadline: float | None) -> Outcome:
+           deadline: float | None, saved: int | None = None) -> Outcome:
     cfg = s.cfg
     window = Window(s.device, cfg.batch_size, s.runs)
     start, clock = restore(s, states, window) if states is not None else (0, Clock())
     files.begin(s.cfgs, start)
     reporter = start_reporting(s, start)
-    p = Progress(start, [{} for _ in s.cfgs])
+    p = Progress(start if saved is None else saved, [{} for _ in s.cfgs])
     with StopFlag() as stop:
         for done, lr, batch in iterations(s, start):
             s.step.set_lr(lr)
@@ -379,7 +386,7 @@ def _train(s: Session, files: Files, states: list[Checkpoint] | None, stop_at: i
                     states = checkpoint_point(s, files, window, clock, p, done, due)
                 if p.dead and not stopping and done < cfg.iters:
                     reporter.close()
-                    return Outcome(None, p.messages, ([k for k in range(s.runs) if k not in p.dead], states))
+                    return Outcome(None, p.messages, ([k for k in range(s.runs) if k not in p.dead], states, p.saved))
             if stopping and done < cfg.iters:
                 reporter.close()
                 reporter.message(f"stopped at iteration {done}; checkpoint saved. Continue with: "
@@ -450,6 +457,8 @@ def read_metrics(s: Session, window: Window, clock: Clock, logged: bool, evaluat
         for record, values in zip(records, read, strict=True):
             record.update(values, **shared)
     if evaluated:
+        if not logged and s.device.type == "cuda":
+            torch.cuda.synchronize(s.device)  # queued training work is training time, not evaluation's
         with clock.paused():
             errors = {f"{name}_error": s.step.errors(loader) for name, loader in s.data.evals.items()}
         for k, record in enumerate(records):
@@ -468,6 +477,7 @@ def restore(s: Session, states: list[Checkpoint], window: Window) -> tuple[int, 
         s.model.load_state_dict(fused.join_states([state.model for state in states]))
         s.step.optimizer.load_state_dict(fused.join_optimizer_states([state.optimizer for state in states]))
         s.step.scaler.load_state_dict(first.scaler)
+        check_momentum(s.step.optimizer)
         window.load(Sums(torch.cat([state.loss_sum.reshape(-1) for state in states]),
                          torch.cat([state.wrong_sum.reshape(-1) for state in states]), first.window), s.dist)
     except (RuntimeError, ValueError, KeyError, IndexError, TypeError) as e:
@@ -475,6 +485,16 @@ def restore(s: Session, states: list[Checkpoint], window: Window) -> tuple[int, 
         raise RunError(f"{', '.join(c.out for c in s.cfgs)}: the checkpoint does not fit its run's model and "
                        f"optimiser ({why[:200]})") from None
     return first.step, Clock(first.train_time, first.wall_time)
+
+
+def check_momentum(optimizer: torch.optim.Optimizer) -> None:
+    """Each momentum buffer has its parameter's shape (`load_state_dict` does not check it)."""
+    for param_group in optimizer.param_groups:
+        for param in param_group["params"]:
+            buf = optimizer.state.get(param, {}).get("momentum_buffer")
+            if buf is not None and buf.shape != param.shape:
+                raise ValueError(f"a momentum buffer of shape {tuple(buf.shape)} for a parameter of "
+                                 f"{tuple(param.shape)}")
 
 
 def start_reporting(s: Session, start: int) -> Reporter:

@@ -21,6 +21,8 @@ from fastres.data import pixels
 from fastres.data.dataset import DATASETS
 from fastres.errors import RunError
 from fastres.models import ModelSpec
+from fastres.recipe import NORMALIZATIONS
+from fastres.runtime import PRECISIONS
 
 
 def meta_path(weights: Path) -> Path:
@@ -36,7 +38,7 @@ def read(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     if not file.is_file():
         raise RunError(f"{path}: no weights there (a run directory, its {rundir.CHECKPOINT}, or an exported .pt)")
     state = checkpoint.load_file(file, "weights")
-    if isinstance(state, dict) and "model" in state and "config" in state:  # a fastres checkpoint
+    if checkpoint.is_checkpoint(state):
         ckpt = checkpoint.decode(state, file)
         meta = {"model": ckpt.config.model, "shortcut": ckpt.config.shortcut, "dataset": ckpt.config.dataset,
                 "step": ckpt.step}
@@ -56,10 +58,16 @@ def read_meta(weights: Path) -> dict[str, Any]:
     except (OSError, ValueError) as e:
         raise RunError(f"{described}: the description of {weights.name} is missing or unreadable ({e})") from None
     norm = meta.get("normalization") if isinstance(meta, dict) else None
-    ok = (isinstance(meta, dict) and isinstance(meta.get("model"), str) and isinstance(meta.get("normalize"), str)
-          and isinstance(norm, dict) and all(_numbers(norm.get(k)) for k in ("mean", "std")))
+    ok = (isinstance(meta, dict) and isinstance(meta.get("model"), str) and meta.get("normalize") in NORMALIZATIONS
+          and isinstance(norm, dict) and all(_numbers(norm.get(k)) for k in ("mean", "std"))
+          and meta.get("dataset", "cifar10") in tuple(DATASETS) and meta.get("precision") in (None, *PRECISIONS))
     if not ok:
-        raise RunError(f"{described}: not the description fastres.export writes (model, normalize, normalization)")
+        raise RunError(f"{described}: not the description fastres.export writes (model, normalize, normalization, "
+                       "dataset, precision)")
+    try:
+        ModelSpec.parse(meta["model"], meta.get("shortcut"))
+    except (ValueError, TypeError) as e:
+        raise RunError(f"{described}: {e}") from None
     return meta
 
 

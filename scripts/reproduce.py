@@ -89,7 +89,7 @@ def same_run(saved: RunConfig, cfg: RunConfig) -> bool:
     return dataclasses.replace(saved, **{k: getattr(cfg, k) for k in keep}) == cfg
 
 
-def train_model(p: Parser, args: argparse.Namespace, cfgs: list[RunConfig], device_type: str) -> bool:
+def train_model(args: argparse.Namespace, cfgs: list[RunConfig], device_type: str) -> bool:
     """Train the seeds of one model: finished runs are skipped, stopped ones resume with
     the group they were trained in (a run whose results a kill took gets them back), and
     the rest train in fused groups. False when stopped."""
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     configs = run_configs(args)
     device_type = pick_device(args.device).type
     for start in range(0, len(configs), args.seeds):  # the seeds of one model after another
-        if not train_model(p, args, configs[start:start + args.seeds], device_type):
+        if not train_model(args, configs[start:start + args.seeds], device_type):
             return 130  # stopped by a signal: the checkpoints are written
     report.write_report([args.out / "runs"], args.out)
     return 0

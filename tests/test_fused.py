@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from conftest import deterministic, tiny_config
 
 from fastres import fused, group, rundir
+from fastres import train as train_module
 from fastres.cli import run_main
 from fastres.config import RunConfig, build_parser, configs_from_args
 from fastres.data.dataset import Split
@@ -282,6 +283,32 @@ def test_a_group_can_resume_one_run_at_a_time(tmp_path: Path, fp64_group: Path, 
         state = rundir.read_checkpoint(run / f"s{s}")
         assert state.step == 20 and not (run / f"s{s}" / rundir.GROUP).exists()
         assert not (run / f"s{s}" / rundir.PREVIOUS).exists()
+
+
+@FP64_GROUP
+def test_a_group_resumed_one_run_at_a_time_and_stopped_again_resumes_run_by_run(
+        tmp_path: Path, fp64_group: Path, fp64_group_at_10: Path, capsys: pytest.CaptureFixture) -> None:
+    """`--fuse off` makes each run a single run before any of them trains, so a stop in the
+    middle leaves runs that resume one by one, each from its own checkpoint."""
+    run = copied(fp64_group_at_10, tmp_path)
+    assert train_module.resume([str(run / "s0")], alone=True, stop_at=15) is None  # s0 stops at 15
+    assert not any((run / f"s{s}" / rundir.GROUP).exists() for s in SEEDS)
+    assert [rundir.read_checkpoint(run / f"s{s}").step for s in SEEDS] == [15, 10, 10]
+    for s in (1, 0, 2):
+        assert train_main(["--resume", str(run / f"s{s}")]) == 0
+        a, b = losses(fp64_group / f"s{s}"), losses(run / f"s{s}")
+        assert a[:10] == b[:10] and rel(b, a) < TRAJECTORY
+
+
+@FP64_GROUP
+def test_a_group_whose_runs_all_diverged_is_one_line_on_resume(
+        tmp_path: Path, fp64_group_at_10: Path, capsys: pytest.CaptureFixture) -> None:
+    run = copied(fp64_group_at_10, tmp_path)
+    for s in SEEDS:
+        with open(run / f"s{s}" / rundir.METRICS, "a") as f:
+            f.write(json.dumps({"iter": 11, "diverged": "training diverged at iteration 11"}) + "\n")
+    assert run_main(train_main, ["--resume", str(run / "s0")]) == 2
+    assert "every run of" in capsys.readouterr().err.strip().splitlines()[-1]
 
 
 @FP32_GROUP

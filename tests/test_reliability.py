@@ -56,7 +56,7 @@ def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_tree: 
     assert state.step == 10 and all(v.isfinite().all() for v in state.model.values() if v.is_floating_point())
     last = rundir.MetricsLog(run).read()[-1]
     assert last["iter"] == 15 and "diverged" in last
-    assert not (run / ".lock").exists() and not (run / "results.json").exists()
+    assert not (run / rundir.LOCK).exists() and not (run / "results.json").exists()
 
 
 def test_a_directory_is_fsynced_after_the_rename(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -92,7 +92,7 @@ def test_a_failed_write_is_one_line_and_the_previous_checkpoint_resumes(
     assert err.count("\n") == 1 and text in err and "previous version, if any, is intact" in err
     monkeypatch.undo()
     expected_step = 5 if target == rundir.CHECKPOINT else 20
-    assert rundir.read_checkpoint(run).step == expected_step and not (run / ".lock").exists()
+    assert rundir.read_checkpoint(run).step == expected_step and not (run / rundir.LOCK).exists()
     assert not [p for p in run.iterdir() if p.name.endswith(".tmp")]
     if expected_step < 20:
         assert run_main(train_main, ["--resume", str(run)]) == 0

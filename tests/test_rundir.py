@@ -23,6 +23,7 @@ from fastres import train as train_module
 from fastres.cli import run_main
 from fastres.evaluate import main as evaluate_main
 from fastres.export import main as export_main
+from fastres.predict import main as predict_main
 from fastres.report import main as report_main
 from fastres.rundir import RunDir, RunLock
 from fastres.step import TrainStep
@@ -148,6 +149,27 @@ def test_a_run_stopped_before_its_first_checkpoint_restarts_removing_only_its_ow
     assert RunDir(run).results()["test_error"] == RunDir(finished).results()["test_error"]
 
 
+@pytest.mark.parametrize("how", ["data moved", "Ctrl-C"])
+def test_a_restart_from_iteration_0_that_cannot_start_changes_nothing(
+        tiny_tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture,
+        how: str) -> None:
+    """`--resume` of a run stopped before its first checkpoint removes its files only once the
+    data is read and the model built: a run that cannot start keeps them."""
+    tree = Path(shutil.copytree(tiny_tree, tmp_path / "tree"))
+    run = tmp_path / "run"
+    assert train(config(tree, run), stop_at=2) is None
+    (run / rundir.CHECKPOINT).unlink()
+    if how == "data moved":
+        tree.rename(tmp_path / "moved")
+    else:
+        def interrupted(*a: Any, **kw: Any) -> None:
+            raise KeyboardInterrupt
+        monkeypatch.setattr(train_module, "setup", interrupted)
+    before = snapshot(run)
+    assert run_main(train_main, ["--resume", str(run)]) == (2 if how == "data moved" else 130)
+    assert snapshot(run) == before
+
+
 # --- the lock ----------------------------------------------------------------------------------
 
 TRY_LOCK = """
@@ -212,6 +234,30 @@ def test_a_live_run_before_its_first_checkpoint_keeps_its_files(
     finally:
         holder.kill()
         holder.wait()
+
+
+@pytest.mark.parametrize(("content", "words"), [
+    ('{"host": "elsewhere", "pid": 1}', "names pid 1 on elsewhere"),  # a lock this host cannot judge
+    ("my notes", "is not a fastres lock"),
+])
+def test_a_lock_file_that_is_not_this_hosts_is_never_taken_over(
+        tiny_tree: Path, tmp_path: Path, capsys: pytest.CaptureFixture, content: str, words: str) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / rundir.LOCK).write_text(content)
+    before = snapshot(tmp_path)
+    assert run_main(train_main, argv(tiny_tree, run)) == 2
+    one_line_error(capsys, words, "remove the file")
+    assert snapshot(tmp_path) == before
+
+
+def test_resume_of_a_folder_that_is_no_run_makes_no_lock_there(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "cat.jpg").write_bytes(b"mine")
+    before = snapshot(tmp_path)
+    assert run_main(train_main, ["--resume", str(tmp_path / "photos")]) == 2
+    one_line_error(capsys, "not a run directory")
+    assert snapshot(tmp_path) == before
 
 
 def test_a_full_disk_when_the_lock_is_written_is_one_line_and_leaves_nothing(
@@ -327,6 +373,9 @@ MALFORMED_CHECKPOINTS = [
     ("wrong_sum of two", _set("wrong_sum", torch.zeros(2)), "field 'wrong_sum'"),
     ("window negative", _set("window", -1), "field 'window'"),
     ("train_time a string", _set("train_time", "x"), "field 'train_time'"),
+    ("wall_time infinite", _set("wall_time", float("inf")), "field 'wall_time'"),
+    ("optimizer state an int", _set("optimizer", {"state": {0: 5}, "param_groups": [{"params": [0]}]}),
+     "field 'optimizer'"),
     ("normalization without std", _set("normalization", {"mean": torch.zeros(32, 32, 3)}), "'normalization'"),
     ("normalization misshapen", _set("normalization", {"mean": torch.zeros(3), "std": torch.ones(3)}),
      "'normalization' has shapes"),
@@ -395,7 +444,8 @@ def test_a_hand_edited_config_is_one_line_on_resume(tiny_tree: Path, tmp_path: P
     assert snapshot(tmp_path) == before
 
 
-@pytest.mark.parametrize("line", ["42", "[1, 2]", '{"iter": "x"}', '{"iter": 0}', "not json, then a whole line"])
+@pytest.mark.parametrize("line", ["42", "[1, 2]", '{"iter": "x"}', '{"iter": 0}', '{"iter": 3, "train_loss": [1]}',
+                                  "not json, then a whole line"])
 def test_a_metrics_line_that_is_not_a_record_is_one_line_on_resume_and_in_the_report(
         tmp_path: Path, stopped: Path, finished: Path, capsys: pytest.CaptureFixture, line: str) -> None:
     for source, entry in ((stopped, ["--resume"]), (finished, None)):
@@ -443,6 +493,42 @@ def test_report_out_naming_a_file_is_one_line(tmp_path: Path, finished: Path, ca
     assert run_main(report_main, [str(finished), "--out", str(tmp_path / "report.txt")]) == 2
     one_line_error(capsys, "report.txt")
     assert (tmp_path / "report.txt").read_text() == "mine"
+
+
+def test_a_momentum_buffer_of_another_shape_is_one_line_on_resume(tmp_path: Path, stopped: Path,
+                                                                 capsys: pytest.CaptureFixture) -> None:
+    run = copy(stopped, tmp_path)
+    state = torch.load(run / rundir.CHECKPOINT, weights_only=True)
+    state["optimizer"]["state"][0]["momentum_buffer"] = torch.zeros(2)
+    torch.save(state, run / rundir.CHECKPOINT)
+    before = snapshot(tmp_path)
+    assert run_main(train_main, ["--resume", str(run)]) == 2
+    one_line_error(capsys, str(run), "does not fit", "momentum buffer of shape (2,)")
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize(("change", "words"), [({"shortcut": 5}, ""), ({"dataset": ["x"]}, ""),
+                                               ({"dataset": "imagenet"}, ""), ({"precision": "fp8"}, ""),
+                                               ({"model": "resnet21"}, "depth must be 6n+2")])
+def test_a_hand_edited_export_description_is_one_line(tmp_path: Path, finished: Path, capsys: pytest.CaptureFixture,
+                                                      change: dict, words: str) -> None:
+    out = tmp_path / "w.pt"
+    assert run_main(export_main, [str(finished), str(out)]) == 0
+    meta = json.loads(out.with_suffix(".json").read_text())
+    out.with_suffix(".json").write_text(json.dumps({**meta, **change}))
+    for entry in (evaluate_main, predict_main):
+        args = [str(out)] if entry is evaluate_main else [str(out), str(out)]
+        assert run_main(entry, args) == 2
+        one_line_error(capsys, str(out.with_suffix(".json")), words)
+
+
+def test_evaluate_never_writes_its_json_over_a_run_file(finished: Path, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture) -> None:
+    run = copy(finished, tmp_path)
+    before = snapshot(tmp_path)
+    assert run_main(evaluate_main, [str(run), "--json", str(run / rundir.RESULTS)]) == 2
+    one_line_error(capsys, "a run directory's own file name")
+    assert snapshot(tmp_path) == before
 
 
 # --- export writes only its own two files ---------------------------------------------------------
