@@ -93,9 +93,18 @@ def _window_worker(rank: int, world: int, init_file: str, out: str) -> None:
 
 def test_a_checkpoint_between_log_points_keeps_every_ranks_sums(tmp_path: Path) -> None:
     # forked, not spawned: two fresh interpreters importing torch cost about 5 core-seconds, and
-    # the workers need nothing from a clean one (their own process group, their own tensors)
-    torch.multiprocessing.start_processes(_window_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2,
-                                          start_method="fork")
+    # the workers need nothing from a clean one (their own process group, their own tensors).
+    # Joined with a deadline, so a worker that hangs fails the test instead of the suite.
+    workers = torch.multiprocessing.start_processes(_window_worker, args=(2, str(tmp_path / "init"), str(tmp_path)),
+                                                    nprocs=2, join=False, start_method="fork")
+    deadline = time.monotonic() + 60
+    try:
+        while not workers.join(timeout=0.5):
+            assert time.monotonic() < deadline, "the workers did not finish within 60 s"
+    finally:
+        for p in workers.processes:
+            if p.is_alive():
+                p.kill()
     for rank in (0, 1):
         unbroken, resumed = json.loads((tmp_path / f"{rank}.json").read_text())
         assert unbroken == resumed == [{"train_loss": 66.0 / 6, "train_error": 21 / 24}]
