@@ -2,8 +2,10 @@
 
     python bench/throughput.py                       # GPU: resnet20, resnet56, resnet110
     python bench/throughput.py --device cpu --quick  # ResNet-20 on 2 CPU cores: 2 min 47 s measured, cold
+    python bench/throughput.py --rows baseline,compile --models resnet56
 
-Without a GPU, no arguments mean `--quick`: the full matrix on a CPU takes hours.
+Without a GPU, no arguments mean `--quick`: the full matrix on a CPU takes hours. With no
+`--data`, CIFAR-10 is the official archive, downloaded to the cache, as training does.
 
 Steady-state iterations/s at batch 128 for each configuration (warm-up, compilation and
 graph capture timed apart; the device is synchronised around every timed block; median and
@@ -13,7 +15,9 @@ every row); each row's own peak device memory over what was held before it. The 
 and the full fastres step of every model run first, so a run cut short keeps the headline
 figures. Each row runs on its own: a row that fails is recorded with its error and the
 others still run. The JSON is rewritten atomically after every row, and no row starts
-after `--budget-s`.
+after `--budget-s`. The table lists the rows in the matrix's order, model by model, whatever
+order they ran in, and names under it the rows whose fastest repeat beat their slowest by more
+than SPREAD (1.2x): figures from a busy machine.
 
 Fused rows ("fused xN"): N runs of one model fused into one step (`fastres.fused`), with
 the full fastres step (channels_last, AMP, compile); `run_it_s` counts run-iterations
@@ -27,6 +31,7 @@ import argparse
 import dataclasses
 import gc
 import itertools
+import math
 import os
 import statistics
 import sys
@@ -46,7 +51,9 @@ from bench import baseline  # noqa: E402
 from fastres import fused, recipe  # noqa: E402
 from fastres.atomic import write_json  # noqa: E402
 from fastres.cli import Parser, run_main  # noqa: E402
+from fastres.config import parse_spec  # noqa: E402
 from fastres.data import loaders  # noqa: E402
+from fastres.errors import RunError, UsageError  # noqa: E402
 from fastres.models import build_model  # noqa: E402
 from fastres.runtime import (  # noqa: E402
     PRECISIONS,
@@ -55,18 +62,22 @@ from fastres.runtime import (  # noqa: E402
     pick_device,
     requested_precision,
     resolve_precision,
+    tensor_dtype,
     versions,
 )
 from fastres.step import TrainStep, error_rates  # noqa: E402
 
-REAL_DATA = ROOT.parent / "shared" / "data" / "cifar10-jpeg"
+SPREAD = 1.2  # a row whose fastest repeat is this much faster than its slowest was measured on a busy machine
 
 
 @dataclass(frozen=True)
 class Setup:
-    """One row of the matrix."""
+    """One row of the matrix: `tag` names it on the command line (`--rows`), `name` in the
+    table, `about` in `--help`."""
 
+    tag: str
     name: str
+    about: str
     loader: str = "torch"  # baseline | torch | dali | host (torch loader on the host, each batch copied over)
     channels_last: bool = False
     amp: bool = False
@@ -76,23 +87,34 @@ class Setup:
 
 
 MATRIX = (
-    Setup("baseline (DataLoader, eager fp32)", loader="baseline", key=True),
-    Setup("fastres eager fp32"),
-    Setup("+ channels_last", channels_last=True),
-    Setup("+ amp", channels_last=True, amp=True),
-    Setup("+ compile", channels_last=True, amp=True, compile=True, key=True),
-    Setup("+ compile, DALI loader", loader="dali", channels_last=True, amp=True, compile=True),
-    Setup("+ compile, host loader", loader="host", channels_last=True, amp=True, compile=True),
-    *(Setup(f"fused x{n}", channels_last=True, amp=True, compile=True, runs=n) for n in (1, 2, 4, 8)),
+    Setup("baseline", "baseline (DataLoader, eager fp32)", "plain PyTorch (bench/baseline.py): DataLoader, NumPy "
+          "augmentation, eager fp32; what speedups are over", loader="baseline", key=True),
+    Setup("eager", "fastres eager fp32", "fastres' loader and training step, eager, fp32, NCHW"),
+    Setup("channels-last", "+ channels_last", "+ the channels_last memory layout", channels_last=True),
+    Setup("amp", "+ amp", "+ AMP: bf16 where native, else fp16 on a GPU, fp32 on a CPU",
+          channels_last=True, amp=True),
+    Setup("compile", "+ compile", "+ torch.compile (CUDA graphs on a GPU): the full fastres step",
+          channels_last=True, amp=True, compile=True, key=True),
+    Setup("dali", "+ compile, DALI loader", "the full step fed by DALI (decoding on the GPU)", loader="dali",
+          channels_last=True, amp=True, compile=True),
+    Setup("host", "+ compile, host loader", "the full step fed from the host, each batch copied over",
+          loader="host", channels_last=True, amp=True, compile=True),
+    *(Setup(f"fused-x{n}", f"fused x{n}", f"{n} runs of the model fused into one full step" if n > 1 else
+            "1 run through the fused step: what fused speedups are over",
+            channels_last=True, amp=True, compile=True, runs=n) for n in (1, 2, 4, 8)),
 )
-QUICK_FUSED = (1, 2, 4)  # on a CPU the x8 row alone would take minutes
+ROWS = {s.tag: s for s in MATRIX}
+QUICK_LEAVES_OUT = ("fused-x8",)  # on a CPU the x8 row alone would take minutes
+FULL_SIZES = {"warmup": 30, "steps": 100, "repeats": 5, "loader_batches": 100}
+QUICK_SIZES = {"warmup": 2, "steps": 5, "repeats": 3, "loader_batches": 5}
+MODELS, QUICK_MODELS = "resnet20,resnet56,resnet110", "resnet20"
 
 LOADERS = (
-    ("baseline DataLoader, per-image NumPy", MATRIX[0]),
-    ("torch, NCHW fp32", MATRIX[1]),
-    ("torch, channels_last, AMP dtype", MATRIX[3]),
-    ("DALI, channels_last", MATRIX[5]),
-    ("torch on the host, copied to the device", MATRIX[6]),
+    ("baseline DataLoader, per-image NumPy", ROWS["baseline"]),
+    ("torch, NCHW fp32", ROWS["eager"]),
+    ("torch, channels_last, AMP dtype", ROWS["amp"]),
+    ("DALI, channels_last", ROWS["dali"]),
+    ("torch on the host, copied to the device", ROWS["host"]),
 )
 
 
@@ -155,11 +177,13 @@ class Bench:
         if self.on_save is not None:
             self.on_save(self.result)
 
-    def precision(self, setup: Setup) -> torch.dtype | None:
-        return PRECISIONS[resolve_precision(self.device, requested_precision(setup.amp, "auto"))[0]]
+    def precision(self, setup: Setup) -> str:
+        """The row's precision, named as the trainer names it (fp32, bf16, fp16)."""
+        return resolve_precision(self.device, requested_precision(setup.amp, "auto"))[0]
 
-    def fastres_data(self, setup: Setup, dtype: torch.dtype | None) -> loaders.Data:
-        where = loaders.Placement(self.device, dtype or torch.float32, setup.channels_last, host=setup.loader == "host")
+    def fastres_data(self, setup: Setup, precision: str) -> loaders.Data:
+        where = loaders.Placement(self.device, tensor_dtype(precision), setup.channels_last,
+                                  host=setup.loader == "host")
         seeds = list(range(setup.runs)) if setup.runs and setup.runs > 1 else 0
         return loaders.build(self.data, where, batch_size=recipe.BATCH_SIZE, eval_batch_size=self.args.eval_batch,
                              seed=seeds, loader="dali" if setup.loader == "dali" else "torch")
@@ -173,7 +197,7 @@ class Bench:
             torch.cuda.reset_peak_memory_stats(device)
         runs = setup.runs or 1
         model = fused.fuse([build_model(model_name) for _ in range(runs)]).to(device)
-        row: dict[str, Any] = {}
+        row: dict[str, Any] = {"precision": "fp32" if setup.loader == "baseline" else self.precision(setup)}
         if setup.loader == "baseline":
             split = self.data.splits.train
             batches = baseline.batches(baseline.make_loader(split.images, split.labels, self.data.mean,
@@ -187,9 +211,8 @@ class Bench:
         else:
             if setup.channels_last:
                 model = model.to(memory_format=torch.channels_last)
-            dtype = self.precision(setup)
-            row["precision"] = str(dtype or torch.float32).removeprefix("torch.")
-            data = self.fastres_data(setup, dtype)
+            dtype = PRECISIONS[row["precision"]]
+            data = self.fastres_data(setup, row["precision"])
             train_batches = endless(data.train)
             step = TrainStep(model, device, dtype, setup.compile, runs=runs)
 
@@ -238,7 +261,7 @@ class Bench:
     def run(self, matrix: list[Setup]) -> dict[str, Any]:
         base: dict[str, float] = {}
         alone: dict[str, float] = {}  # each model's "fused x1" run-iterations/s
-        for model_name, setup in order_rows(self.args.models.split(","), matrix):
+        for model_name, setup in order_rows(self.args.models, matrix):
             row: dict[str, Any] = {"model": model_name, **dataclasses.asdict(setup)}
             reason = available(setup) or ("budget spent" if self.out_of_time() else None)
             if reason:
@@ -292,6 +315,23 @@ def describe(row: dict[str, Any]) -> str:
     return f"skipped: {row['skipped']}" if "skipped" in row else f"FAILED: {row['error']}"
 
 
+def table_order(rows: list[dict[str, Any]], models: list[str]) -> list[dict[str, Any]]:
+    """The rows model by model, each model's in the matrix's order: the order a reader
+    compares them in, not the order they ran in (headline rows first)."""
+    place = {s.tag: i for i, s in enumerate(MATRIX)}
+    return sorted(rows, key=lambda r: (models.index(r["model"]), place[r["tag"]]))
+
+
+def spread_warning(rows: list[dict[str, Any]]) -> str | None:
+    """One line naming the rows whose repeats spread by more than SPREAD: a median taken
+    while something else ran is not a figure to quote."""
+    busy = [f"{r['model']} {r['tag']}" for r in rows if "it_s" in r and r["it_s_max"] > SPREAD * r["it_s_min"]]
+    if not busy:
+        return None
+    return (f"warning: the repeats of {', '.join(busy)} spread by more than {SPREAD}x (fastest/slowest): the "
+            "machine was busy; rerun those rows (--models, --rows) before quoting them")
+
+
 def print_table(result: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -300,11 +340,12 @@ def print_table(result: dict[str, Any]) -> None:
     for col in ("model", "configuration", "precision", "it/s (median)", "spread", "x baseline", "run-it/s",
                 "x fused x1", "warm-up s", "peak MiB", "eval img/s"):
         table.add_column(col, justify="left" if col in ("model", "configuration", "precision") else "right")
-    for r in result["rows"]:
+    rows = table_order(result["rows"], result["args"]["models"])
+    for r in rows:
         if "it_s" not in r:
             table.add_row(r["model"], r["name"], "", "-", describe(r).strip(), "", "", "", "", "", "")
             continue
-        table.add_row(r["model"], r["name"], r.get("precision", "float32"), f"{r['it_s']:.1f}",
+        table.add_row(r["model"], r["name"], r["precision"], f"{r['it_s']:.1f}",
                       f"{r['it_s_min']:.1f}-{r['it_s_max']:.1f}",
                       f"{r['speedup']:.2f}x" if r["speedup"] else "-",
                       f"{r['run_it_s']:.1f}" if "run_it_s" in r else "-",
@@ -317,33 +358,127 @@ def print_table(result: dict[str, Any]) -> None:
         loaders_table.add_row(name, rate if isinstance(rate, str) else f"{rate:,.0f}")
     console = Console(width=max(140, Console().width))  # the table stays readable in logs
     console.print(table)
+    busy = spread_warning(rows)
+    if busy:
+        console.print(busy, soft_wrap=True, markup=False, highlight=False)  # one line, however long
     console.print(loaders_table)
 
 
+def flags(sizes: dict[str, int]) -> str:
+    """Sizes as the command line spells them: `--warmup 2 --steps 5`."""
+    return " ".join(f"--{name.replace('_', '-')} {value}" for name, value in sizes.items())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    width = max(len(s.tag) for s in MATRIX)
+    rows = "\n".join(f"  {s.tag:{width}}  {s.about}" for s in MATRIX)
+    p = Parser(prog="python bench/throughput.py", description=__doc__.split("\n\n")[0],
+               formatter_class=argparse.RawDescriptionHelpFormatter,
+               epilog=f"rows (--rows), in the table's order:\n{rows}")
+    p.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda, cuda:N")
+    p.add_argument("--models", metavar="NAMES", help=f"comma-separated (default {MODELS}; --quick: {QUICK_MODELS})")
+    p.add_argument("--rows", metavar="NAMES", help="comma-separated row names, listed below (default all; --quick: "
+                   f"all but {', '.join(QUICK_LEAVES_OUT)})")
+    p.add_argument("--data", metavar="PATH", help="CIFAR-10 archive, image tree or folder (default: the official "
+                   "archive, downloaded to the cache, as training does)")
+    helps = {"warmup": "untimed steps first, for compilation and graph capture", "steps": "steps per timed repeat",
+             "repeats": "timed repeats, for the median and spread", "loader_batches": "batches timed per loader alone"}
+    for name, text in helps.items():
+        p.add_argument(f"--{name.replace('_', '-')}", type=int, metavar="N",
+                       help=f"{text} (default {FULL_SIZES[name]}; --quick: {QUICK_SIZES[name]})")
+    p.add_argument("--eval-batch", type=int, default=1000, metavar="N", help="evaluation batch (default 1000)")
+    p.add_argument("--quick", action="store_true",
+                   help=f"the CPU-sized matrix (the default without a GPU): {flags(QUICK_SIZES)} --models "
+                   f"{QUICK_MODELS}, no {', '.join(QUICK_LEAVES_OUT)} row; a flag given explicitly wins")
+    p.add_argument("--budget-s", type=float, default=float("inf"), metavar="SECONDS",
+                   help="start no row after this many seconds")
+    p.add_argument("--out", type=Path, metavar="FILE", help="JSON output (default bench/out/throughput-<time>.json)")
+    return p
+
+
+def listed(flag: str, text: str) -> list[str]:
+    """A comma-separated list from the command line; a name given twice is refused (the
+    table would show two rows alike, and speedups over the wrong baseline)."""
+    items = [item.strip() for item in text.split(",")]
+    twice = next((item for i, item in enumerate(items) if item in items[:i]), None)
+    if twice is not None:
+        raise UsageError(f"{flag} names {twice} twice")
+    return items
+
+
+def parse_models(text: str) -> list[str]:
+    """--models, each name checked as training checks it, before any row runs."""
+    names = listed("--models", text)
+    for name in names:
+        try:
+            parse_spec(name)
+        except UsageError as e:
+            raise UsageError(f"--models: {e}") from None
+    return names
+
+
+def parse_rows(text: str) -> list[str]:
+    """--rows: names of the matrix's rows."""
+    tags = listed("--rows", text)
+    unknown = next((tag for tag in tags if tag not in ROWS), None)
+    if unknown is not None:
+        raise UsageError(f"--rows {unknown!r}: no such row; choose from {', '.join(ROWS)} (see --help)")
+    return tags
+
+
+def check_sizes(args: argparse.Namespace) -> None:
+    for name in ("steps", "repeats", "loader_batches", "eval_batch"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.warmup < 0:
+        raise UsageError(f"--warmup must be 0 or more, got {args.warmup}")
+    if math.isnan(args.budget_s) or args.budget_s < 0:
+        raise UsageError(f"--budget-s must be 0 or more seconds, got {args.budget_s}")
+
+
+def fill_defaults(args: argparse.Namespace) -> str | None:
+    """Give what was not given its default, --quick's when asked for; return the line that
+    says what --quick set (None without --quick)."""
+    sizes = QUICK_SIZES if args.quick else FULL_SIZES
+    chosen = {name: value for name, value in sizes.items() if getattr(args, name) is None}
+    for name, value in chosen.items():
+        setattr(args, name, value)
+    said = [flags(chosen)] if chosen else []
+    if args.models is None:
+        args.models = QUICK_MODELS if args.quick else MODELS
+        said.append(f"--models {args.models}")
+    if args.rows is None:
+        args.rows = ",".join(s.tag for s in MATRIX if not args.quick or s.tag not in QUICK_LEAVES_OUT)
+        said.append(f"no {', '.join(QUICK_LEAVES_OUT)} row")
+    if not args.quick:
+        return None
+    sets = ", ".join(said) or "nothing: every value it sets was given"
+    return f"note: --quick sets {sets} (a flag given explicitly wins)"
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = Parser(prog="python bench/throughput.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default="auto")
-    p.add_argument("--models", help="comma-separated (default resnet20,resnet56,resnet110; --quick: resnet20)")
-    p.add_argument("--data", default=os.path.relpath(REAL_DATA) if REAL_DATA.is_dir() else None,
-                   help="CIFAR-10 source (default: the shared JPEG copy if present, else the official archive)")
-    p.add_argument("--warmup", type=int, default=30, help="untimed steps first (compilation, graph capture)")
-    p.add_argument("--steps", type=int, default=100, help="steps per timed repeat")
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--loader-batches", type=int, default=100)
-    p.add_argument("--eval-batch", type=int, default=1000)
-    p.add_argument("--setups", help="comma-separated row numbers of the matrix to run (default all)")
-    p.add_argument("--quick", action="store_true", help="ResNet-20 only, few steps: the CPU-sized matrix")
-    p.add_argument("--budget-s", type=float, default=float("inf"), help="start no row after this many seconds")
-    p.add_argument("--out", type=Path, help="JSON output (default bench/out/throughput-<device>-<time>.json)")
-    args = p.parse_args(argv)
-    if not args.quick and args.device == "auto" and not torch.cuda.is_available():
+    """The arguments, every value checked before any work starts (a bad one is a UsageError)."""
+    args = build_parser().parse_args(argv)
+    no_gpu = not args.quick and args.device == "auto" and not torch.cuda.is_available()
+    args.quick = args.quick or no_gpu
+    note = fill_defaults(args)
+    args.models, args.rows = parse_models(args.models), parse_rows(args.rows)
+    check_sizes(args)
+    if no_gpu:
         print("bench: no GPU here: running the CPU-sized matrix (--quick); the full matrix on a CPU takes "
               "hours (ask for it with --device cpu)", flush=True)
-        args.quick = True
-    if args.quick:
-        args.warmup, args.steps, args.repeats, args.loader_batches = 2, 5, 3, 5
-    args.models = args.models or ("resnet20" if args.quick else "resnet20,resnet56,resnet110")
+    if note:
+        print(note, flush=True)
     return args
+
+
+def check_out(path: Path) -> None:
+    """Refuse an --out that cannot be written now, not after the first row's minutes."""
+    if path.is_dir():
+        raise RunError(f"--out {path}: is a folder; name the JSON file to write")
+    folder = next(p for p in path.absolute().parents if p.exists())
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        raise RunError(f"--out {path}: cannot write under {folder}")
 
 
 def main(argv: list[str] | None = None, on_save: Callable[[dict[str, Any]], None] | None = None) -> int:
@@ -351,13 +486,12 @@ def main(argv: list[str] | None = None, on_save: Callable[[dict[str, Any]], None
     if args.out is None and on_save is None:
         args.out = ROOT / "bench" / "out" / f"throughput-{time.strftime('%Y%m%d-%H%M%S')}.json"
     if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-    matrix = [MATRIX[int(i)] for i in args.setups.split(",")] if args.setups else list(MATRIX)
-    if args.quick and not args.setups:
-        matrix = [s for s in matrix if s.runs is None or s.runs in QUICK_FUSED]
+        check_out(args.out)
     started = time.perf_counter()
-    bench = Bench(args, on_save)
-    result = bench.run(matrix)
+    bench = Bench(args, on_save)  # the device and the data are checked here, before anything is written
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+    result = bench.run([ROWS[tag] for tag in args.rows])
     result["seconds"] = round(time.perf_counter() - started, 1)
     bench.save()
     print_table(result)

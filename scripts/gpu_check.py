@@ -135,11 +135,11 @@ def throughput_part(check: Check, data: str, gpu: bool) -> dict[str, Any]:
     """The benchmark matrix, each row saved into the summary as it is measured."""
     # The rehearsal: the rows whose branches differ (baseline, compiled step, each loader, a
     # fused group of 1 and 2); the eager rows are the bench's own tests' (tests/test_bench.py).
-    rehearsed = [str(i) for i, s in enumerate(throughput.MATRIX)
-                 if s.key or s.loader != "torch" or s.runs in (1, 2)]
+    # One timed step a row: a rate is measured all the same, and each step is one at batch 128.
+    rehearsed = [s.tag for s in throughput.MATRIX if s.key or s.loader != "torch" or s.runs in (1, 2)]
     sizes = (["--models", "resnet20,resnet56", "--warmup", "30", "--steps", "100", "--repeats", "5"] if gpu else
-             ["--models", "resnet8", "--warmup", "1", "--steps", "2", "--repeats", "1", "--loader-batches", "2",
-              "--eval-batch", "100", "--setups", ",".join(rehearsed)])
+             ["--models", "resnet8", "--warmup", "1", "--steps", "1", "--repeats", "1", "--loader-batches", "2",
+              "--eval-batch", "100", "--rows", ",".join(rehearsed)])
     budget = max(check.left() - (RESERVE_GPU_S if gpu else RESERVE_CPU_S), 1.0)  # keep time for the later parts
     argv = ["--device", "auto" if gpu else "cpu", "--data", data, "--budget-s", f"{budget:.0f}", *sizes]
 

@@ -1,5 +1,7 @@
 """The benchmark harness runs end to end (a smoke test: it checks the harness, never a speed)."""
 
+import dataclasses
+import gc
 import json
 import sys
 from pathlib import Path
@@ -9,7 +11,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench import throughput  # noqa: E402
+from fastres.cli import run_main  # noqa: E402
 from fastres.data import loaders  # noqa: E402
+from fastres.runtime import PRECISIONS  # noqa: E402
 
 # One worker for the whole module: its shared reference runs are trained once (pytest-xdist).
 pytestmark = pytest.mark.xdist_group("bench")
@@ -34,13 +38,21 @@ def bench_run(tiny_tree: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
             raise RuntimeError("Expected all tensors to be on the same device")
         return real_row(self, model_name, setup)
     loaders._prepare.cache_clear()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(pixels, "normalization_stats", lambda *a, **k: mean_passes.append(1) or real_stats(*a, **k))
-        mp.setattr(throughput.Bench, "row", row)
-        assert throughput.main(["--device", "cpu", "--models", "resnet8,resnet14", "--data", str(tiny_tree),
-                                "--warmup", "1", "--steps", "1", "--repeats", "2", "--loader-batches", "1",
-                                "--eval-batch", "20", "--setups", "0,1,2,3",
-                                "--out", str(out)], on_save=lambda r: saved.append(len(r["rows"]))) == 0
+    # The harness collects garbage after each of its 13 rows and loader measurements (0.2-0.3 s
+    # each, mostly scanning torch's and pytest's own objects): frozen, they are not scanned, and
+    # what the rows leave behind is still collected.
+    gc.collect()
+    gc.freeze()
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(pixels, "normalization_stats", lambda *a, **k: mean_passes.append(1) or real_stats(*a, **k))
+            mp.setattr(throughput.Bench, "row", row)
+            assert throughput.main(["--device", "cpu", "--models", "resnet8,plain8", "--data", str(tiny_tree),
+                                    "--warmup", "1", "--steps", "1", "--repeats", "2", "--loader-batches", "1",
+                                    "--eval-batch", "20", "--rows", "baseline,eager,channels-last,amp",
+                                    "--out", str(out)], on_save=lambda r: saved.append(len(r["rows"]))) == 0
+    finally:
+        gc.unfreeze()
     return {"result": json.loads(out.read_text()), "saved": saved, "mean_passes": len(mean_passes)}
 
 
@@ -57,6 +69,12 @@ def test_throughput_harness_smoke(tiny_tree: Path, bench_run: dict) -> None:
     assert all(isinstance(v, float) and v > 0 for v in result["loaders"].values())
 
 
+def test_every_row_names_its_precision_as_the_trainer_does(bench_run: dict) -> None:
+    rows = {r["name"]: r for r in bench_run["result"]["rows"] if r["model"] == "resnet8"}
+    assert rows["baseline (DataLoader, eager fp32)"]["precision"] == rows["fastres eager fp32"]["precision"] == "fp32"
+    assert rows["+ amp"]["precision"] in PRECISIONS  # bf16, or fp32 on a CPU without native bf16
+
+
 def test_a_failing_row_is_recorded_and_the_others_still_run(bench_run: dict) -> None:
     rows = {r["name"]: r for r in bench_run["result"]["rows"] if r["model"] == "resnet8"}
     assert rows[FAILING]["error"] == "RuntimeError: Expected all tensors to be on the same device"
@@ -65,7 +83,7 @@ def test_a_failing_row_is_recorded_and_the_others_still_run(bench_run: dict) -> 
 
 def test_the_mean_is_computed_once_for_all_rows(bench_run: dict) -> None:
     assert len(bench_run["result"]["rows"]) == 8
-    assert bench_run["mean_passes"] == 1  # eight rows of two models and the loader measurements, one pass over the training images
+    assert bench_run["mean_passes"] == 1  # eight rows of two models and the loader measurements: one pass over the images
 
 
 def test_fusion_candidates_time_each_way_and_skip_streams_without_a_gpu(tmp_path: Path) -> None:
@@ -84,7 +102,8 @@ def test_fusion_candidates_time_each_way_and_skip_streams_without_a_gpu(tmp_path
 def test_no_row_starts_after_the_budget(tiny_tree: Path, tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     throughput.main(["--device", "cpu", "--models", "resnet8,resnet14", "--data", str(tiny_tree), "--warmup", "1",
-                     "--steps", "1", "--repeats", "1", "--setups", "0,1", "--budget-s", "0", "--out", str(out)])
+                     "--steps", "1", "--repeats", "1", "--rows", "baseline,eager", "--budget-s", "0",
+                     "--out", str(out)])
     result = json.loads(out.read_text())
     assert [r.get("skipped") for r in result["rows"]] == ["budget spent"] * 4
     assert set(result["loaders"].values()) <= {"budget spent", "DALI not installed"}
@@ -120,3 +139,102 @@ def test_every_compile_is_static(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(step.torch, "compile", lambda model, **kw: seen.update(kw) or model)
     step.TrainStep(build_model("resnet8"), torch.device("cpu"), None, compile=True)
     assert seen == {"mode": None, "dynamic": False}
+
+
+@pytest.mark.parametrize("argv", [
+    ["--rows", "99"], ["--rows", "eager,compiled"], ["--rows", "eager,eager"], ["--rows", ""],
+    ["--models", "resnet21"], ["--models", "resnet20,"], ["--models", "resnet20,resnet20"],
+    ["--steps", "0"], ["--steps", "many"], ["--repeats", "0"], ["--warmup", "-1"], ["--loader-batches", "0"],
+    ["--eval-batch", "0"], ["--budget-s", "-1"], ["--budget-s", "nan"],
+    ["--device", "tpu"], ["--data", "nowhere"],
+])
+def test_a_bad_value_is_one_line_and_exit_2_before_any_work(argv: list[str], tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "out" / "bench.json"
+    device = [] if "--device" in argv else ["--device", "cpu"]
+    assert run_main(throughput.main, [*device, "--data", str(tmp_path), *argv, "--out", str(out)]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith("fastres: error: ") and captured.err.count("\n") == 1, captured.err
+    assert captured.out == "" and not out.parent.exists()
+
+
+def test_an_unwritable_out_is_refused_before_any_work(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert run_main(throughput.main, ["--device", "cpu", "--data", str(tmp_path), "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fastres: error: --out ") and err.count("\n") == 1
+
+
+def test_rows_are_named_and_help_lists_them(capsys: pytest.CaptureFixture) -> None:
+    args = throughput.parse_args(["--device", "cpu", "--rows", "compile,baseline,fused-x2"])
+    assert args.rows == ["compile", "baseline", "fused-x2"]
+    with pytest.raises(SystemExit):
+        throughput.parse_args(["--help"])
+    usage = capsys.readouterr().out
+    for setup in throughput.MATRIX:
+        assert f"{setup.tag} " in usage
+    assert "--setups" not in usage
+
+
+def test_quick_says_what_it_sets_and_leaves_what_is_given(capsys: pytest.CaptureFixture) -> None:
+    args = throughput.parse_args(["--device", "cpu", "--quick"])
+    note = capsys.readouterr().out
+    assert note.count("\n") == 1 and "--quick" in note
+    for flag, value in (("--warmup", 2), ("--steps", 5), ("--repeats", 3), ("--loader-batches", 5)):
+        assert f"{flag} {value}" in note
+    assert "resnet20" in note and "fused-x8" in note
+    assert (args.steps, args.repeats, args.models) == (5, 3, ["resnet20"]) and "fused-x8" not in args.rows
+    args = throughput.parse_args(["--device", "cpu", "--quick", "--steps", "7", "--models", "resnet8"])
+    note = capsys.readouterr().out
+    assert args.steps == 7 and args.repeats == 3 and args.models == ["resnet8"]
+    assert "--steps" not in note and "--models" not in note and "--repeats 3" in note
+    throughput.parse_args(["--device", "cpu"])
+    assert capsys.readouterr().out == ""  # no --quick, nothing to say
+
+
+def table_row(model: str, tag: str, repeats: tuple[float, float] = (1.0, 1.1)) -> dict:
+    """A measured row as the harness records it, with made-up rates (nothing is timed)."""
+    setup = next(s for s in throughput.MATRIX if s.tag == tag)
+    return {"model": model, **dataclasses.asdict(setup), "precision": "fp32", "it_s": sum(repeats) / 2,
+            "it_s_min": min(repeats), "it_s_max": max(repeats), "speedup": None, "first_steps_s": 1.0}
+
+
+def printed_rows(text: str) -> list[tuple[str, str]]:
+    """(model, configuration) of each line of the printed table (printed wide: no cell wraps)."""
+    names = sorted((s.name for s in throughput.MATRIX), key=len, reverse=True)
+    found = []
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.split("│")]
+        if len(cells) > 3 and cells[2] in names:
+            found.append((cells[1], cells[2]))
+    return found
+
+
+def test_the_table_lists_rows_in_the_matrix_order_whatever_order_they_ran_in(capsys: pytest.CaptureFixture,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COLUMNS", "300")  # rich's width: every configuration on one line
+    models = ["resnet20", "resnet56"]
+    ran = [table_row(m, t) for m, t in [("resnet20", "baseline"), ("resnet20", "compile"), ("resnet56", "baseline"),
+                                        ("resnet56", "compile"), ("resnet20", "eager"), ("resnet56", "eager")]]
+    throughput.print_table({"device": "cpu", "args": {"models": models}, "rows": ran, "loaders": {}})
+    name = {s.tag: s.name for s in throughput.MATRIX}
+    assert printed_rows(capsys.readouterr().out) == [(m, name[t]) for m in models for t in ("baseline", "eager",
+                                                                                          "compile")]
+
+
+def test_the_table_prints_the_trainers_precision_names(capsys: pytest.CaptureFixture) -> None:
+    rows = [table_row("resnet20", "baseline"), {**table_row("resnet20", "amp"), "precision": "bf16"}]
+    throughput.print_table({"device": "cpu", "args": {"models": ["resnet20"]}, "rows": rows, "loaders": {}})
+    text = capsys.readouterr().out
+    assert "bf16" in text and "fp32" in text and "float32" not in text and "bfloat16" not in text
+
+
+def test_a_wide_spread_is_named_under_the_table(capsys: pytest.CaptureFixture) -> None:
+    rows = [table_row("resnet20", "baseline"), table_row("resnet20", "eager", (1.0, 1.6)),
+            table_row("resnet56", "amp", (0.2, 1.6))]
+    throughput.print_table({"device": "cpu", "args": {"models": ["resnet20", "resnet56"]}, "rows": rows,
+                            "loaders": {}})
+    warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "resnet20 eager" in warnings[0] and "resnet56 amp" in warnings[0]
+    assert "baseline" not in warnings[0]
+    throughput.print_table({"device": "cpu", "args": {"models": ["resnet20"]}, "rows": rows[:1], "loaders": {}})
+    assert "warning:" not in capsys.readouterr().out

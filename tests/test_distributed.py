@@ -28,10 +28,12 @@ def torchrun(args: list[str], cache: Path, popen: bool = False):
 
 
 def run_args(tree: Path, out: Path) -> list[str]:
-    # the paper's batch, 64 per process: SIGTERM comes after 3 logged steps, with 37 of about
-    # 0.1 s each to go, against a poll every 0.02 s
-    return ["resnet8", "--data", str(tree), "--iters", str(ITERS), "--milestones", "20,30", "--log-every", "1",
-            "--eval-every", "20", "--out", str(out), "--device", "cpu", "--progress", "plain"]
+    # batch 16, 8 per process: a launch's CPU is mostly start-up (3 interpreters importing
+    # torch), and the paper's 128 would add 20 core-seconds a run for no check. SIGTERM comes
+    # after 3 logged steps, with 37 to go at 0.06-0.08 s each (measured on the 2-core machine,
+    # busy): over 2 s, a hundred times the 0.02 s poll that sees the 3 lines.
+    return ["resnet8", "--data", str(tree), "--iters", str(ITERS), "--milestones", "20,30", "--batch-size", "16",
+            "--log-every", "1", "--eval-every", "20", "--out", str(out), "--device", "cpu", "--progress", "plain"]
 
 
 def test_two_processes_stop_together_and_resume_exactly(tiny_tree: Path, tmp_path: Path, _private_cache: Path,
@@ -90,7 +92,19 @@ def _window_worker(rank: int, world: int, init_file: str, out: str) -> None:
 
 
 def test_a_checkpoint_between_log_points_keeps_every_ranks_sums(tmp_path: Path) -> None:
-    torch.multiprocessing.spawn(_window_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    # forked, not spawned: two fresh interpreters importing torch cost about 5 core-seconds, and
+    # the workers need nothing from a clean one (their own process group, their own tensors).
+    # Joined with a deadline, so a worker that hangs fails the test instead of the suite.
+    workers = torch.multiprocessing.start_processes(_window_worker, args=(2, str(tmp_path / "init"), str(tmp_path)),
+                                                    nprocs=2, join=False, start_method="fork")
+    deadline = time.monotonic() + 60
+    try:
+        while not workers.join(timeout=0.5):
+            assert time.monotonic() < deadline, "the workers did not finish within 60 s"
+    finally:
+        for p in workers.processes:
+            if p.is_alive():
+                p.kill()
     for rank in (0, 1):
         unbroken, resumed = json.loads((tmp_path / f"{rank}.json").read_text())
         assert unbroken == resumed == [{"train_loss": 66.0 / 6, "train_error": 21 / 24}]
