@@ -500,8 +500,7 @@ def start_reporting(s: Session, files: Files, start: int) -> Reporter:
         "data": f"{s.data.source}; {s.data.train_size:,} training images",
         "device": f"{device_name(s.device)}; {cfg.precision}" + (", compiled" if cfg.compile else ""),
         "schedule": f"{schedule.describe(cfg.iters, cfg.milestones)} (from {cfg.lr:g}{warmup}); batch {cfg.batch_size}",
-        "config": configs[0] + (f" (and {len(configs) - 1} more, one in each run's directory)"
-                                if len(configs) > 1 else ""),
+        "config": configs[0] + (f" and {len(configs) - 1} more, one per run" if len(configs) > 1 else ""),
     }))
     if start:
         reporter.message(f"fastres: resuming from iteration {start} of {cfg.iters}")
