@@ -46,6 +46,15 @@ class Window:
         return [{"train_loss": total / (steps * dist.world_size), "train_error": count / (steps * self.batch_size)}
                 for total, count in zip(loss.tolist(), wrong.tolist(), strict=True)]
 
+    def peek(self, dist: distributed.DistInfo) -> list[dict[str, float]]:
+        """This process's mean loss and error per run over the window so far, for the display
+        alone: nothing is reset and nothing is summed over processes (no collective, so rank 0
+        may call it alone), so no figure that `read` logs changes. Like `read`, it is a host
+        sync: each call waits for the device to finish the steps queued."""
+        steps, local_batch = max(self.steps, 1), self.batch_size // dist.world_size
+        return [{"train_loss": total / steps, "train_error": count / (steps * local_batch)}
+                for total, count in zip(self.loss.tolist(), self.wrong.tolist(), strict=True)]
+
     def _summed(self, dist: distributed.DistInfo) -> tuple[torch.Tensor, torch.Tensor]:
         loss, wrong = self.loss.clone(), self.wrong.clone()
         distributed.all_sum(loss, dist)

@@ -21,3 +21,10 @@ def lr_at(
     if step < warmup_iters:
         return warmup_lr
     return base_lr / factor ** sum(step >= m for m in milestones)
+
+
+def describe(iters: int, milestones: Sequence[int], factor: float = recipe.LR_DROP) -> str:
+    """`64000 iterations, lr /10 at 32000, 48000`: how the trainer's start and the report's
+    rows name a schedule, so the two read alike."""
+    drops = f"lr /{factor:g} at {', '.join(map(str, milestones))}" if milestones else "no lr drop"
+    return f"{iters} iterations, {drops}"

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fastres import distributed, fused, group, rundir
+from fastres import distributed, fused, group, progress, rundir, schedule
 from fastres.checkpoint import Checkpoint, Normalization
 from fastres.cli import run_main
 from fastres.config import RunConfig, build_parser, configs_from_args, parse_spec, resume_overrides, validate
@@ -36,7 +36,7 @@ from fastres.data.dataset import DATASETS
 from fastres.errors import RunError, UsageError
 from fastres.metrics import Sums, Window
 from fastres.models import count_parameters
-from fastres.progress import Reporter
+from fastres.progress import Reporter, summary
 from fastres.rundir import RunDir
 from fastres.runtime import (
     PRECISIONS,
@@ -161,7 +161,8 @@ def setup(cfgs: list[RunConfig], dist: distributed.DistInfo, prepared: loaders.P
     num_classes = DATASETS[cfg.dataset].num_classes
     cfg.spec.check_fits(memory_bytes(device), num_classes, cfg.batch_size // dist.world_size, len(cfgs),
                         tensor_dtype(precision).itemsize)  # before any data is read or anything is built
-    prepared = prepared or loaders.prepare(cfg.data, cfg.val_split, cfg.seed, cfg.normalize, dataset=cfg.dataset)
+    prepared = prepared or loaders.prepare(cfg.data, cfg.val_split, cfg.seed, cfg.normalize, dataset=cfg.dataset,
+                                           progress=dist.is_main and progress.resolve(cfg.progress) == "rich")
     where = loaders.Placement(device, tensor_dtype(precision), cfg.channels_last, dist.rank, dist.world_size)
     seeds = [c.seed for c in cfgs]
     data = loaders.build(prepared, where, batch_size=cfg.batch_size, eval_batch_size=cfg.eval_batch_size,
@@ -362,7 +363,7 @@ def _train(s: Session, files: Files, states: list[Checkpoint] | None, stop_at: i
     window = Window(s.device, cfg.batch_size, s.runs)
     start, clock = restore(s, states, window) if states is not None else (0, Clock())
     files.begin(s.cfgs, start)
-    reporter = start_reporting(s, start)
+    reporter = start_reporting(s, files, start)
     p = Progress(start if saved is None else saved, [{} for _ in s.cfgs])
     with StopFlag() as stop:
         for done, lr, batch in iterations(s, start):
@@ -371,6 +372,8 @@ def _train(s: Session, files: Files, states: list[Checkpoint] | None, stop_at: i
             clock.tick()
             reporter.advance()
             logged = done % cfg.log_every == 0 or done == cfg.iters
+            if not logged and reporter.wants_early(done):  # for the bar alone, never logged: one host sync each
+                reporter.early(done, lr, window.peek(s.dist), [c.seed for c in s.cfgs])
             p.records = read_metrics(s, window, clock, logged, done % cfg.eval_every == 0 or done == cfg.iters)
             p.dead = [k for k, r in enumerate(p.records) if not math.isfinite(r.get("train_loss", 0.0))]
             p.messages = []
@@ -497,8 +500,9 @@ def check_momentum(optimizer: torch.optim.Optimizer) -> None:
                                  f"{tuple(param.shape)}")
 
 
-def start_reporting(s: Session, start: int) -> Reporter:
-    """Say what is about to run, and return the progress display."""
+def start_reporting(s: Session, files: Files, start: int) -> Reporter:
+    """Say in a few lines what is about to run (the full config is in each run's config.json),
+    and return the progress display."""
     cfg = s.cfg
     if s.dist.is_main:
         for note in s.notes:
@@ -508,13 +512,18 @@ def start_reporting(s: Session, start: int) -> Reporter:
             print(f"fastres: note: milestones {', '.join(map(str, late))} are not below --iters {cfg.iters}: "
                   "the learning rate does not drop there", file=sys.stderr)
     title = cfg.model if s.runs == 1 else f"{cfg.model} x{s.runs}"
-    reporter = Reporter(cfg.progress if s.dist.is_main else "none", cfg.iters, start, title)
+    reporter = Reporter(cfg.progress if s.dist.is_main else "none", cfg.iters, start, title, cfg.log_every)
     fused_note = f", {s.runs} runs fused (seeds {', '.join(str(c.seed) for c in s.cfgs)})" if s.runs > 1 else ""
-    reporter.message(f"fastres: {cfg.model} ({count_parameters(s.model) // s.runs:,} parameters{fused_note}) on "
-                     f"{device_name(s.device)}; data {s.data.source}; {s.data.train_size} training images, "
-                     f"{s.data.train.steps_per_epoch} steps/epoch")
-    for c in s.cfgs:
-        reporter.message(f"config: {c}")
+    configs = [str(d.path / rundir.CONFIG) for d in files.dirs]
+    warmup = f", warm-up {cfg.warmup_iters} at {cfg.warmup_lr:g}" if cfg.warmup_iters else ""
+    reporter.message(summary(f"{cfg.spec.tag}, {count_parameters(s.model) // s.runs:,} parameters{fused_note}", {
+        "data": f"{s.data.source}; {s.data.train_size:,} training images",
+        "device": f"{device_name(s.device)}; {cfg.precision}" + (", compiled" if cfg.compile else ""),
+        "schedule": f"{schedule.describe(cfg.iters, cfg.milestones)} (from {cfg.lr:g}{warmup}); batch {cfg.batch_size}",
+        "config": configs[0] + (f" and {len(configs) - 1} more, one per run" if len(configs) > 1 else ""),
+    }))
+    if start:
+        reporter.message(f"fastres: resuming from iteration {start} of {cfg.iters}")
     return reporter
 
 

@@ -83,7 +83,7 @@ def test_a_failing_row_is_recorded_and_the_others_still_run(bench_run: dict) -> 
 
 def test_the_mean_is_computed_once_for_all_rows(bench_run: dict) -> None:
     assert len(bench_run["result"]["rows"]) == 8
-    assert bench_run["mean_passes"] == 1  # eight rows of two models and the loader measurements: one pass over the images
+    assert bench_run["mean_passes"] == 1  # eight rows of two models and the loaders: one pass over the images
 
 
 def test_fusion_candidates_time_each_way_and_skip_streams_without_a_gpu(tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ checked by its size before a byte of it is read, and decoded as it is read.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import stat
@@ -238,12 +239,14 @@ def read_encoded(sources: list[Path], splits: tuple[str, ...] = SPLIT_NAMES,
 
 
 def read_decoded(sources: list[Path], splits: tuple[str, ...] = SPLIT_NAMES,
-                 classes: tuple[str, ...] = CLASSES) -> Splits:
+                 classes: tuple[str, ...] = CLASSES, progress: bool = False) -> Splits:
     """The wanted splits decoded with Pillow as each file is read (about 12 s for all 60k
-    CIFAR images on one core; the result is cached, so this happens once). Files under the
-    split folders that are not images by the layout are named in one note."""
-    found, others = _collect(sources, splits, classes,
-                             lambda data, where: decode_file(np.frombuffer(data, np.uint8), where))
+    CIFAR images on one core; the result is cached, so this happens once), under a bar with
+    `progress`. Files under the split folders that are not images by the layout are named in
+    one note."""
+    with _decoding(sources, splits, progress) as decoded:
+        found, others = _collect(sources, splits, classes,
+                                 lambda data, where: decoded(decode_file(np.frombuffer(data, np.uint8), where)))
     if others:
         many = len(others) > 1
         print(f"fastres: note: {len(others)} file{'s' if many else ''} under {' and '.join(s + '/' for s in splits)} "
@@ -251,6 +254,28 @@ def read_decoded(sources: list[Path], splits: tuple[str, ...] = SPLIT_NAMES,
               f"not read (e.g. {others[0]})", file=sys.stderr)
     return _splits(found, sources, classes,
                    lambda arrays, labels: Split(np.array(arrays, np.uint8).reshape(-1, *IMAGE_SHAPE), labels))
+
+
+@contextlib.contextmanager
+def _decoding(sources: list[Path], splits: tuple[str, ...], progress: bool) -> Iterator[Callable[[T], T]]:
+    """A function called on each decoded image: with `progress`, it advances a transient bar,
+    as the download shows one. The total is known for image folders (listed once more
+    here, which costs a directory listing), not for archives, which are read as they stream."""
+    if not progress:
+        yield lambda pixels: pixels
+        return
+    from rich.progress import MofNCompleteColumn, Progress
+
+    total = None if any(is_archive(s) for s in sources) else \
+        sum(len(scan_tree(s, _read_from(s, splits))[0]) for s in sources)
+    with Progress(*Progress.get_default_columns(), MofNCompleteColumn(), transient=True) as bar:
+        task = bar.add_task(f"decoding {' and '.join(splits)} images", total=total)
+
+        def decoded(pixels: T) -> T:
+            bar.advance(task)
+            return pixels
+
+        yield decoded
 
 
 def to_rgb(img: Image.Image) -> np.ndarray:

@@ -57,17 +57,19 @@ class Prepared:
 
 
 def prepare(data: str | None, val_split: int = 0, seed: int = 0, normalize: str = "pixel",
-            splits: tuple[str, ...] = SPLIT_NAMES, dataset: str = "cifar10") -> Prepared:
+            splits: tuple[str, ...] = SPLIT_NAMES, dataset: str = "cifar10", progress: bool = False) -> Prepared:
     """Resolve, load (from the decoded cache when possible), split and normalise, once per
     process for the same files and arguments: a benchmark or GPU check building many
-    loaders pays for it once. `splits=("test",)` reads no training images (evaluation)."""
+    loaders pays for it once. `splits=("test",)` reads no training images (evaluation);
+    `progress`: a bar while images are decoded."""
     source = sources.resolve(data, splits=splits, dataset=dataset)
-    return _prepare(source, sources.fingerprint(source), val_split, seed, normalize)
+    return _prepare(source, sources.fingerprint(source), val_split, seed, normalize, progress)
 
 
 @functools.lru_cache(maxsize=2)
-def _prepare(source: sources.Source, fingerprint: str, val_split: int, seed: int, normalize: str) -> Prepared:
-    splits = hold_out(sources.load(source, key=fingerprint), val_split, seed)
+def _prepare(source: sources.Source, fingerprint: str, val_split: int, seed: int, normalize: str,
+             progress: bool) -> Prepared:
+    splits = hold_out(sources.load(source, key=fingerprint, progress=progress), val_split, seed)
     if normalize not in pixels.NORMALIZATIONS:
         raise ValueError(f"unknown normalization {normalize!r}")
     return Prepared(source, splits, normalize, val_split, seed)

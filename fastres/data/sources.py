@@ -189,7 +189,7 @@ def _stamp(path: Path, root: Path) -> bytes:
     return name + f" {st.st_size} {st.st_mtime_ns}\n".encode()
 
 
-def _read(source: Source) -> Splits:
+def _read(source: Source, progress: bool) -> Splits:
     cifar = DATASETS[source.dataset]
     if source.kind == "official" and source.paths[0].is_dir():
         return official.read_folder(source.paths[0], cifar)
@@ -199,7 +199,7 @@ def _read(source: Source) -> Splits:
         # (tests, subsets) are read as they are.
         md5 = cifar.archive_md5 if path.name == cifar.archive else None
         return official.read_archive(path, md5, cifar)
-    return images.read_decoded(list(source.paths), source.splits, cifar.classes)
+    return images.read_decoded(list(source.paths), source.splits, cifar.classes, progress)
 
 
 ARRAYS = ("train_x", "train_y", "test_x", "test_y")
@@ -231,13 +231,14 @@ def _cached(cache: Path) -> Splits | None:
     return Splits(Split(arrays["train_x"], arrays["train_y"]), Split(arrays["test_x"], arrays["test_y"]))
 
 
-def load(source: Source, cache_dir: Path | None = None, key: str | None = None) -> Splits:
+def load(source: Source, cache_dir: Path | None = None, key: str | None = None, progress: bool = False) -> Splits:
     """Decoded uint8 splits, from the cache when this source was decoded before; `key` is
-    the source's fingerprint when the caller has it already."""
+    the source's fingerprint when the caller has it already; `progress`: a bar while the
+    images of an image source are decoded (a cache miss)."""
     cache = (cache_dir or default_cache_dir()) / "decoded" / f"{key or fingerprint(source)}.npz"
     if cache.is_file() and (splits := _cached(cache)) is not None:
         return splits
-    splits = _read(source)
+    splits = _read(source, progress)
     for name in source.splits:
         check_split(getattr(splits, name), name, DATASETS[source.dataset].classes)
     arrays = dict(train_x=splits.train.images, train_y=splits.train.labels, test_x=splits.test.images,

@@ -1,0 +1,163 @@
+"""The progress display: the bar's line at 80 columns, the early reads before the first log
+point (shown, never logged), the smoothed time remaining, the start's summary, the resume
+line and the decoding bar."""
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import deterministic, tiny_config
+from rich.console import Console
+
+from fastres import progress, rundir
+from fastres.data import images
+from fastres.distributed import DistInfo
+from fastres.metrics import Window
+from fastres.progress import Reporter
+from fastres.train import main as train_main
+from fastres.train import train
+
+RECORD = {"iter": 12345, "lr": 0.001, "train_loss": 0.012345, "train_error": 0.0042, "val_error": 0.0712,
+          "test_error": 0.0697, "it_s": 1234.5}
+
+
+class FakeTime:
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def final_screen(width: int, total: int, done: int, title: str, records: list[dict], seeds: list[int]) -> list[str]:
+    """The bar's lines on a terminal of `width` columns, 1000 steps after the start, at a
+    log point 10 s later (100 it/s)."""
+    clock = FakeTime()
+    reporter = Reporter("rich", total, done - 1000, title, console=Console(width=width, file=io.StringIO()),
+                        now=clock)
+    for _ in range(1000):
+        reporter.advance()
+    clock.t = 10.0
+    reporter.log(records, seeds)
+    reporter.close()
+    screen = Console(width=width, record=True, file=io.StringIO())
+    screen.print(reporter.bar)
+    return screen.export_text().splitlines()
+
+
+def test_the_bar_fits_80_columns_dropping_figures_before_the_count_or_the_time() -> None:
+    [line] = final_screen(80, 64000, 12345, "resnet1202", [RECORD], [0])
+    assert len(line) <= 78 and "12345/64000" in line and line.endswith("0:08:37")  # 51655 to go at 100 it/s
+    assert all(f in line for f in ("loss 0.0123", "test 6.97%", "1234.5 it/s"))  # the most useful stay
+    assert all(f not in line for f in ("lr 0.001", "err 0.42%", "val 7.12%"))
+    [wide] = final_screen(200, 64000, 12345, "resnet1202", [RECORD], [0])
+    assert all(f in wide for f in ("lr 0.001", "err 0.42%", "val 7.12%", "test 6.97%"))
+
+
+@pytest.mark.parametrize("width", [24, 30, 40, 60, 80, 100, 120])
+def test_the_count_and_the_time_are_never_cut(width: int) -> None:
+    records = [dict(RECORD, train_loss=RECORD["train_loss"] + k) for k in range(4)]
+    [line] = final_screen(width, 64000, 12345, "resnet110-B x4", records, [0, 1, 2, 3])
+    assert len(line) <= width - 2 and "12345/64000" in line and line.endswith("0:08:37"), line
+    if width == 100:  # the group's it/s and the first run stay, the others go
+        assert "1234.5 it/s x4" in line and "s0 0.012/" in line and "s1 " not in line
+
+
+def test_figures_are_dropped_by_rank_in_display_order() -> None:
+    fields = progress.record_fields(RECORD)
+    assert progress.fit(fields, 1000) == progress.format_record(RECORD)
+    assert progress.fit(fields, 24) == "loss 0.0123  1234.5 it/s"
+    assert progress.fit(fields, 10) == ""
+
+
+def test_the_time_remaining_is_an_exponential_average_of_the_log_intervals() -> None:
+    clock = FakeTime()
+    reporter = Reporter("none", 1000, 0, "resnet20", now=clock)
+    for done, t in ((100, 10.0), (200, 30.0), (300, 40.0)):  # 10 it/s, then 5 (an evaluation), then 10
+        clock.t = t
+        reporter.log([{"iter": done, "lr": 0.1}], [0])
+    assert reporter.rate == pytest.approx(0.2 * 10 + 0.8 * (0.2 * 5 + 0.8 * 10))
+    assert reporter.remaining(300) == pytest.approx(700 / reporter.rate)
+    assert progress.clock(None) == "-:--:--" and progress.clock(3725.4) == "1:02:05"
+
+
+def test_early_reads_come_at_powers_of_two_until_the_first_log_point() -> None:
+    fresh = Reporter("rich", 1000, 0, "resnet20", log_every=100, console=Console(file=io.StringIO()))
+    resumed = Reporter("rich", 1000, 250, "resnet20", log_every=100, console=Console(file=io.StringIO()))
+    plain = Reporter("plain", 1000, 0, "resnet20", log_every=100)
+    try:
+        assert [d for d in range(1, 1001) if fresh.wants_early(d)] == [1, 2, 4, 8, 16, 32, 64]
+        assert [d for d in range(251, 1001) if resumed.wants_early(d)] == [251, 252, 254, 258, 266, 282]
+        assert not any(plain.wants_early(d) for d in range(1, 100))  # plain lines are the log points alone
+    finally:
+        fresh.close()
+        resumed.close()
+
+
+def test_an_early_read_leaves_out_the_first_step_and_shows_loss_and_rate() -> None:
+    clock = FakeTime()
+    reporter = Reporter("rich", 100, 0, "resnet8", log_every=50, console=Console(file=io.StringIO()), now=clock)
+    try:
+        clock.t = 30.0  # the first step compiles
+        reporter.early(1, 0.1, [{"train_loss": 2.5, "train_error": 0.9}], [0])
+        clock.t = 31.0
+        reporter.early(2, 0.1, [{"train_loss": 2.4, "train_error": 0.875}], [0])
+        assert reporter.rate == 1.0
+        assert progress.fit(reporter.fields, 1000) == "lr 0.1  loss 2.4000  err 87.50%  1.0 it/s"
+    finally:
+        reporter.close()
+
+
+def test_peek_reads_the_window_without_resetting_it() -> None:
+    window = Window(torch.device("cpu"), batch_size=4)
+    window.add(torch.tensor([2.0], dtype=torch.float64), torch.tensor([1]))
+    window.add(torch.tensor([1.0], dtype=torch.float64), torch.tensor([3]))
+    dist = DistInfo()
+    assert window.peek(dist) == [{"train_loss": 1.5, "train_error": 0.5}]
+    assert window.read(dist) == [{"train_loss": 1.5, "train_error": 0.5}]  # the same figures, still there
+
+
+def test_a_run_with_early_reads_logs_exactly_what_a_run_without_them_logs(
+        tiny_tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    peeks = []
+    real_peek = Window.peek
+    monkeypatch.setattr(Window, "peek", lambda self, dist: peeks.append(self.steps) or real_peek(self, dist))
+    kw = dict(iters=8, milestones=(4, 6), eval_every=8, log_every=5)
+    train(tiny_config(tiny_tree, tmp_path / "bar", progress="rich", **kw))
+    assert peeks == [1, 2, 4]
+    train(tiny_config(tiny_tree, tmp_path / "none", **kw))
+    assert peeks == [1, 2, 4]  # no display, no early read
+    a, b = (rundir.MetricsLog(tmp_path / d).read() for d in ("bar", "none"))
+    assert deterministic(a) == deterministic(b) and [r["iter"] for r in a] == [5, 8]
+
+
+def test_the_start_is_a_short_summary_and_a_resume_says_where_it_goes_on(
+        tiny_tree: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    run = tmp_path / "run"
+    assert train(tiny_config(tiny_tree, run, iters=4, eval_every=4, progress="plain"), stop_at=2) is None
+    start = capsys.readouterr().out.split("\niter ")[0].splitlines()
+    assert start[0] == "fastres: resnet8-A, 75,290 parameters" and len(start) <= 6
+    facts = dict(line.split(None, 1) for line in start[1:])
+    assert facts["data"].startswith(f"images: {tiny_tree}") and "160 training images" in facts["data"]
+    assert "(1 threads)" in facts["device"] and facts["device"].endswith("; fp32")
+    assert facts["schedule"] == "4 iterations, lr /10 at 15, 25 (from 0.1); batch 32"
+    assert facts["config"] == str(run / rundir.CONFIG)
+    assert json.loads((run / rundir.CONFIG).read_text())["model"] == "resnet8"  # the full config, in its file
+    assert train_main(["--resume", str(run), "--progress", "plain"]) == 0
+    out = capsys.readouterr().out
+    assert "fastres: resuming from iteration 2 of 4\n" in out and '"model"' not in out
+
+
+def test_decoding_shows_a_bar_of_the_images(tiny_tree: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from rich.progress import Progress
+
+    tasks, real_add = [], Progress.add_task
+    monkeypatch.setattr(Progress, "add_task", lambda self, name, total=None, **kw:
+                        tasks.append((name, total)) or real_add(self, name, total=total, **kw))
+    shown = images.read_decoded([tiny_tree], progress=True)
+    assert tasks == [("decoding train and test images", 200)]
+    quiet = images.read_decoded([tiny_tree])
+    assert len(tasks) == 1 and np.array_equal(shown.train.images, quiet.train.images)
