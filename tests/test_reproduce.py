@@ -37,7 +37,7 @@ def test_reproduce_trains_resumes_skips_and_reports(tiny_tree: Path, tmp_path: P
     errors = {r["model"]: r for r in json.loads((out / "report.json").read_text())}
     finals = [100 * json.loads((Path(c.out) / "results.json").read_text())["test_error"] for c in configs[:2]]
     assert errors["resnet8-A"]["errors"] == finals
-    assert [r["schedule"] for r in rows] == ["8 iterations, lr /10 at 4, 6"] * 2  # on each row
+    assert [r["schedule"] for r in rows] == ["4 iterations, lr /10 at 2, 3"] * 2  # on each row
     md = (out / "report.md").read_text()
     assert "| 4 iterations, lr /10 at 2, 3 |" in md and "Schedule used" not in md
     pngs = sorted(p.name for p in out.glob("*.png"))
