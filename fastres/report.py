@@ -315,10 +315,25 @@ def _png(fig: Any) -> bytes:
     return buf.getvalue()
 
 
+REPORT_FILES = ("report.md", "report.csv", "report.json")
+
+
+def refuse_foreign(out: Path) -> None:
+    """A report replaces only an earlier report (all three of its files), never a run
+    directory's files or a user's own report.md."""
+    if any((out / name).exists() for name in rundir.OWN):
+        raise RunError(f"--out {out} is a run directory: write the report into another folder")
+    present = [name for name in REPORT_FILES if (out / name).exists()]
+    if present and len(present) < len(REPORT_FILES):
+        raise RunError(f"--out {out} holds {', '.join(present)}, not a report fastres wrote (it writes "
+                       f"{', '.join(REPORT_FILES)} together): choose another --out")
+
+
 def write_report(run_dirs: list[Path], out: Path) -> None:
     """Find the finished runs, write report.md, report.csv, report.json and the figures
     atomically into `out`, and print the table."""
     runs = find_runs(run_dirs)
+    refuse_foreign(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:

@@ -35,7 +35,7 @@ from typing import Any
 
 from fastres import atomic, checkpoint
 from fastres.checkpoint import Checkpoint
-from fastres.config import RunConfig
+from fastres.config import ROLES, RunConfig
 from fastres.errors import RunError, UsageError
 
 CONFIG = "config.json"
@@ -102,7 +102,7 @@ class RunLock:
 
     def _open(self) -> int:
         try:
-            return os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            return os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
         except OSError as e:
             raise RunError(f"cannot write to run directory {self.path.parent} ({e.strerror})") from None
 
@@ -421,9 +421,29 @@ class Saved:
 
 
 def read(d: RunDir) -> Saved:
-    """A run directory's config and checkpoints (current, then previous)."""
+    """A run directory's config and checkpoints (current, then previous). A finished run
+    whose checkpoint is gone is never redone; a config.json that no longer says what the
+    checkpoint's config says (hand-edited) is refused rather than silently replaced."""
     states = d.checkpoints()
-    return Saved(d, states[0].config if states else d.config(), states)
+    if not states and (d.path / RESULTS).is_file():
+        raise RunError(f"{d.path} holds a finished run ({RESULTS}) whose checkpoint is gone: fastres never redoes "
+                       "or clears one; train it again into another --out")
+    if not states:
+        return Saved(d, d.config(), states)
+    saved = states[0].config
+    if (d.path / CONFIG).is_file():
+        written = checkpoint.read_config(d._json(CONFIG, "config"), d.path / CONFIG)
+        differ = [k for k in fixed_on_resume() if k not in ("out", "data") and getattr(written, k) != getattr(saved, k)]
+        if differ:
+            raise RunError(f"{d.path / CONFIG} differs from the config its checkpoint was saved with "
+                           f"({', '.join(differ)}): a run resumes with the config it was trained with; put "
+                           "config.json back as it was")
+    return Saved(d, saved, states)
+
+
+def fixed_on_resume() -> list[str]:
+    """The config fields a resume keeps as saved (the rest may be given again, or are found)."""
+    return [name for name, role in ROLES.items() if role.on_resume == "fixed"]
 
 
 @dataclasses.dataclass
@@ -446,6 +466,13 @@ class ResumePoint:
             why = "whose first checkpoints were not all written" if saved else "stopped before its first checkpoint"
             s.dir.clear([*saved, *(s.path / n for n in RESTARTABLE if (s.path / n).exists())], why)
 
+
+    def clear_temporary(self) -> None:
+        """Atomic writes' temporary files that a kill left in the runs' directories (fastres' own)."""
+        for s in self.saved:
+            for name in os.listdir(s.path):
+                if TEMPORARY.fullmatch(name):
+                    (s.path / name).unlink(missing_ok=True)
 
     def leave_group(self) -> None:
         """The runs go on alone (`--fuse off`): each becomes a single run, its group file removed."""

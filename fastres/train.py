@@ -217,7 +217,7 @@ def resume(dirs: list[str], overrides: dict[str, Any] | None = None,
             return finished(cfgs, point, writes)
         if not alone:
             group.check(cfgs, int(os.environ.get("WORLD_SIZE", "1")))
-        changes = [point.clear_for_restart] if point.step == 0 else []
+        changes = [point.clear_temporary] + ([point.clear_for_restart] if point.step == 0 else [])
         if alone and len(cfgs) > 1:
             changes.append(point.leave_group)
 
@@ -330,8 +330,10 @@ class Files:
                 self.dirs[k].save(state, keep_previous=len(self.dirs) > 1)
 
     def results(self, k: int, results: dict[str, Any]) -> Path | None:
+        """The results of a finished run; its previous checkpoint (a group's) is no longer needed."""
         if self.writes:
             self.dirs[k].write_results(results)
+            (self.dirs[k].path / rundir.PREVIOUS).unlink(missing_ok=True)
             return self.dirs[k].path / rundir.RESULTS
         return None
 
@@ -395,11 +397,12 @@ def _train(s: Session, files: Files, states: list[Checkpoint] | None, stop_at: i
                 reporter.message(f"stopped at iteration {done}; checkpoint saved. Continue with: "
                                  f"python -m fastres.train --resume {shlex.quote(str(files.dirs[0].path))}")
                 return Outcome(None, p.messages)
-    reporter.close()
-    # the last iteration is always evaluated: its records hold the final errors
-    fused_with = [c.out for c in s.cfgs] if s.runs > 1 else None
-    results = [finish(s, k, files, p.records[k], clock, reporter, fused_with) for k in range(s.runs)
-               if k not in p.dead]
+        reporter.close()
+        # the last iteration is always evaluated: its records hold the final errors. Still under
+        # the StopFlag: a Ctrl-C now waits for the results, which take a moment
+        fused_with = [c.out for c in s.cfgs] if s.runs > 1 else None
+        results = [finish(s, k, files, p.records[k], clock, reporter, fused_with) for k in range(s.runs)
+                   if k not in p.dead]
     return Outcome(results, p.messages)
 
 

@@ -244,8 +244,8 @@ def test_run_k_of_a_group_is_the_run_seed_k_trains_alone(tiny_tree: Path, tmp_pa
     # every run's directory is a single run's
     for seed in SEEDS:
         run = fp64_group / f"s{seed}"
-        assert {p.name for p in run.iterdir()} == {"checkpoint.pt", "checkpoint.prev.pt", "config.json",
-                                                   "group.json", "metrics.jsonl", "results.json"}
+        assert {p.name for p in run.iterdir()} == {"checkpoint.pt", "config.json", "group.json", "metrics.jsonl",
+                                                   "results.json"}  # the previous checkpoint goes at the end
         assert RunDir(run).group() == [fp64_group / f"s{k}" for k in SEEDS]  # relative paths in group.json
         state = rundir.read_checkpoint(run)
         assert state.config.seed == seed and state.model["fc.weight"].shape == (10, 64)

@@ -155,8 +155,9 @@ def test_a_run_killed_before_its_first_checkpoint_starts_clean(tiny_tree: Path, 
     for resume in (False, True):
         with open(run / rundir.METRICS, "a") as f:
             f.write(json.dumps({"iter": 99, "train_loss": 1.0}) + "\n")  # stale lines that must not survive
-        if resume:
+        if resume:  # the finished run of the first pass, taken back to before its first checkpoint
             (run / rundir.CHECKPOINT).unlink()
+            (run / rundir.RESULTS).unlink()
             assert run_main(train_main, ["--resume", str(run)]) == 0
         else:
             train(tiny_config(tiny_tree, run))

@@ -488,6 +488,52 @@ def test_a_bad_results_file_is_one_line_in_the_report(tmp_path: Path, finished: 
     assert snapshot(tmp_path) == before
 
 
+@pytest.mark.parametrize("where", ["a run directory", "a folder with my report.md"])
+def test_report_never_writes_over_a_run_or_a_users_report(tmp_path: Path, finished: Path,
+                                                          capsys: pytest.CaptureFixture, where: str) -> None:
+    run = copy(finished, tmp_path)
+    out = run if where == "a run directory" else tmp_path / "mine"
+    if out != run:
+        out.mkdir()
+        (out / "report.md").write_text("my report")
+    before = snapshot(tmp_path)
+    assert run_main(report_main, [str(run), "--out", str(out)]) == 2
+    one_line_error(capsys, str(out))
+    assert snapshot(tmp_path) == before
+    assert run_main(report_main, [str(run), "--out", str(tmp_path / "report")]) == 0  # twice: an earlier report
+    assert run_main(report_main, [str(run), "--out", str(tmp_path / "report")]) == 0
+
+
+def test_resume_never_redoes_a_finished_run_or_takes_a_hand_edited_config(
+        tmp_path: Path, finished: Path, stopped: Path, capsys: pytest.CaptureFixture) -> None:
+    done = copy(finished, tmp_path / "a")
+    (done / rundir.CHECKPOINT).unlink()  # pruned
+    cut = copy(stopped, tmp_path / "b")
+    edited = json.loads((cut / rundir.CONFIG).read_text())
+    (cut / rundir.CONFIG).write_text(json.dumps({**edited, "iters": 60}))
+    (cut / f".{rundir.CHECKPOINT}.x1y2.tmp").write_bytes(b"half a checkpoint")
+    before = snapshot(tmp_path)
+    assert run_main(train_main, ["--resume", str(done)]) == 2
+    one_line_error(capsys, "finished run", "checkpoint is gone")
+    assert run_main(train_main, ["--resume", str(cut)]) == 2
+    one_line_error(capsys, str(cut / rundir.CONFIG), "differs from the config its checkpoint was saved with (iters)")
+    assert snapshot(tmp_path) == before
+    (cut / rundir.CONFIG).write_text(json.dumps(edited))  # put back: it resumes, and its temporary file goes
+    assert run_main(train_main, ["--resume", str(cut)]) == 0
+    assert not [p for p in cut.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_lock_that_is_a_link_is_never_followed(tiny_tree: Path, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    (tmp_path / "important.txt").write_text("mine")
+    (run / rundir.LOCK).symlink_to(tmp_path / "important.txt")
+    assert run_main(train_main, argv(tiny_tree, run)) == 2
+    one_line_error(capsys, str(run))
+    assert (tmp_path / "important.txt").read_text() == "mine"
+
+
 def test_report_out_naming_a_file_is_one_line(tmp_path: Path, finished: Path, capsys: pytest.CaptureFixture) -> None:
     (tmp_path / "report.txt").write_text("mine")
     assert run_main(report_main, [str(finished), "--out", str(tmp_path / "report.txt")]) == 2
