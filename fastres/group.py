@@ -48,7 +48,7 @@ def plan(cfgs: list[RunConfig], fuse: str, device_type: str, world_size: int = 1
     """How to train runs alike but for their seed: groups trained one after another, each
     fused into one step, and a note when the choice is not what was asked. `fuse`: "on",
     "off", or "auto": fused on a GPU, where small models leave the device idle; one after
-    another on a CPU, where a fused step measured slower (README, "Fused runs"), under
+    another on a CPU, where a fused step measured slower (docs/fused-runs.md), under
     torchrun, where each run is already spread over the processes, and with DALI."""
     if len(cfgs) <= 1 or fuse == "off":
         return [[cfg] for cfg in cfgs], None
