@@ -159,10 +159,11 @@ def test_amp_precision_follows_the_cpu(tiny_tree: Path, tmp_path: Path, native: 
     assert ("bf16 is emulated on this CPU" in capsys.readouterr().err) == (not native)
 
 
-def test_fp16_trains_with_a_scaler(micro_tree: Path, tmp_path: Path) -> None:
+def test_fp16_trains_with_a_scaler(micro_tree: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     results = train(tiny_config(micro_tree, tmp_path / "fp16", iters=2, eval_every=2, batch_size=4, amp=True,
                                 amp_dtype="fp16", channels_last=True))
     assert results["precision"] == "fp16"
+    assert "fp16 on a CPU runs ATen's reference convolutions, about 10x slower" in capsys.readouterr().err
     assert rundir.read_checkpoint(tmp_path / "fp16").scaler["scale"] > 0  # a live GradScaler state was saved
 
 
