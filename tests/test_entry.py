@@ -8,6 +8,7 @@ import pytest
 from conftest import subprocess_env
 
 from fastres.__main__ import COMMANDS
+from fastres.__main__ import main as entry_main
 
 
 def fastres(args: list[str], cwd: Path, cache: Path) -> subprocess.CompletedProcess:
@@ -24,10 +25,16 @@ def test_the_commands_are_listed_and_an_unknown_one_is_one_line(tmp_path: Path, 
 
 
 @pytest.mark.parametrize("name", list(COMMANDS))
-def test_each_command_answers_help_from_another_folder(tmp_path: Path, _private_cache: Path, name: str) -> None:
-    proc = fastres([name, "--help"], tmp_path, _private_cache)
-    assert proc.returncode == 0, proc.stderr[-500:]
-    assert proc.stdout.startswith("usage: ") and "Traceback" not in proc.stderr
+def test_each_command_answers_help_from_another_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                      capsys: pytest.CaptureFixture, name: str) -> None:
+    """In this process (a subprocess each would cost a torch import): the checkout's scripts
+    are found from the package, not from the working folder."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the checkout scripts add the checkout; undone after
+    monkeypatch.setattr(sys, "argv", list(sys.argv))  # the entry point names the command in argv
+    with pytest.raises(SystemExit) as done:
+        entry_main([name, "--help"])
+    assert done.value.code == 0 and capsys.readouterr().out.startswith("usage: ")
 
 
 def test_a_bad_option_is_one_line_through_the_entry_point(tmp_path: Path, _private_cache: Path) -> None:
