@@ -281,7 +281,7 @@ def _run(cfgs: list[RunConfig], states: list[Checkpoint] | None, claim: Claim, s
     saved = None if states is None else states[0].step
     try:
         s = setup(cfgs, dist)
-        with claim(dist.is_main) as dirs:
+        with claimed(claim, dist) as dirs:
             files = Files(dirs, dist.is_main)
             while True:
                 outcome = _train(s, files, states, stop_at, deadline, saved)
@@ -296,6 +296,23 @@ def _run(cfgs: list[RunConfig], states: list[Checkpoint] | None, claim: Claim, s
         others = f"; the other {len(outcome.results)} run(s) of its group finished" if outcome.results else ""
         raise RunError(f"{failed[0]}{others}" + (f" ({len(failed) - 1} more diverged)" if len(failed) > 1 else ""))
     return outcome.results
+
+
+@contextlib.contextmanager
+def claimed(claim: Claim, dist: distributed.DistInfo) -> Iterator[list[RunDir]]:
+    """The run directories, claimed on rank 0 (the one that writes); every process learns
+    whether that worked before any trains, so a refusal (a lock held elsewhere) ends them
+    all in one line each instead of leaving the others in their first collective."""
+    with contextlib.ExitStack() as stack:
+        refused: Exception | None = None
+        try:
+            dirs = stack.enter_context(claim(dist.is_main))
+        except (RunError, UsageError) as e:
+            refused = e
+        if distributed.any_rank(refused is not None, dist):
+            raise refused or RunError("rank 0 of this torchrun job could not claim the run directory (its error "
+                                      "says why)")
+        yield dirs
 
 
 class Files:

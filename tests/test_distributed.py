@@ -2,6 +2,7 @@
 run stopped by SIGTERM resumes to the same result as one that never stopped."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -108,3 +109,28 @@ def test_a_checkpoint_between_log_points_keeps_every_ranks_sums(tmp_path: Path) 
     for rank in (0, 1):
         unbroken, resumed = json.loads((tmp_path / f"{rank}.json").read_text())
         assert unbroken == resumed == [{"train_loss": 66.0 / 6, "train_error": 21 / 24}]
+
+
+def test_a_refusal_on_rank_0_ends_every_process_in_one_line(tiny_tree: Path, tmp_path: Path,
+                                                            _private_cache: Path) -> None:
+    """The run directory is locked by another process: rank 0 is refused when it claims it,
+    and rank 1, which writes nothing, learns it before its first collective and ends too."""
+    from test_rundir import HOLD_LOCK
+
+    run = tmp_path / "run"
+    run.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(run)], env=subprocess_env(_private_cache),
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        proc = torchrun(run_args(tiny_tree, run), _private_cache)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert proc.returncode != 0
+    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("fastres: error: ")]
+    assert sorted(lines) == sorted([f"fastres: error: {run} is in use by pid {holder.pid} on {os.uname().nodename}; "
+                                    "wait for it to finish, or pass another --out",
+                                    "fastres: error: rank 0 of this torchrun job could not claim the run directory "
+                                    "(its error says why)"])
+    assert sorted(p.name for p in run.iterdir()) == [".fastres.lock"]  # the holder's, as it was
