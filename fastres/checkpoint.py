@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +18,7 @@ from typing import Any
 import torch
 
 from fastres import atomic
-from fastres.config import RunConfig
+from fastres.config import RunConfig, is_int, is_number
 from fastres.errors import RunError, UsageError
 
 # What a checkpoint holds. 0: before it had a version; 1: adds "normalization" (mean, std).
@@ -80,14 +79,6 @@ def read(path: Path) -> Checkpoint:
     return decode(load_file(path, "checkpoint"), path)
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_real(v: Any) -> bool:
-    return isinstance(v, numbers.Real) and not isinstance(v, bool)
-
-
 def _tensor_dict(v: Any) -> bool:
     return isinstance(v, dict) and bool(v) and all(isinstance(k, str) and isinstance(t, torch.Tensor)
                                                   for k, t in v.items())
@@ -106,15 +97,15 @@ def _one_number(v: Any) -> bool:
 
 # Each field's check and what the message says it should be.
 CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "step": (lambda v: _is_int(v) and v >= 0, "an iteration count (an integer >= 0)"),
+    "step": (lambda v: is_int(v) and v >= 0, "an iteration count (an integer >= 0)"),
     "model": (_tensor_dict, "a state dict of tensors"),
     "optimizer": (_optimizer, "an optimizer state dict (state, param_groups)"),
     "scaler": (lambda v: isinstance(v, dict), "a GradScaler state dict"),
     "loss_sum": (_one_number, "a one-element tensor"),
     "wrong_sum": (_one_number, "a one-element tensor"),
-    "window": (lambda v: _is_int(v) and v >= 0, "a step count (an integer >= 0)"),
-    "train_time": (lambda v: _is_real(v) and 0 <= v < math.inf, "seconds (a finite number >= 0)"),
-    "wall_time": (lambda v: _is_real(v) and 0 <= v < math.inf, "seconds (a finite number >= 0)"),
+    "window": (lambda v: is_int(v) and v >= 0, "a step count (an integer >= 0)"),
+    "train_time": (lambda v: is_number(v) and 0 <= v < math.inf, "seconds (a finite number >= 0)"),
+    "wall_time": (lambda v: is_number(v) and 0 <= v < math.inf, "seconds (a finite number >= 0)"),
 }
 
 
@@ -128,7 +119,7 @@ def decode(state: Any, source: Path) -> Checkpoint:
     if not is_checkpoint(state):
         raise RunError(f"{source}: not a fastres checkpoint")
     version = state.get("format", 0)
-    if not _is_int(version) or version < 0:
+    if not is_int(version) or version < 0:
         raise RunError(f"{source}: field 'format' is {version!r}, not a checkpoint format number")
     if version > FORMAT:
         raise RunError(f"{source}: written by a newer fastres (checkpoint format {version}; this one reads "

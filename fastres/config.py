@@ -7,6 +7,7 @@ import argparse
 import dataclasses
 import json
 import math
+import numbers
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -122,23 +123,25 @@ class RunConfig:
         return json.dumps(self.to_dict())
 
 
-def _int(v: Any) -> bool:
+def is_int(v: Any) -> bool:
+    """An integer as JSON or torch.load gives it (a bool is not one)."""
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+def is_number(v: Any) -> bool:
+    """A real number as JSON or torch.load gives it (a bool is not one)."""
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
 # What a saved config's value may be, by the field's annotation (a test holds every field to it).
 FIELD_TYPES: dict[str, tuple[Any, str]] = {
     "str": (lambda v: isinstance(v, str), "a string"),
     "str | None": (lambda v: v is None or isinstance(v, str), "a string or null"),
-    "int": (_int, "an integer"),
-    "int | None": (lambda v: v is None or _int(v), "an integer or null"),
-    "float": (_number, "a number"),
+    "int": (is_int, "an integer"),
+    "int | None": (lambda v: v is None or is_int(v), "an integer or null"),
+    "float": (is_number, "a number"),
     "bool": (lambda v: isinstance(v, bool), "true or false"),
-    "tuple[int, ...]": (lambda v: isinstance(v, (list, tuple)) and all(_int(x) for x in v), "a list of integers"),
+    "tuple[int, ...]": (lambda v: isinstance(v, (list, tuple)) and all(is_int(x) for x in v), "a list of integers"),
     "dict[str, Any]": (lambda v: isinstance(v, dict), "an object"),
 }
 

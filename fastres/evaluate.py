@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.per_class:
             print_classes(name, report[name]["per_class"])
     if args.json:
-        if args.json.name in rundir.OWN:
+        if rundir.is_own_name(args.json):
             raise UsageError(f"--json {args.json}: a run directory's own file name; write the errors elsewhere")
         write_json(args.json, report)
     return 0

@@ -57,7 +57,7 @@ def refuse_overwrite(out: Path) -> None:
     """An export replaces only an earlier export (a tensor state dict and the description
     fastres wrote beside it), never a run's files or anything else that is there."""
     described = weights.meta_path(out)
-    if {p.name for p in (out, described, out.resolve(), described.resolve())} & set(rundir.OWN):
+    if rundir.is_own_name(out) or rundir.is_own_name(described):
         raise UsageError(f"{out}: a run directory's own file name; export to another name")
     present = [p for p in (out, described) if p.exists()]
     if not present:

@@ -23,7 +23,6 @@ import contextlib
 import dataclasses
 import fcntl
 import json
-import numbers
 import os
 import re
 import shlex
@@ -35,7 +34,7 @@ from typing import Any
 
 from fastres import atomic, checkpoint
 from fastres.checkpoint import Checkpoint
-from fastres.config import ROLES, RunConfig
+from fastres.config import ROLES, RunConfig, is_int, is_number
 from fastres.errors import RunError, UsageError
 
 CONFIG = "config.json"
@@ -186,27 +185,19 @@ class MetricsLog:
         return [record for _, record in self._records()]
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
 def _is_record(record: Any) -> bool:
     """A metrics record: a positive integer `iter`, numbers (or null), and a divergence's message."""
-    return (isinstance(record, dict) and _is_int(record.get("iter")) and record["iter"] > 0
-            and all(v is None or _real(v) or (k == "diverged" and isinstance(v, str)) for k, v in record.items()))
-
-
-def _real(v: Any) -> bool:
-    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+    return (isinstance(record, dict) and is_int(record.get("iter")) and record["iter"] > 0
+            and all(v is None or is_number(v) or (k == "diverged" and isinstance(v, str)) for k, v in record.items()))
 
 
 # What the report and the reproduction read from results.json (the rest is information).
 RESULT_FIELDS: dict[str, tuple[Any, str]] = {
     "model": (lambda v: isinstance(v, str), "a model name"),
     "shortcut": (lambda v: v is None or isinstance(v, str), "a shortcut option or null"),
-    "test_error": (lambda v: _real(v) and 0 <= v <= 1, "an error rate in [0, 1]"),
-    "params": (lambda v: _is_int(v) and v > 0, "a parameter count"),
-    "wall_time_s": (lambda v: _real(v) and v >= 0, "seconds"),
+    "test_error": (lambda v: is_number(v) and 0 <= v <= 1, "an error rate in [0, 1]"),
+    "params": (lambda v: is_int(v) and v > 0, "a parameter count"),
+    "wall_time_s": (lambda v: is_number(v) and v >= 0, "seconds"),
     "device": (lambda v: isinstance(v, str), "a device name"),
     "config": (lambda v: isinstance(v, dict), "the run's config"),
 }
@@ -347,6 +338,12 @@ class RunDir:
                 file.unlink(missing_ok=True)
             print(f"fastres: note: {self.path} held a run {why}: removed its {', '.join(f.name for f in files)}; "
                   "starting it again from iteration 0", file=sys.stderr)
+
+
+def is_own_name(path: Path) -> bool:
+    """Whether a path another command would write is named (or links to) one of a run
+    directory's own files, which only this module writes."""
+    return bool({path.name, path.resolve().name} & set(OWN))
 
 
 def checkpoint_file(path: str | Path) -> Path:
@@ -492,8 +489,9 @@ def resuming(dirs: Sequence[str | Path], enabled: bool = True) -> Iterator[Resum
         if enabled:
             locks.enter_context(first.lock())
         names = [first.path, *map(Path, dirs[1:])]
-        if len(dirs) == 1 and len(first.group()) > 1:
-            names = [p for p in first.group() if not RunDir(p).diverged()]  # a diverged run left its group
+        group = first.group() if len(dirs) == 1 else []
+        if len(group) > 1:
+            names = [p for p in group if not RunDir(p).diverged()]  # a diverged run left its group
             if not names:
                 raise RunError(f"every run of {dirs[0]}'s group diverged: start them again with a lower --lr "
                                "(or a --warmup-iters)")

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from fastres import checkpoint, rundir
+from fastres.config import is_number
 from fastres.data import pixels
 from fastres.data.dataset import DATASETS
 from fastres.errors import RunError
@@ -75,7 +76,7 @@ def _numbers(v: Any) -> bool:
     """Nested lists of numbers (a mean or std as `tolist()` writes it)."""
     if isinstance(v, list):
         return bool(v) and all(_numbers(x) for x in v)
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+    return is_number(v)
 
 
 def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> nn.Module:
