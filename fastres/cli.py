@@ -41,5 +41,7 @@ def run_main(main: Callable[[list[str] | None], int], argv: list[str] | None = N
         print("fastres: interrupted", file=sys.stderr)
         return 130
     except EXPECTED as e:
-        print(f"fastres: error: {' '.join(str(e).split())}", file=sys.stderr)  # one line, whatever a library said
+        # one line, whatever a library said, in one write: stderr writes through, and print's
+        # separate newline would let another process's line (a torchrun rank's) land mid-line
+        sys.stderr.write(f"fastres: error: {' '.join(str(e).split())}\n")
         return EXIT_USAGE
