@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import math
 import numbers
@@ -69,6 +70,7 @@ class RunConfig:
     dataset: str = "cifar10"  # cifar10 or cifar100 (its 100 fine labels)
     data: str | None = None
     val_split: int = 0
+    val_seed: int = 0  # chooses the --val-split images, the same for every run of a group or sweep
     normalize: str = recipe.NORMALIZE
     loader: str = "torch"
     device: str = "auto"
@@ -117,6 +119,8 @@ class RunConfig:
                 values[f.name] = d[f.name]
         if "milestones" in values:
             values["milestones"] = tuple(values["milestones"])
+        if "val_seed" not in d:  # saved before --val-seed: its seed chose its split
+            values["val_seed"] = values.get("seed", 0)
         return validate(cls(**values))
 
     def __str__(self) -> str:
@@ -151,18 +155,19 @@ ROLES: dict[str, Role] = {
     # field                   flag                  free   compared  on resume
     "model":             Role("the model",          False, False,    "fixed"),
     "shortcut":          Role("--shortcut",         False, False,    "fixed"),
-    "iters":             Role("--iters",            False, True,     "fixed"),
-    "milestones":        Role("--milestones",       False, True,     "fixed"),
-    "lr":                Role("--lr",               False, True,     "fixed"),
-    "warmup_iters":      Role("--warmup-iters",     False, True,     "fixed"),
-    "warmup_lr":         Role("the warm-up lr",     False, True,     "fixed"),
-    "momentum":          Role("--momentum",         False, True,     "fixed"),
-    "weight_decay":      Role("--wd",               False, True,     "fixed"),
+    "iters":             Role("--iters",            True,  True,     "fixed"),
+    "milestones":        Role("--milestones",       True,  True,     "fixed"),
+    "lr":                Role("--lr",               True,  True,     "fixed"),
+    "warmup_iters":      Role("--warmup-iters",     True,  True,     "fixed"),
+    "warmup_lr":         Role("--warmup-lr",        True,  True,     "fixed"),
+    "momentum":          Role("--momentum",         True,  True,     "fixed"),
+    "weight_decay":      Role("--wd",               True,  True,     "fixed"),
     "batch_size":        Role("--batch-size",       False, True,     "fixed"),
     "seed":              Role("--seed",             True,  False,    "fixed"),
     "dataset":           Role("--dataset",          False, True,     "fixed"),
     "data":              Role("--data",             False, True,     "fixed"),
     "val_split":         Role("--val-split",        False, True,     "fixed"),
+    "val_seed":          Role("--val-seed",         False, True,     "fixed"),
     "normalize":         Role("--normalize",        False, True,     "fixed"),
     "loader":            Role("--loader",           False, False,    "fixed"),
     "device":            Role("--device",           False, False,    "given"),
@@ -218,9 +223,10 @@ def validate(cfg: RunConfig) -> RunConfig:
         if not math.isfinite(getattr(cfg, name)) or abs(getattr(cfg, name)) > FLOAT32_MAX:
             raise UsageError(f"{flag(name)} must be a finite number within float32's range "
                              f"(|x| <= {FLOAT32_MAX:.3g}, the weights' type), got {getattr(cfg, name)}")
-    if not 0 <= cfg.seed < 2**32:
-        raise UsageError(f"--seed must be between 0 and 2**32 - 1 (what the data order's generator takes), "
-                         f"got {cfg.seed}")
+    for name in ("seed", "val_seed"):
+        if not 0 <= getattr(cfg, name) < 2**32:
+            raise UsageError(f"{flag(name)} must be between 0 and 2**32 - 1 (what the data's generators take), "
+                             f"got {getattr(cfg, name)}")
     for name in ("iters", "batch_size", "eval_every", "eval_batch_size", "log_every", "checkpoint_every"):
         if getattr(cfg, name) <= 0:
             raise UsageError(f"{flag(name)} must be positive, got {getattr(cfg, name)}")
@@ -263,18 +269,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, help=f"base learning rate (default {recipe.LR})")
     p.add_argument("--warmup-iters", type=int, help=f"iterations at lr {recipe.WARMUP_LR} first (default "
                    f"{recipe.WARMUP_ITERS} for depth >= {recipe.WARMUP_MIN_DEPTH}, else 0)")
+    p.add_argument("--warmup-lr", type=float, help=f"the warm-up's learning rate (default {recipe.WARMUP_LR})")
     p.add_argument("--momentum", type=float, help=f"SGD momentum (default {recipe.MOMENTUM})")
     p.add_argument("--wd", dest="weight_decay", type=float, help=f"weight decay (default {recipe.WEIGHT_DECAY:g})")
     p.add_argument("--batch-size", type=int, help=f"global batch size (default {recipe.BATCH_SIZE})")
     p.add_argument("--seed", type=int)
     p.add_argument("--seeds", type=_int_list, help="several runs, one per seed (e.g. 0,1,2,3,4), each in its own run "
                    "directory; fused into one training step where that is faster (see --fuse)")
+    p.add_argument("--sweep", action="append", metavar="KEY=V1,V2", help="several runs, one per value (repeat for "
+                   "a grid: the runs are the product, times --seeds), each in its own run directory named by its "
+                   f"values; KEY is one of {', '.join(SWEEPS)} (milestones as 16000:24000). Choose on --val-split's "
+                   "validation error: python -m fastres.report RUNS --select val")
     p.add_argument("--fuse", choices=FUSE, help="train the --seeds runs as one fused step: auto (default: on a GPU; "
                    "on a CPU, where fusing measured slower, one after another), on, or off")
     p.add_argument("--dataset", choices=tuple(DATASETS), help="cifar10 (default) or cifar100 (its 100 fine labels)")
     p.add_argument("--data", help="CIFAR-10 archive, image tree or folder (default: the official archive, "
                    "downloaded to the cache)")
     p.add_argument("--val-split", type=int, help="hold out this many training images as validation (default 0)")
+    p.add_argument("--val-seed", type=int, help="which images --val-split holds out (default 0): one split for "
+                   "every run of a sweep or group, whatever its seed")
     p.add_argument("--normalize", choices=NORMALIZATIONS,
                    help=f"per-pixel mean (the paper's) or per-channel mean/std (default {recipe.NORMALIZE})")
     p.add_argument("--loader", choices=LOADERS, help="input pipeline (default torch)")
@@ -300,17 +313,74 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def run_name(spec: ModelSpec, dataset: str, seed: int) -> str:
-    """The default name of a run's directory: `resnet56-A-seed0`, `cifar100-plain20-seed3`."""
+def run_name(spec: ModelSpec, dataset: str, seed: int, swept: tuple[str, ...] = ()) -> str:
+    """The default name of a run's directory: `resnet56-A-seed0`, `cifar100-plain20-seed3`,
+    and for a run of a sweep its values: `resnet20-A-lr0.05-wd0.0005-seed1`."""
     prefix = "" if dataset == "cifar10" else f"{dataset}-"
-    return f"{prefix}{spec.tag}-seed{seed}"
+    return "-".join([f"{prefix}{spec.tag}", *swept, f"seed{seed}"])
+
+
+@dataclass(frozen=True)
+class Sweepable:
+    """A hyperparameter `--sweep` can vary: the field it sets and how one value is read."""
+
+    field: str
+    kind: type  # float, int, or tuple (milestones: 16000:24000)
+
+    def parse(self, key: str, text: str) -> Any:
+        try:
+            if self.kind is tuple:
+                return tuple(int(v) for v in text.split(":"))
+            return self.kind(text)
+        except ValueError:
+            what = {float: "a number", int: "an integer", tuple: "integers joined by ':' (16000:24000)"}[self.kind]
+            raise UsageError(f"--sweep {key}: each value must be {what}, got {text!r}") from None
+
+    def token(self, key: str, value: Any) -> str:
+        """The value in a run directory's name: lr0.05, milestones16000_24000 (floats as their
+        shortest exact form, so two values never share a name)."""
+        shown = "_".join(map(str, value)) if self.kind is tuple else repr(value)
+        return f"{key}{shown}"
+
+
+# What may differ between the runs of a sweep: what changes neither the graph nor the data
+# (both one per group: a fused group is one graph over one training set).
+SWEEPS = {"lr": Sweepable("lr", float), "momentum": Sweepable("momentum", float),
+          "wd": Sweepable("weight_decay", float), "warmup_lr": Sweepable("warmup_lr", float),
+          "warmup_iters": Sweepable("warmup_iters", int), "milestones": Sweepable("milestones", tuple),
+          "iters": Sweepable("iters", int)}
+
+
+def parse_sweeps(texts: list[str], args: argparse.Namespace) -> dict[str, list[Any]]:
+    """`--sweep lr=0.05,0.1 --sweep wd=1e-4,5e-4` as {"lr": [0.05, 0.1], "wd": [1e-4, 5e-4]}."""
+    sweeps: dict[str, list[Any]] = {}
+    for text in texts:
+        key, sep, values = text.partition("=")
+        key = key.strip()
+        if not sep or not values.strip():
+            raise UsageError(f"--sweep expects KEY=V1,V2,..., got {text!r}")
+        if key not in SWEEPS:
+            raise UsageError(f"--sweep {key}: not sweepable; one of {', '.join(SWEEPS)} (what changes the graph or "
+                             "the data, such as the model or the batch size, is one per sweep)")
+        if key in sweeps:
+            raise UsageError(f"--sweep {key} is given twice: list all its values in one --sweep {key}=...")
+        sweepable = SWEEPS[key]
+        if getattr(args, sweepable.field, None) is not None:
+            raise UsageError(f"{flag(sweepable.field)} and --sweep {key}: give one of them")
+        parsed = [sweepable.parse(key, v.strip()) for v in values.split(",")]
+        twice = sorted({sweepable.token(key, v) for v in parsed if parsed.count(v) > 1})  # 0.1 and 0.10 too
+        if twice:
+            raise UsageError(f"--sweep {key} lists a value twice ({', '.join(twice)})")
+        sweeps[key] = parsed
+    return sweeps
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     """A validated RunConfig from parsed arguments; unset options keep the defaults."""
     if not args.model:
         raise UsageError("a model is required (e.g. resnet56), or --resume RUN_DIR")
-    given = {k: v for k, v in vars(args).items() if v is not None and k not in ("model", "resume", "seeds", "fuse")}
+    given = {k: v for k, v in vars(args).items()
+             if v is not None and k not in ("model", "resume", "seeds", "fuse", "sweep")}
     spec = parse_spec(args.model, given.get("shortcut"))
     given.update(model=spec.name, shortcut=spec.shortcut)
     given.setdefault("warmup_iters", recipe.default_warmup_iters(spec.depth))
@@ -321,20 +391,32 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 
 
 def configs_from_args(args: argparse.Namespace) -> list[RunConfig]:
-    """One config per run: `--seeds 0,1,2` gives three, alike but for the seed, each in its
-    own directory (named as a single run's, under `--out` when given)."""
-    if args.seeds is None:
+    """One config per run: `--seeds 0,1,2` gives three, alike but for the seed; `--sweep`
+    gives one per value (the product of several sweeps), times the seeds. Each run has its
+    own directory (named as a single run's, with its swept values, under `--out` when
+    given); the runs of a sweep record it in their config (`extra["sweep"]`)."""
+    sweeps = parse_sweeps(args.sweep or [], args)
+    if args.seeds is None and not sweeps:
         if args.fuse is not None:
-            raise UsageError("--fuse says how to train the runs of --seeds (or of a resumed group): give --seeds")
+            raise UsageError("--fuse says how to train the runs of --seeds or --sweep (or of a resumed group): "
+                             "give --seeds or --sweep")
         return [config_from_args(args)]
-    if args.seed is not None:
+    if args.seeds is not None and args.seed is not None:
         raise UsageError("--seed and --seeds: give one of them")
-    if not args.seeds or len(set(args.seeds)) < len(args.seeds):
+    if args.seeds is not None and (not args.seeds or len(set(args.seeds)) < len(args.seeds)):
         raise UsageError(f"--seeds must list distinct seeds, got {list(args.seeds)}")
     folder, cfgs = Path(args.out or "runs"), []
-    for seed in args.seeds:
-        cfg = config_from_args(argparse.Namespace(**{**vars(args), "seed": seed, "seeds": None, "out": None}))
-        cfgs.append(dataclasses.replace(cfg, out=str(folder / Path(cfg.out).name)))  # the single run's name
+    extra = {"sweep": {k: [list(v) if isinstance(v, tuple) else v for v in vs] for k, vs in sweeps.items()}}
+    for values in itertools.product(*sweeps.values()):
+        setting = {SWEEPS[k].field: v for k, v in zip(sweeps, values, strict=True)}
+        swept = tuple(SWEEPS[k].token(k, v) for k, v in zip(sweeps, values, strict=True))
+        for seed in args.seeds if args.seeds is not None else [args.seed or 0]:
+            ns = argparse.Namespace(**{**vars(args), **setting, "seed": seed, "seeds": None, "sweep": None,
+                                       "out": None})
+            cfg = config_from_args(ns)
+            name = run_name(cfg.spec, cfg.dataset, seed, swept)
+            cfgs.append(dataclasses.replace(cfg, out=str(folder / name), extra={**cfg.extra, **extra} if sweeps
+                                            else cfg.extra))
     return cfgs
 
 

@@ -13,8 +13,8 @@ Each layer of the N members becomes one layer over N groups of channels:
 Every parameter and buffer of the fused model is the members' tensors concatenated on
 dim 0 (BN's `num_batches_tracked`, a count all members share, excepted), and the fused
 model keeps the single model's module names. So a member's state dict is a slice of the
-fused one, in exactly the single model's format, and so are its optimiser's momentum
-buffers: weight decay, momentum and the learning rate act per element, as in a single run.
+fused one, in exactly the single model's format; each run's optimiser works on its slices
+(`fastres.optim.RunsSGD`), with its own hyperparameters, as in a single run.
 """
 
 from __future__ import annotations
@@ -123,21 +123,3 @@ def split_state(state: dict[str, torch.Tensor], runs: int) -> list[dict[str, tor
 def join_states(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """A fused state dict from the members' (the inverse of `split_state`)."""
     return states[0] if len(states) == 1 else _join(states)
-
-
-def split_optimizer_state(state: dict[str, Any], runs: int) -> list[dict[str, Any]]:
-    """Each member's SGD state dict (its momentum buffers sliced out), in a single run's
-    format: the parameters of the fused and the single model come in the same order."""
-    if runs == 1:
-        return [state]
-    parts = {p: _split(s, runs) for p, s in state["state"].items()}
-    return [{"state": {p: shares[i] for p, shares in parts.items()},
-             "param_groups": copy.deepcopy(state["param_groups"])} for i in range(runs)]
-
-
-def join_optimizer_states(states: list[dict[str, Any]]) -> dict[str, Any]:
-    """A fused SGD state dict from the members' (the inverse of `split_optimizer_state`)."""
-    if len(states) == 1:
-        return states[0]
-    return {"state": {p: _join([st["state"][p] for st in states]) for p in states[0]["state"]},
-            "param_groups": states[0]["param_groups"]}

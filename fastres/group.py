@@ -22,7 +22,9 @@ from fastres.errors import UsageError
 
 def check(cfgs: Sequence[RunConfig], world_size: int = 1) -> None:
     """Refuse, in one line, runs that cannot train as one fused step (`--loader dali` is
-    refused where the loaders are built)."""
+    refused where the loaders are built). They may differ in their seed and hyperparameters
+    (`fastres.config.ROLES`' free fields), never in the graph or the data: one --val-split,
+    chosen by its own --val-seed, serves them all."""
     if len(cfgs) < 2:
         return
     first = cfgs[0]
@@ -31,21 +33,29 @@ def check(cfgs: Sequence[RunConfig], world_size: int = 1) -> None:
                   if f.name not in free_in_group() and getattr(cfg, f.name) != getattr(first, f.name)]
         if differ:
             raise UsageError(f"runs {first.out} and {cfg.out} differ in {', '.join(differ)}: only runs alike but "
-                             "for their seed can be fused (one graph, one schedule)")
-    seeds, outs = [c.seed for c in cfgs], [str(Path(c.out)) for c in cfgs]
-    if len(set(seeds)) < len(seeds) or len(set(outs)) < len(outs):
-        raise UsageError(f"fused runs need distinct seeds and run directories, got seeds {seeds}")
+                             "for their seed and hyperparameters (--sweep) can be fused (one graph, one training set)")
+    outs = [str(Path(c.out)) for c in cfgs]
+    if len(set(outs)) < len(outs):
+        raise UsageError(f"fused runs need distinct run directories, got {', '.join(outs)}")
+    alike = [dataclasses.replace(c, out="") for c in cfgs]
+    for i, a in enumerate(alike):
+        if a in alike[i + 1:]:
+            raise UsageError(f"runs {cfgs[i].out} and {cfgs[alike.index(a, i + 1)].out} would be the same run "
+                             "(same seed, same hyperparameters)")
     if world_size > 1:
-        raise UsageError("fused runs (several seeds) train in one process on one device: run them without torchrun, "
-                         "or one seed per torchrun job")
-    if first.val_split:
-        raise UsageError("--val-split holds out different images for each seed: fused runs share one training set; "
-                         "train these seeds one after another (--fuse off)")
+        raise UsageError("fused runs (several seeds or a sweep) train in one process on one device: run them without "
+                         "torchrun, or one run per torchrun job")
+    ends = sorted({c.iters for c in cfgs})
+    off = [n for n in ends[:-1] if n % first.log_every]
+    if off:  # a member leaves the group at its last iteration, where every member's metrics window is read
+        raise UsageError(f"runs of one fused group that stop at different --iters must stop on a log point, "
+                         f"a multiple of --log-every {first.log_every}: {', '.join(map(str, off))} is not "
+                         "(or train them one after another: --fuse off)")
 
 
 def plan(cfgs: list[RunConfig], fuse: str, device_type: str, world_size: int = 1,
          max_size: int | None = None) -> tuple[list[list[RunConfig]], str | None]:
-    """How to train runs alike but for their seed: groups trained one after another, each
+    """How to train runs alike but for their seed and hyperparameters: groups trained one after another, each
     fused into one step, and a note when the choice is not what was asked. `fuse`: "on",
     "off", or "auto": fused on a GPU, where small models leave the device idle; one after
     another on a CPU, where a fused step measured slower (docs/fused-runs.md), under
@@ -55,7 +65,7 @@ def plan(cfgs: list[RunConfig], fuse: str, device_type: str, world_size: int = 1
     if fuse == "auto" and (device_type != "cuda" or world_size > 1 or cfgs[0].loader == "dali"):
         why = ("under torchrun" if world_size > 1 else "--loader dali feeds one run" if cfgs[0].loader == "dali"
                else "on a CPU, where a fused step measured slower")
-        return [[cfg] for cfg in cfgs], (f"training the {len(cfgs)} seeds one after another ({why}; "
+        return [[cfg] for cfg in cfgs], (f"training the {len(cfgs)} runs one after another ({why}; "
                                          "--fuse on fuses them where it can)")
     size = max_size or len(cfgs)
     return [cfgs[i:i + size] for i in range(0, len(cfgs), size)], None

@@ -48,15 +48,17 @@ def record_fields(r: dict[str, Any]) -> list[Field]:
     return fields
 
 
-def group_fields(records: list[dict[str, Any]], seeds: list[int]) -> list[Field]:
-    """A fused group's figures: lr and the group's it/s, then each run's loss and errors; on a
-    narrow line lr goes first, then the runs from the last."""
+def group_fields(records: list[dict[str, Any]], labels: list[str]) -> list[Field]:
+    """A fused group's figures: lr (when the runs share it) and the group's it/s, then each
+    run's loss and errors, after its label (`s0`; `lr0.05 s0` in a sweep); on a narrow line
+    lr goes first, then the runs from the last."""
     r, n = records[0], len(records)
-    fields = [(0, f"lr {r['lr']:.4g}")] + ([(n + 1, f"{r['it_s']:.1f} it/s x{n}")] if "it_s" in r else [])
-    for k, (record, seed) in enumerate(zip(records, seeds, strict=True)):
+    fields = [(0, f"lr {r['lr']:.4g}")] if len({x["lr"] for x in records}) == 1 else []
+    fields += [(n + 1, f"{r['it_s']:.1f} it/s x{n}")] if "it_s" in r else []
+    for k, (record, label) in enumerate(zip(records, labels, strict=True)):
         shown = [f"{record['train_loss']:.3f}"] if "train_loss" in record else []
         shown += [f"{100 * record[key]:.1f}%" for key in ("train_error", "test_error") if key in record]
-        fields.append((n - k, f"s{seed} " + "/".join(shown)))
+        fields.append((n - k, f"{label} " + "/".join(shown)))
     return fields
 
 
@@ -64,9 +66,9 @@ def format_record(r: dict[str, Any]) -> str:
     return "  ".join(text for _, text in record_fields(r))
 
 
-def format_group(records: list[dict[str, Any]], seeds: list[int]) -> str:
+def format_group(records: list[dict[str, Any]], labels: list[str]) -> str:
     """A fused group on one line: lr and the group's it/s, then each run's loss and error."""
-    return "  ".join(text for _, text in group_fields(records, seeds))
+    return "  ".join(text for _, text in group_fields(records, labels))
 
 
 def fit(fields: list[Field], room: int) -> str:
@@ -161,15 +163,15 @@ class Reporter:
         mark, then = self._mark
         return (done - mark) / max(self.now() - then, 1e-9)
 
-    def early(self, done: int, lr: float, values: list[dict[str, float]], seeds: list[int]) -> None:
+    def early(self, done: int, lrs: list[float], values: list[dict[str, float]], labels: list[str]) -> None:
         """An early read after iteration `done` (each run's loss and error so far): shown, never
         logged. The first step (compilation, warm-up) is left out of the rate after it."""
         self.rate = self._since_mark(done)
         if done == self.start + 1:
             self._mark = (done, self.now())
-        self._show([{"lr": lr, **v, "it_s": self.rate} for v in values], seeds)
+        self._show([{"lr": lr, **v, "it_s": self.rate} for lr, v in zip(lrs, values, strict=True)], labels)
 
-    def log(self, records: list[dict[str, Any]], seeds: list[int]) -> None:
+    def log(self, records: list[dict[str, Any]], labels: list[str]) -> None:
         """One record per run of the group (one for a single run): the bar shows the group's
         it/s and each run's loss and error; plain mode prints a line per run. The rate behind
         the time remaining is an exponential average of the log intervals' rates."""
@@ -180,14 +182,14 @@ class Reporter:
         self.rate = rate if self._logs == 0 else SMOOTHING * rate + (1 - SMOOTHING) * self.rate
         self._mark, self._logs = (done, self.now()), self._logs + 1
         if self.bar is not None:
-            self._show(records, seeds)
+            self._show(records, labels)
         elif self.mode == "plain":
-            for record, seed in zip(records, seeds, strict=True):
-                run = f"  seed {seed}" if len(records) > 1 else ""
+            for record, label in zip(records, labels, strict=True):
+                run = f"  {label}" if len(records) > 1 else ""
                 print(f"iter {record['iter']}/{self.total}{run}  {format_record(record)}", flush=True)
 
-    def _show(self, records: list[dict[str, Any]], seeds: list[int]) -> None:
-        self.fields = record_fields(records[0]) if len(records) == 1 else group_fields(records, seeds)
+    def _show(self, records: list[dict[str, Any]], labels: list[str]) -> None:
+        self.fields = record_fields(records[0]) if len(records) == 1 else group_fields(records, labels)
         if self.bar is not None:
             self.bar.refresh()
 

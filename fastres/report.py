@@ -19,7 +19,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from fastres import atomic, recipe, rundir, schedule
+from fastres import atomic, recipe, rundir, schedule, sweep
 from fastres.cli import Parser, run_main
 from fastres.config import comparable
 from fastres.errors import RunError
@@ -318,15 +318,19 @@ def _png(fig: Any) -> bytes:
 REPORT_FILES = ("report.md", "report.csv", "report.json")
 
 
-def refuse_foreign(out: Path) -> None:
-    """A report replaces only an earlier report (all three of its files), never a run
-    directory's files or a user's own report.md."""
+def refuse_foreign(out: Path, files: tuple[str, ...] = REPORT_FILES) -> None:
+    """A report replaces only an earlier report (all of its files), never a run
+    directory's files or a user's own report.md; then its folder is made."""
     if any((out / name).exists() for name in rundir.OWN):
         raise RunError(f"--out {out} is a run directory: write the report into another folder")
-    present = [name for name in REPORT_FILES if (out / name).exists()]
-    if present and len(present) < len(REPORT_FILES):
+    present = [name for name in files if (out / name).exists()]
+    if present and len(present) < len(files):
         raise RunError(f"--out {out} holds {', '.join(present)}, not a report fastres wrote (it writes "
-                       f"{', '.join(REPORT_FILES)} together): choose another --out")
+                       f"{', '.join(files)} together): choose another --out")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RunError(f"--out {out}: cannot make the report folder there ({e.strerror})") from None
 
 
 def write_report(run_dirs: list[Path], out: Path) -> None:
@@ -334,10 +338,6 @@ def write_report(run_dirs: list[Path], out: Path) -> None:
     atomically into `out`, and print the table."""
     runs = find_runs(run_dirs)
     refuse_foreign(out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise RunError(f"--out {out}: cannot make the report folder there ({e.strerror})") from None
     rows = summarize(runs)
     table = markdown(rows)
     figures = plot(runs, out)
@@ -354,8 +354,16 @@ def main(argv: list[str] | None = None) -> int:
     p = Parser(prog="python -m fastres.report", description=__doc__.split("\n\n")[0])
     p.add_argument("runs", nargs="+", type=Path, help="run directories, or folders holding them")
     p.add_argument("--out", type=Path, default=Path("report"))
+    p.add_argument("--select", choices=("val",), help="the runs are a sweep (--sweep): tabulate its settings and "
+                   "choose one on the validation error alone (sweep.md, sweep.json, a plot per swept value)")
     args = p.parse_args(argv)
-    write_report(args.runs, args.out)
+    if args.select:
+        runs = find_runs(args.runs)
+        refuse_foreign(args.out, sweep.SWEEP_FILES)
+        written = sweep.write([run.results for run in runs], args.out)
+        print("written: " + ", ".join(map(str, written)))
+    else:
+        write_report(args.runs, args.out)
     return 0
 
 

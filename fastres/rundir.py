@@ -273,11 +273,12 @@ class RunDir:
         return results
 
     # group
-    def write_group(self, outs: Sequence[str]) -> None:
+    def write_group(self, outs: Sequence[str], sweep: dict[str, Any] | None = None) -> None:
         """Name a run's group (paths relative to it, so a folder of runs can be moved as a
-        whole); a run trained alone has no group file."""
+        whole), and the sweep it is part of, if any; a run trained alone has no group file."""
         if len(outs) > 1:
-            atomic.write_json(self.path / GROUP, {"runs": [os.path.relpath(out, self.path) for out in outs]})
+            group = {"runs": [os.path.relpath(out, self.path) for out in outs]}
+            atomic.write_json(self.path / GROUP, {**group, "sweep": sweep} if sweep else group)
         else:
             (self.path / GROUP).unlink(missing_ok=True)
 
@@ -480,8 +481,8 @@ class ResumePoint:
 @contextlib.contextmanager
 def resuming(dirs: Sequence[str | Path], enabled: bool = True) -> Iterator[ResumePoint]:
     """Lock the runs to resume, then read where they resume from. One directory resumes
-    the whole group its group.json names (less any run that diverged); several must be
-    runs of one group. `enabled` False (the ranks that do not write): read without locks."""
+    the whole group its group.json names (less any run that diverged or has finished);
+    several must be runs of one group. `enabled` False (the ranks that do not write): read without locks."""
     with contextlib.ExitStack() as locks:
         first = RunDir(dirs[0])
         if not (first.checkpoint_files() or (first.path / CONFIG).is_file()):  # before a lock file is made there
@@ -495,6 +496,8 @@ def resuming(dirs: Sequence[str | Path], enabled: bool = True) -> Iterator[Resum
             if not names:
                 raise RunError(f"every run of {dirs[0]}'s group diverged: start them again with a lower --lr "
                                "(or a --warmup-iters)")
+            going = [p for p in names if not (p / RESULTS).is_file()]  # so did one that ended first (a sweep's)
+            names = going or [first.path]
             print(f"fastres: {dirs[0]} was trained fused: resuming its group ({', '.join(map(str, names))})",
                   file=sys.stderr)
         runs = [first if os.path.normpath(p) == os.path.normpath(first.path) else RunDir(p) for p in names]

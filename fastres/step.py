@@ -10,23 +10,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastres import recipe
+from fastres.optim import RunsSGD
 from fastres.runtime import autocast
 
 if TYPE_CHECKING:
     from fastres.data.loaders import Loader
 
 RECOMPILE_LIMIT = 64  # compiled models and modes per process before Dynamo gives up (see compile_model)
-
-
-def make_optimizer(model: nn.Module, device: torch.device, amp_dtype: torch.dtype | None,
-                   momentum: float = recipe.MOMENTUM, weight_decay: float = recipe.WEIGHT_DECAY) -> torch.optim.SGD:
-    """The paper's SGD: momentum 0.9 and weight decay 1e-4 on every parameter (as in the
-    authors' code, BN included). Fused on CUDA (one kernel for all parameters), foreach
-    elsewhere; also foreach under fp16 loss scaling, where fused SGD has been reported to
-    advance its momentum on the steps GradScaler skips (torch 2.11, LibreYOLO PR #771)."""
-    fused = device.type == "cuda" and amp_dtype != torch.float16
-    return torch.optim.SGD(model.parameters(), lr=recipe.LR, momentum=momentum, weight_decay=weight_decay,
-                           fused=fused or None, foreach=None if fused else True)
 
 
 def compile_model(model: nn.Module, device: torch.device) -> nn.Module:
@@ -64,18 +54,21 @@ class TrainStep:
     stacked on the channel axis and y their labels, (B, runs). The loss minimised is the
     sum of the runs' mean losses, so each run's gradient is the one it has alone.
 
-    The optimizer stays eager: fused SGD on CUDA is one kernel for all parameters, and the
-    learning rate is a plain float written into the param group each step, so a schedule
-    change can never trigger a recompile; it is set by the caller before each step."""
+    The optimizer stays eager: one SGD per run (`fastres.optim.RunsSGD`, each run's own
+    hyperparameters), fused SGD on CUDA being one kernel for all of a run's parameters; the
+    learning rates are plain floats set by the caller before each step, so a schedule change
+    can never trigger a recompile. `hyper`: each run's (momentum, weight decay), by default
+    the paper's."""
 
     def __init__(self, model: nn.Module, device: torch.device, amp_dtype: torch.dtype | None, compile: bool, *,
-                 momentum: float = recipe.MOMENTUM, weight_decay: float = recipe.WEIGHT_DECAY, runs: int = 1) -> None:
+                 hyper: list[tuple[float, float]] | None = None, runs: int = 1) -> None:
         self.model, self.device, self.amp_dtype, self.runs = model, device, amp_dtype, runs
-        self.optimizer = make_optimizer(model, device, amp_dtype, momentum, weight_decay)
+        hyper = hyper or [(recipe.MOMENTUM, recipe.WEIGHT_DECAY)] * runs
+        self.optimizer = RunsSGD(model, runs, device, amp_dtype, hyper)
         self.forward = compile_model(model, device) if compile else model
         self.cuda_graphs = compile and uses_cuda_graphs(model, device)
         # fp16 needs loss scaling; bf16 has fp32's range and does not. One scaler for a fused
-        # group: an overflow in any run skips the step of the whole group.
+        # group: an overflow in a run skips that run's step, and lowers the scale of all.
         self.scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
         # Steps the scaler skipped (an overflow lowers the scale and skips the update): normal
         # under fp16, counted on the device and read at log points, never taken for divergence.
@@ -83,9 +76,9 @@ class TrainStep:
         self._scale_before = torch.zeros((), device=device)  # reused every step: no allocation
         self._lowered = torch.zeros((), dtype=torch.bool, device=device)
 
-    def set_lr(self, lr: float) -> None:
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+    def set_lr(self, lr: float | list[float]) -> None:
+        """The learning rate of the next step: each run's, or one for all."""
+        self.optimizer.set_lr([lr] * self.runs if isinstance(lr, float | int) else lr)
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.cuda_graphs:  # tells the graph replays that the previous step's outputs are consumed
@@ -96,11 +89,11 @@ class TrainStep:
             losses = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view_as(y).mean(0)
             loss = losses.sum()
         wrong = (logits.detach().argmax(2) != y).sum(0)  # read the logits before the backward replay
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad()
         self.scaler.scale(loss).backward()
         if self.scaler.is_enabled():
             self._scale_before.copy_(self.scaler._scale)  # the live scale tensor: compared on the device, no sync
-            self.scaler.step(self.optimizer)
+            self.optimizer.step(self.scaler)
             self.scaler.update()
             torch.lt(self.scaler._scale, self._scale_before, out=self._lowered)
             self.skipped += self._lowered

@@ -30,7 +30,7 @@ from torch import nn
 from fastres import distributed, fused, group, progress, rundir, schedule
 from fastres.checkpoint import Checkpoint, Normalization
 from fastres.cli import run_main
-from fastres.config import RunConfig, build_parser, configs_from_args, parse_spec, resume_overrides, validate
+from fastres.config import SWEEPS, RunConfig, build_parser, configs_from_args, parse_spec, resume_overrides, validate
 from fastres.data import loaders
 from fastres.data.dataset import DATASETS
 from fastres.errors import RunError, UsageError
@@ -119,7 +119,7 @@ class Session:
     """Everything a group of runs trains with (one run, unless fused), built from their
     configs before anything is written."""
 
-    cfgs: list[RunConfig]  # one per run, alike but for seed and run directory
+    cfgs: list[RunConfig]  # one per run, alike but for seed, hyperparameters and run directory
     dist: distributed.DistInfo
     device: torch.device
     model: nn.Module  # the runs' models fused into one (`fastres.fused`); one run's is its own model
@@ -130,12 +130,27 @@ class Session:
 
     @property
     def cfg(self) -> RunConfig:
-        """What the runs share (model, schedule, batch size...): the first run's config."""
+        """What the runs share (model, batch size, data...): the first run's config."""
         return self.cfgs[0]
 
     @property
     def runs(self) -> int:
         return len(self.cfgs)
+
+    @property
+    def iters(self) -> int:
+        """Where the group stops: its longest run's end (the others leave it at theirs)."""
+        return max(c.iters for c in self.cfgs)
+
+    @property
+    def labels(self) -> list[str]:
+        """How the display names each run: its seed, and the values it differs in from the
+        others of its sweep (`lr0.05 s0`)."""
+        if self.runs == 1:
+            return [f"s{self.cfg.seed}"]
+        keys = [k for k, sw in SWEEPS.items() if len({getattr(c, sw.field) for c in self.cfgs}) > 1]
+        return [" ".join([*(SWEEPS[k].token(k, getattr(c, SWEEPS[k].field)) for k in keys), f"s{c.seed}"])
+                for c in self.cfgs]
 
 
 def setup(cfgs: list[RunConfig], dist: distributed.DistInfo, prepared: loaders.Prepared | None = None) -> Session:
@@ -161,7 +176,7 @@ def setup(cfgs: list[RunConfig], dist: distributed.DistInfo, prepared: loaders.P
     num_classes = DATASETS[cfg.dataset].num_classes
     cfg.spec.check_fits(memory_bytes(device), num_classes, cfg.batch_size // dist.world_size, len(cfgs),
                         tensor_dtype(precision).itemsize)  # before any data is read or anything is built
-    prepared = prepared or loaders.prepare(cfg.data, cfg.val_split, cfg.seed, cfg.normalize, dataset=cfg.dataset,
+    prepared = prepared or loaders.prepare(cfg.data, cfg.val_split, cfg.val_seed, cfg.normalize, dataset=cfg.dataset,
                                            progress=dist.is_main and progress.resolve(cfg.progress) == "rich")
     where = loaders.Placement(device, tensor_dtype(precision), cfg.channels_last, dist.rank, dist.world_size)
     seeds = [c.seed for c in cfgs]
@@ -174,8 +189,8 @@ def setup(cfgs: list[RunConfig], dist: distributed.DistInfo, prepared: loaders.P
     model = fused.fuse(members).to(device, param_dtype(precision))
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    step = TrainStep(distributed.wrap(model, dist), device, dtype, cfg.compile, momentum=cfg.momentum,
-                     weight_decay=cfg.weight_decay, runs=len(cfgs))
+    step = TrainStep(distributed.wrap(model, dist), device, dtype, cfg.compile,
+                     hyper=[(c.momentum, c.weight_decay) for c in cfgs], runs=len(cfgs))
     return Session(cfgs, dist, device, model, step, data, prepared, notes)
 
 
@@ -213,8 +228,13 @@ def resume(dirs: list[str], overrides: dict[str, Any] | None = None,
         cfgs = [validate(dataclasses.replace(s.config, out=str(s.path), **(overrides or {}))) for s in point.saved]
         if check is not None:
             check(cfgs, point.step)
-        if point.step >= cfgs[0].iters:
-            return finished(cfgs, point, writes)
+        ended = [k for k, c in enumerate(cfgs) if point.step >= c.iters]  # a sweep's run may end before the others
+        results = finished([cfgs[k] for k in ended], [point.saved[k] for k in ended], writes) if ended else []
+        if len(ended) == len(cfgs):
+            return results
+        if ended:
+            going = [k for k in range(len(cfgs)) if k not in ended]
+            cfgs, point = [cfgs[k] for k in going], rundir.ResumePoint([point.saved[k] for k in going], point.step)
         if not alone:
             group.check(cfgs, int(os.environ.get("WORLD_SIZE", "1")))
         changes = [point.clear_temporary] + ([point.clear_for_restart] if point.step == 0 else [])
@@ -227,7 +247,6 @@ def resume(dirs: list[str], overrides: dict[str, Any] | None = None,
                 changes.pop(0)()
             return contextlib.nullcontext([point.saved[k].dir for k in part])
 
-        results: list[dict[str, Any]] = []
         for part in [[k] for k in range(len(cfgs))] if alone else [list(range(len(cfgs)))]:
             states = None if point.states is None else [point.states[k] for k in part]
             done = _run([cfgs[k] for k in part], states, lambda w, part=part: claim(w, part), stop_at, deadline)
@@ -237,34 +256,35 @@ def resume(dirs: list[str], overrides: dict[str, Any] | None = None,
         return results
 
 
-def finished(cfgs: list[RunConfig], point: rundir.ResumePoint, writes: bool) -> list[dict[str, Any]]:
+def finished(cfgs: list[RunConfig], saved: list[rundir.Saved], writes: bool) -> list[dict[str, Any]]:
     """The results of runs whose final checkpoint is written; those whose results.json a
     kill took are written again from it."""
-    lost = [k for k, s in enumerate(point.saved) if s.dir.results() is None]
+    lost = [k for k, s in enumerate(saved) if s.dir.results() is None]
     if not lost:
-        print(f"fastres: {', '.join(c.out for c in cfgs)}: already finished {cfgs[0].iters} iterations; nothing to do")
-        return [s.dir.results() or {} for s in point.saved]
+        for c in cfgs:
+            print(f"fastres: {c.out}: already finished {c.iters} iterations; nothing to do")
+        return [s.dir.results() or {} for s in saved]
     dist = distributed.setup()
     try:
         for k in lost:
-            saved = point.saved[k]
+            run = saved[k]
             s = setup([cfgs[k]], dist)
-            files = Files([saved.dir], writes)
+            files = Files([run.dir], writes)
             window = Window(s.device, s.cfg.batch_size)
-            done, clock = restore(s, [saved.states[0]], window)
-            logged = [r for r in saved.dir.metrics.read() if r["iter"] == done]
+            done, clock = restore(s, [run.states[0]], window)
+            logged = [r for r in run.dir.metrics.read() if r["iter"] == done]
             evals = [f"{name}_error" for name in s.data.evals]
             final = logged[0] if logged and all(e in logged[0] for e in evals) else {}
             if not final:  # not saved: the final evaluation is redone from the final checkpoint
                 final = read_metrics(s, window, clock, logged=False, evaluated=True)[0]
-            print(f"fastres: {saved.path}: results.json was lost after the final checkpoint: writing it again",
+            print(f"fastres: {run.path}: results.json was lost after the final checkpoint: writing it again",
                   file=sys.stderr)
             reporter = Reporter(s.cfg.progress if writes else "none", done, done, s.cfg.model)
-            fused_with = [str(p) for p in saved.dir.group()]
-            finish(s, 0, files, final, clock, reporter, fused_with if len(fused_with) > 1 else None)
+            group_of = [str(p) for p in run.dir.group()]
+            finish(s, 0, files, final, clock, reporter, group_of if len(group_of) > 1 else None)
     finally:
         distributed.teardown(dist)
-    return [s.dir.results() or {} for s in point.saved]
+    return [s.dir.results() or {} for s in saved]
 
 
 Claim = Callable[[bool], contextlib.AbstractContextManager[list[RunDir]]]
@@ -275,9 +295,11 @@ def _run(cfgs: list[RunConfig], states: list[Checkpoint] | None, claim: Claim, s
     """Join the process group, build everything, claim the run directories (only now: an
     error found while building leaves no trace on disk), train. A run that diverges is
     stopped and reported, and the others go on; the error for it is raised once they have
-    finished."""
+    finished. A run of a sweep that ends before the others leaves the group the same way,
+    its results written. Returns the finished runs' results, None when stopped early."""
     dist = distributed.setup()
     failed: list[str] = []
+    results: list[dict[str, Any]] | None = []
     saved = None if states is None else states[0].step
     try:
         s = setup(cfgs, dist)
@@ -286,16 +308,17 @@ def _run(cfgs: list[RunConfig], states: list[Checkpoint] | None, claim: Claim, s
             while True:
                 outcome = _train(s, files, states, stop_at, deadline, saved)
                 failed += outcome.diverged
-                if outcome.go_on is None:
+                results = None if outcome.results is None else results + outcome.results
+                if results is None or outcome.go_on is None or not outcome.go_on[0]:
                     break
-                live, states, saved = outcome.go_on  # the runs that did not diverge go on as a smaller group
+                live, states, saved = outcome.go_on  # the runs that did not diverge or end go on as a smaller group
                 files, s = files.only(live), setup([s.cfgs[k] for k in live], dist, s.prepared)
     finally:
         distributed.teardown(dist)
     if failed:
-        others = f"; the other {len(outcome.results)} run(s) of its group finished" if outcome.results else ""
+        others = f"; the other {len(results)} run(s) of its group finished" if results else ""
         raise RunError(f"{failed[0]}{others}" + (f" ({len(failed) - 1} more diverged)" if len(failed) > 1 else ""))
-    return outcome.results
+    return results
 
 
 @contextlib.contextmanager
@@ -333,7 +356,7 @@ class Files:
                 if start:
                     d.metrics.truncate_after(start)
                 d.write_config(cfg)
-                d.write_group([c.out for c in cfgs])
+                d.write_group([c.out for c in cfgs], cfg.extra.get("sweep"))
 
     def log(self, k: int, record: dict[str, Any]) -> None:
         if self.writes:
@@ -384,65 +407,79 @@ def _train(s: Session, files: Files, states: list[Checkpoint] | None, stop_at: i
     files.begin(s.cfgs, start)
     reporter = start_reporting(s, files, start)
     p = Progress(start if saved is None else saved, [{} for _ in s.cfgs])
+    ends = {c.iters for c in s.cfgs}  # a run of a sweep may stop before the others: it leaves the group there
     with StopFlag() as stop:
-        for done, lr, batch in iterations(s, start):
-            s.step.set_lr(lr)
+        for done, lrs, batch in iterations(s, start):
+            s.step.set_lr(lrs)
             window.add(*s.step(*batch))
             clock.tick()
             reporter.advance()
-            logged = done % cfg.log_every == 0 or done == cfg.iters
+            logged = done % cfg.log_every == 0 or done in ends
             if not logged and reporter.wants_early(done):  # for the bar alone, never logged: one host sync each
-                reporter.early(done, lr, window.peek(s.dist), [c.seed for c in s.cfgs])
-            p.records = read_metrics(s, window, clock, logged, done % cfg.eval_every == 0 or done == cfg.iters)
+                reporter.early(done, lrs, window.peek(s.dist), s.labels)
+            p.records = read_metrics(s, window, clock, logged, done % cfg.eval_every == 0 or done in ends)
             p.dead = [k for k, r in enumerate(p.records) if not math.isfinite(r.get("train_loss", 0.0))]
             p.messages = []
             if p.records[0]:
-                log(s, files, reporter, p, done, lr, clock)
+                log(s, files, reporter, p, done, lrs, clock)
             stopping = stop.signum is not None or done == stop_at or (deadline is not None and
                                                                       time.monotonic() >= deadline)
             if s.dist.world_size > 1:  # agree at the log points (a sync there anyway), so all stop together
                 stopping = logged and distributed.any_rank(stopping, s.dist)
-            due = done % cfg.checkpoint_every == 0 or done == cfg.iters or stopping
+            due = done % cfg.checkpoint_every == 0 or done in ends or stopping
             if due or p.dead:
                 with clock.paused():
                     states = checkpoint_point(s, files, window, clock, p, done, due)
-                if p.dead and not stopping and done < cfg.iters:
+                live = [k for k in range(s.runs) if k not in p.dead]
+                ending = [k for k in live if s.cfgs[k].iters == done]
+                if (p.dead or ending or stopping) and done < s.iters:
                     reporter.close()
-                    return Outcome(None, p.messages, ([k for k in range(s.runs) if k not in p.dead], states, p.saved))
-            if stopping and done < cfg.iters:
-                reporter.close()
-                reporter.message(f"stopped at iteration {done}; checkpoint saved. Continue with: "
-                                 f"python -m fastres.train --resume {shlex.quote(str(files.dirs[0].path))}")
-                return Outcome(None, p.messages)
+                    results = [finish(s, k, files, p.records[k], clock, reporter, fused_with(s)) for k in ending]
+                    if stopping:
+                        reporter.message(f"stopped at iteration {done}; checkpoint saved. Continue with: "
+                                         f"python -m fastres.train --resume {shlex.quote(str(files.dirs[0].path))}")
+                        return Outcome(None, p.messages)
+                    going = [k for k in live if k not in ending]  # they go on as a smaller group, from here
+                    return Outcome(results, p.messages, (going, [states[live.index(k)] for k in going], p.saved))
         reporter.close()
         # the last iteration is always evaluated: its records hold the final errors. Still under
         # the StopFlag: a Ctrl-C now waits for the results, which take a moment
-        fused_with = [c.out for c in s.cfgs] if s.runs > 1 else None
-        results = [finish(s, k, files, p.records[k], clock, reporter, fused_with) for k in range(s.runs)
+        results = [finish(s, k, files, p.records[k], clock, reporter, fused_with(s)) for k in range(s.runs)
                    if k not in p.dead]
     return Outcome(results, p.messages)
 
 
-def iterations(s: Session, start: int) -> Iterator[tuple[int, float, tuple[torch.Tensor, ...]]]:
-    """(iterations done after this step, its learning rate, its batch) from `start` to the
-    end: the loader position and the lr are pure functions of the iteration."""
+def fused_with(s: Session) -> list[str] | None:
+    """What a fused run's results name as its group (None for a run trained alone)."""
+    return [c.out for c in s.cfgs] if s.runs > 1 else None
+
+
+def iterations(s: Session, start: int) -> Iterator[tuple[int, list[float], tuple[torch.Tensor, ...]]]:
+    """(iterations done after this step, each run's learning rate for it, its batch) from
+    `start` to the end: the loader position and the lr are pure functions of the iteration."""
     spe = s.data.train.steps_per_epoch
     batches = s.data.train.epoch(start // spe, start % spe)
-    for step in range(start, s.cfg.iters):
+    for step in range(start, s.iters):
         if step % spe == 0 and step != start:
             batches = s.data.train.epoch(step // spe)
-        yield step + 1, s.cfg.lr_at(step), next(batches)
+        yield step + 1, [c.lr_at(step) for c in s.cfgs], next(batches)
 
 
-def log(s: Session, files: Files, reporter: Reporter, p: Progress, done: int, lr: float, clock: Clock) -> None:
-    """A log point: each live run's record into its metrics log and the display."""
-    head = {"iter": done, "epoch": round(done / s.data.train.steps_per_epoch, 4), "lr": lr}
-    p.records = [{**head, **r, "wall_s": round(clock.wall(), 3)} for r in p.records]
+def log(s: Session, files: Files, reporter: Reporter, p: Progress, done: int, lrs: list[float],
+        clock: Clock) -> None:
+    """A log point: each live run's record into its metrics log and the display. An
+    evaluation made because another run of the group ends here is not logged for a run
+    whose own schedule has none here: each run logs what it would alone."""
+    head = {"iter": done, "epoch": round(done / s.data.train.steps_per_epoch, 4)}
+    p.records = [{**head, "lr": lr, **r, "wall_s": round(clock.wall(), 3)} for r, lr in zip(p.records, lrs, strict=True)]
     for k, record in enumerate(p.records):
+        if done % s.cfg.eval_every and done != s.cfgs[k].iters:
+            for name in s.data.evals:
+                record.pop(f"{name}_error", None)
         if k not in p.dead:
             files.log(k, record)
     reporter.log([r for k, r in enumerate(p.records) if k not in p.dead],
-                 [c.seed for k, c in enumerate(s.cfgs) if k not in p.dead])
+                 [label for k, label in enumerate(s.labels) if k not in p.dead])
 
 
 def checkpoint_point(s: Session, files: Files, window: Window, clock: Clock, p: Progress, done: int,
@@ -498,9 +535,8 @@ def restore(s: Session, states: list[Checkpoint], window: Window) -> tuple[int, 
         raise RunError(f"the runs' checkpoints are at different steps: {[state.step for state in states]}")
     try:
         s.model.load_state_dict(fused.join_states([state.model for state in states]))
-        s.step.optimizer.load_state_dict(fused.join_optimizer_states([state.optimizer for state in states]))
+        s.step.optimizer.load_state_dicts([state.optimizer for state in states])
         s.step.scaler.load_state_dict(first.scaler)
-        check_momentum(s.step.optimizer)
         window.load(Sums(torch.cat([state.loss_sum.reshape(-1) for state in states]),
                          torch.cat([state.wrong_sum.reshape(-1) for state in states]), first.window), s.dist)
     except (RuntimeError, ValueError, KeyError, IndexError, TypeError) as e:
@@ -510,16 +546,6 @@ def restore(s: Session, states: list[Checkpoint], window: Window) -> tuple[int, 
     return first.step, Clock(first.train_time, first.wall_time)
 
 
-def check_momentum(optimizer: torch.optim.Optimizer) -> None:
-    """Each momentum buffer has its parameter's shape (`load_state_dict` does not check it)."""
-    for param_group in optimizer.param_groups:
-        for param in param_group["params"]:
-            buf = optimizer.state.get(param, {}).get("momentum_buffer")
-            if buf is not None and buf.shape != param.shape:
-                raise ValueError(f"a momentum buffer of shape {tuple(buf.shape)} for a parameter of "
-                                 f"{tuple(param.shape)}")
-
-
 def start_reporting(s: Session, files: Files, start: int) -> Reporter:
     """Say in a few lines what is about to run (the full config is in each run's config.json),
     and return the progress display."""
@@ -527,15 +553,18 @@ def start_reporting(s: Session, files: Files, start: int) -> Reporter:
     if s.dist.is_main:
         for note in s.notes:
             print(f"fastres: {note}", file=sys.stderr)
-        late = [m for m in cfg.milestones if m >= cfg.iters]
-        if late:  # allowed (a prefix of a longer schedule), but never silent
-            print(f"fastres: note: milestones {', '.join(map(str, late))} are not below --iters {cfg.iters}: "
-                  "the learning rate does not drop there", file=sys.stderr)
+        for c in dict.fromkeys((c.milestones, c.iters) for c in s.cfgs):
+            late = [m for m in c[0] if m >= c[1]]
+            if late:  # allowed (a prefix of a longer schedule), but never silent
+                print(f"fastres: note: milestones {', '.join(map(str, late))} are not below --iters {c[1]}: "
+                      "the learning rate does not drop there", file=sys.stderr)
     title = cfg.model if s.runs == 1 else f"{cfg.model} x{s.runs}"
-    reporter = Reporter(cfg.progress if s.dist.is_main else "none", cfg.iters, start, title, cfg.log_every)
-    fused_note = f", {s.runs} runs fused (seeds {', '.join(str(c.seed) for c in s.cfgs)})" if s.runs > 1 else ""
+    reporter = Reporter(cfg.progress if s.dist.is_main else "none", s.iters, start, title, cfg.log_every)
+    fused_note = f", {s.runs} runs fused ({', '.join(s.labels)})" if s.runs > 1 else ""
     configs = [str(d.path / rundir.CONFIG) for d in files.dirs]
     warmup = f", warm-up {cfg.warmup_iters} at {cfg.warmup_lr:g}" if cfg.warmup_iters else ""
+    differ = [k for k, sw in SWEEPS.items() if len({getattr(c, sw.field) for c in s.cfgs}) > 1]
+    warmup += f"; each run its own {', '.join(differ)}" if differ else ""
     reporter.message(summary(f"{cfg.spec.tag}, {count_parameters(s.model) // s.runs:,} parameters{fused_note}", {
         "data": f"{s.data.source}; {s.data.train_size:,} training images",
         "device": f"{device_name(s.device)}; {cfg.precision}" + (", compiled" if cfg.compile else ""),
@@ -543,7 +572,7 @@ def start_reporting(s: Session, files: Files, start: int) -> Reporter:
         "config": configs[0] + (f" and {len(configs) - 1} more, one per run" if len(configs) > 1 else ""),
     }))
     if start:
-        reporter.message(f"fastres: resuming from iteration {start} of {cfg.iters}")
+        reporter.message(f"fastres: resuming from iteration {start} of {s.iters}")
     return reporter
 
 
@@ -576,7 +605,7 @@ def member_states(s: Session, step: int, window: Window, clock: Clock, members: 
     optimiser, position, metric window (summed over processes: every process takes part),
     clocks and the normalisation evaluation needs."""
     models = fused.split_state(s.model.state_dict(), s.runs)
-    optimizers = fused.split_optimizer_state(s.step.optimizer.state_dict(), s.runs)
+    optimizers = s.step.optimizer.state_dicts()
     sums = window.state(s.dist)
     norm = Normalization(torch.from_numpy(s.prepared.mean), torch.from_numpy(s.prepared.std))
     return [Checkpoint(config=s.cfgs[k], step=step, model=models[k], optimizer=optimizers[k],

@@ -29,14 +29,16 @@ def test_each_flag_is_the_option_that_sets_its_field() -> None:
             assert role.flag in options.get(name, set()), (name, role.flag)
         else:
             assert name not in options, (name, options.get(name))
-    assert config.flag("weight_decay") == "--wd" and config.flag("warmup_lr") == "the warm-up lr"
+    assert config.flag("weight_decay") == "--wd" and config.flag("warmup_lr") == "--warmup-lr" and config.flag("precision") == "the precision"
 
 
 def test_the_derived_lists() -> None:
-    assert config.free_in_group() == ("seed", "out")
+    assert config.free_in_group() == ("iters", "milestones", "lr", "warmup_iters", "warmup_lr", "momentum",
+                                      "weight_decay", "seed", "out")
+    assert {s.field for s in config.SWEEPS.values()} | {"seed", "out"} == set(config.free_in_group())
     assert config.comparable() == ("iters", "milestones", "lr", "warmup_iters", "warmup_lr", "momentum",
-                                   "weight_decay", "batch_size", "dataset", "data", "val_split", "normalize",
-                                   "precision")
+                                   "weight_decay", "batch_size", "dataset", "data", "val_split", "val_seed",
+                                   "normalize", "precision")
     assert config.resume_overrides() == ("device", "progress")
     assert config.recorded() == ("precision", "cpu_threads")
 

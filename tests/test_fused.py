@@ -22,7 +22,8 @@ from fastres.errors import UsageError
 from fastres.evaluate import main as evaluate_main
 from fastres.models import ModelSpec
 from fastres.rundir import RunDir
-from fastres.step import TrainStep, make_optimizer
+from fastres.optim import make_optimizer
+from fastres.step import TrainStep
 from fastres.train import main as train_main
 from fastres.train import train, train_group
 
@@ -129,35 +130,6 @@ def test_each_runs_gradient_is_the_one_it_has_alone() -> None:
         for name, p in m.named_parameters():
             scale = p.grad.abs().max()
             torch.testing.assert_close(fused_grads[name].chunk(3)[k], p.grad, rtol=0, atol=EXACT * scale, msg=name)
-
-
-def test_momentum_weight_decay_and_lr_act_per_run() -> None:
-    """Given each run's own gradients, three SGD steps of the fused optimiser (momentum 0.9,
-    weight decay 1e-4, the lr changed between steps) move each run's weights and momentum
-    exactly as its own optimiser does alone: the update is elementwise, so bit for bit."""
-    models = members("resnet8", (0, 1), dtype=torch.float32)
-    model = fused.fuse(copy.deepcopy(models))
-    fopt, opts = make_optimizer(model, CPU, None), [make_optimizer(m, CPU, None) for m in models]
-    g = torch.Generator().manual_seed(0)
-    for lr in (0.1, 0.1, 0.01):
-        for m, opt in zip(models, opts, strict=True):
-            opt.param_groups[0]["lr"] = lr
-            opt.zero_grad()
-            x, y = torch.randn(8, 3, 32, 32, generator=g), torch.randint(0, 10, (8,), generator=g)
-            F.cross_entropy(m(x), y).backward()
-            opt.step()
-        fopt.param_groups[0]["lr"] = lr
-        for p, *ps in zip(model.parameters(), *(m.parameters() for m in models), strict=True):
-            p.grad = torch.cat([q.grad for q in ps])
-        fopt.step()
-    for k, state in enumerate(fused.split_state(model.state_dict(), 2)):
-        for name, v in models[k].named_parameters():
-            assert torch.equal(state[name], v), name
-    momentum = fused.split_optimizer_state(fopt.state_dict(), 2)
-    for k, opt in enumerate(opts):
-        for p, s in opt.state_dict()["state"].items():
-            assert torch.equal(momentum[k]["state"][p]["momentum_buffer"], s["momentum_buffer"])
-    assert fused.join_optimizer_states(momentum)["state"][0]["momentum_buffer"].shape == (32, 3, 3, 3)
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
@@ -380,8 +352,8 @@ def test_a_diverging_run_stops_and_the_others_go_on(tmp_path: Path, fp64_group: 
 def test_runs_that_cannot_share_a_graph_are_refused(tiny_tree: Path, tmp_path: Path) -> None:
     a = tiny_config(tiny_tree, tmp_path / "a")
     for other, words in [(dict(model="resnet14"), "differ in model"), (dict(shortcut="B"), "differ in shortcut"),
-                         (dict(milestones=(10, 20)), "differ in milestones"), (dict(lr=0.05), "differ in lr"),
-                         (dict(seed=0), "distinct seeds")]:
+                         (dict(batch_size=16), "differ in batch_size"), (dict(val_split=20), "differ in val_split"),
+                         (dict(seed=0), "would be the same run")]:
         with pytest.raises(UsageError, match=words):
             train_group([a, tiny_config(tiny_tree, tmp_path / "b", **{"seed": 1, **other})])
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
@@ -390,8 +362,7 @@ def test_runs_that_cannot_share_a_graph_are_refused(tiny_tree: Path, tmp_path: P
 @pytest.mark.parametrize(("extra", "env", "words"), [
     (["--seed", "1"], {}, "--seed and --seeds"),
     (["--loader", "dali"], {}, "--loader dali feeds one run"),
-    (["--val-split", "20"], {}, "--val-split holds out different images for each seed"),
-    ([], {"WORLD_SIZE": "2"}, "fused runs (several seeds) train in one process"),
+    ([], {"WORLD_SIZE": "2"}, "fused runs (several seeds or a sweep) train in one process"),
 ])
 def test_fused_refusals_are_one_line(tiny_tree: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
                                      monkeypatch: pytest.MonkeyPatch, extra: list[str], env: dict, words: str) -> None:
@@ -436,7 +407,7 @@ def test_seeds_on_a_cpu_train_one_after_another_by_default(tiny_tree: Path, tmp_
     argv = ["resnet8", "--data", str(tiny_tree), "--seeds", "0,1", "--iters", "10", "--batch-size", "32",
             "--out", str(tmp_path), "--device", "cpu", "--progress", "none"]
     assert train_main(argv) == 0
-    assert "training the 2 seeds one after another (on a CPU" in capsys.readouterr().err
+    assert "training the 2 runs one after another (on a CPU" in capsys.readouterr().err
     for seed in (0, 1):
         result = json.loads((tmp_path / f"resnet8-A-seed{seed}" / "results.json").read_text())
         assert result["seed"] == seed and result["fused_with"] is None
@@ -459,8 +430,8 @@ def test_progress_shows_the_group_and_each_run(capsys: pytest.CaptureFixture) ->
 
     records = [{"iter": 100, "lr": 0.1, "train_loss": 1.5 + k, "train_error": 0.5, "test_error": 0.25, "it_s": 40.0}
                for k in range(2)]
-    line = format_group(records, [3, 7])
+    line = format_group(records, ["s3", "s7"])
     assert line.startswith("lr 0.1  40.0 it/s x2") and "s3 1.500/50.0%/25.0%" in line and "s7 2.500/" in line
-    Reporter("plain", 1000, 0, "resnet20 x2").log(records, [3, 7])
+    Reporter("plain", 1000, 0, "resnet20 x2").log(records, ["s3", "s7"])
     out = capsys.readouterr().out.splitlines()
-    assert [o.split("  ")[1] for o in out] == ["seed 3", "seed 7"] and "loss 2.5000" in out[1]
+    assert [o.split("  ")[1] for o in out] == ["s3", "s7"] and "loss 2.5000" in out[1]

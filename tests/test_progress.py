@@ -32,7 +32,7 @@ class FakeTime:
         return self.t
 
 
-def final_screen(width: int, total: int, done: int, title: str, records: list[dict], seeds: list[int]) -> list[str]:
+def final_screen(width: int, total: int, done: int, title: str, records: list[dict], labels: list[str]) -> list[str]:
     """The bar's lines on a terminal of `width` columns, 1000 steps after the start, at a
     log point 10 s later (100 it/s)."""
     clock = FakeTime()
@@ -41,7 +41,7 @@ def final_screen(width: int, total: int, done: int, title: str, records: list[di
     for _ in range(1000):
         reporter.advance()
     clock.t = 10.0
-    reporter.log(records, seeds)
+    reporter.log(records, labels)
     reporter.close()
     screen = Console(width=width, record=True, file=io.StringIO())
     screen.print(reporter.bar)
@@ -49,18 +49,18 @@ def final_screen(width: int, total: int, done: int, title: str, records: list[di
 
 
 def test_the_bar_fits_80_columns_dropping_figures_before_the_count_or_the_time() -> None:
-    [line] = final_screen(80, 64000, 12345, "resnet1202", [RECORD], [0])
+    [line] = final_screen(80, 64000, 12345, "resnet1202", [RECORD], ["s0"])
     assert len(line) <= 78 and "12345/64000" in line and line.endswith("0:08:37")  # 51655 to go at 100 it/s
     assert all(f in line for f in ("loss 0.0123", "test 6.97%", "1234.5 it/s"))  # the most useful stay
     assert all(f not in line for f in ("lr 0.001", "err 0.42%", "val 7.12%"))
-    [wide] = final_screen(200, 64000, 12345, "resnet1202", [RECORD], [0])
+    [wide] = final_screen(200, 64000, 12345, "resnet1202", [RECORD], ["s0"])
     assert all(f in wide for f in ("lr 0.001", "err 0.42%", "val 7.12%", "test 6.97%"))
 
 
 @pytest.mark.parametrize("width", [24, 30, 40, 60, 80, 100, 120])
 def test_the_count_and_the_time_are_never_cut(width: int) -> None:
     records = [dict(RECORD, train_loss=RECORD["train_loss"] + k) for k in range(4)]
-    [line] = final_screen(width, 64000, 12345, "resnet110-B x4", records, [0, 1, 2, 3])
+    [line] = final_screen(width, 64000, 12345, "resnet110-B x4", records, ["s0", "s1", "s2", "s3"])
     assert len(line) <= width - 2 and "12345/64000" in line and line.endswith("0:08:37"), line
     if width == 100:  # the group's it/s and the first run stay, the others go
         assert "1234.5 it/s x4" in line and "s0 0.012/" in line and "s1 " not in line
@@ -78,7 +78,7 @@ def test_the_time_remaining_is_an_exponential_average_of_the_log_intervals() -> 
     reporter = Reporter("none", 1000, 0, "resnet20", now=clock)
     for done, t in ((100, 10.0), (200, 30.0), (300, 40.0)):  # 10 it/s, then 5 (an evaluation), then 10
         clock.t = t
-        reporter.log([{"iter": done, "lr": 0.1}], [0])
+        reporter.log([{"iter": done, "lr": 0.1}], ["s0"])
     assert reporter.rate == pytest.approx(0.2 * 10 + 0.8 * (0.2 * 5 + 0.8 * 10))
     assert reporter.remaining(300) == pytest.approx(700 / reporter.rate)
     assert progress.clock(None) == "-:--:--" and progress.clock(3725.4) == "1:02:05"
@@ -102,9 +102,9 @@ def test_an_early_read_leaves_out_the_first_step_and_shows_loss_and_rate() -> No
     reporter = Reporter("rich", 100, 0, "resnet8", log_every=50, console=Console(file=io.StringIO()), now=clock)
     try:
         clock.t = 30.0  # the first step compiles
-        reporter.early(1, 0.1, [{"train_loss": 2.5, "train_error": 0.9}], [0])
+        reporter.early(1, [0.1], [{"train_loss": 2.5, "train_error": 0.9}], ["s0"])
         clock.t = 31.0
-        reporter.early(2, 0.1, [{"train_loss": 2.4, "train_error": 0.875}], [0])
+        reporter.early(2, [0.1], [{"train_loss": 2.4, "train_error": 0.875}], ["s0"])
         assert reporter.rate == 1.0
         assert progress.fit(reporter.fields, 1000) == "lr 0.1  loss 2.4000  err 87.50%  1.0 it/s"
     finally:

@@ -67,7 +67,7 @@ def test_reproduce_fuses_the_seeds_of_each_model_and_resumes_a_group(tiny_tree: 
 def test_reproduce_trains_seeds_one_after_another_on_a_cpu(tiny_tree: Path, tmp_path: Path,
                                                            capsys: pytest.CaptureFixture) -> None:
     assert reproduce.main([*argv(tiny_tree, tmp_path), "--runs", "resnet8"]) == 0
-    assert "resnet8: training the 2 seeds one after another (on a CPU" in capsys.readouterr().err
+    assert "resnet8: training the 2 runs one after another (on a CPU" in capsys.readouterr().err
 
 
 def test_report_cli_on_run_dirs(tiny_tree: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

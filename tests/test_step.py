@@ -3,7 +3,8 @@ import copy
 import torch
 
 from fastres.models import build_model
-from fastres.step import TrainStep, error_rate, make_optimizer
+from fastres.optim import make_optimizer
+from fastres.step import TrainStep, error_rate
 
 CPU = torch.device("cpu")
 

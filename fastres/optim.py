@@ -1,0 +1,91 @@
+"""The paper's SGD, and SGD for a fused group whose runs differ in their hyperparameters
+(a sweep: `--sweep lr=0.05,0.1,0.2`).
+
+Every parameter of a fused model is its runs' parameters stacked on dim 0 (`fastres.fused`),
+so run k's parameters are views of slice k of each. Each run gets its own
+`torch.optim.SGD` over those views, with its own learning rate, momentum and weight
+decay: the update of run k is then the very code and arithmetic of a run trained alone,
+on tensors of the same shapes, so it is bit for bit that run's update given its gradients
+(tests/test_sweep.py holds it). Its state dict is a single run's, as a checkpoint keeps it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from fastres import recipe
+
+
+def make_optimizer(params: nn.Module | Sequence[torch.Tensor], device: torch.device, amp_dtype: torch.dtype | None,
+                   momentum: float = recipe.MOMENTUM, weight_decay: float = recipe.WEIGHT_DECAY) -> torch.optim.SGD:
+    """The paper's SGD: momentum 0.9 and weight decay 1e-4 on every parameter (as in the
+    authors' code, BN included). Fused on CUDA (one kernel for all parameters), foreach
+    elsewhere; also foreach under fp16 loss scaling, where fused SGD has been reported to
+    advance its momentum on the steps GradScaler skips (torch 2.11, LibreYOLO PR #771)."""
+    fused = device.type == "cuda" and amp_dtype != torch.float16
+    params = list(params.parameters() if isinstance(params, nn.Module) else params)
+    return torch.optim.SGD(params, lr=recipe.LR, momentum=momentum, weight_decay=weight_decay,
+                           fused=fused or None, foreach=None if fused else True)
+
+
+class RunsSGD:
+    """One SGD per run of a fused model, each over its run's slice of every parameter.
+    `hyper`: each run's (momentum, weight decay); the learning rates are set every step."""
+
+    def __init__(self, model: nn.Module, runs: int, device: torch.device, amp_dtype: torch.dtype | None,
+                 hyper: Sequence[tuple[float, float]]) -> None:
+        self.params = list(model.parameters())
+        self.runs = runs
+        # a single run's own parameters; else views (leaves, sharing the fused storage)
+        self.views = [self.params] if runs == 1 else [[p.detach().chunk(runs)[k] for p in self.params]
+                                                       for k in range(runs)]
+        self.optimizers = [make_optimizer(views, device, amp_dtype, momentum, wd)
+                           for views, (momentum, wd) in zip(self.views, hyper, strict=True)]
+
+    def set_lr(self, lrs: Sequence[float]) -> None:
+        """Each run's learning rate for the next step: a plain float in its param group, so a
+        schedule change never recompiles anything."""
+        for optimizer, lr in zip(self.optimizers, lrs, strict=True):
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    def step(self, scaler: torch.amp.GradScaler | None = None) -> None:
+        """Each run's update from its slice of the fused gradients. With a GradScaler, a run
+        whose gradients overflowed skips its step, as it would alone; the scale is shared."""
+        if self.runs > 1:
+            for k, views in enumerate(self.views):
+                for v, p in zip(views, self.params, strict=True):
+                    v.grad = None if p.grad is None else p.grad.chunk(self.runs)[k]
+        for optimizer in self.optimizers:
+            if scaler is None:
+                optimizer.step()
+            else:
+                scaler.step(optimizer)
+        if self.runs > 1:  # the views' gradients are the fused ones': let them go with them
+            for views in self.views:
+                for v in views:
+                    v.grad = None
+
+    def state_dicts(self) -> list[dict[str, Any]]:
+        """Each run's SGD state dict, in a single run's format."""
+        return [optimizer.state_dict() for optimizer in self.optimizers]
+
+    def load_state_dicts(self, states: Sequence[dict[str, Any]]) -> None:
+        """Each run's SGD state back; a momentum buffer of another shape is a ValueError
+        (`load_state_dict` does not check it)."""
+        for optimizer, state in zip(self.optimizers, states, strict=True):
+            optimizer.load_state_dict(state)
+            for group in optimizer.param_groups:
+                for param in group["params"]:
+                    buf = optimizer.state.get(param, {}).get("momentum_buffer")
+                    if buf is not None and buf.shape != param.shape:
+                        raise ValueError(f"a momentum buffer of shape {tuple(buf.shape)} for a parameter of "
+                                         f"{tuple(param.shape)}")
