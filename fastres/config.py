@@ -11,6 +11,7 @@ import math
 import numbers
 import os
 from dataclasses import dataclass, field
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -406,18 +407,28 @@ def configs_from_args(args: argparse.Namespace) -> list[RunConfig]:
     if args.seeds is not None and (not args.seeds or len(set(args.seeds)) < len(args.seeds)):
         raise UsageError(f"--seeds must list distinct seeds, got {list(args.seeds)}")
     folder, cfgs = Path(args.out or "runs"), []
-    extra = {"sweep": {k: [list(v) if isinstance(v, tuple) else v for v in vs] for k, vs in sweeps.items()}}
-    for values in itertools.product(*sweeps.values()):
-        setting = {SWEEPS[k].field: v for k, v in zip(sweeps, values, strict=True)}
-        swept = tuple(SWEEPS[k].token(k, v) for k, v in zip(sweeps, values, strict=True))
-        for seed in args.seeds if args.seeds is not None else [args.seed or 0]:
-            ns = argparse.Namespace(**{**vars(args), **setting, "seed": seed, "seeds": None, "sweep": None,
-                                       "out": None})
-            cfg = config_from_args(ns)
-            name = run_name(cfg.spec, cfg.dataset, seed, swept)
-            cfgs.append(dataclasses.replace(cfg, out=str(folder / name), extra={**cfg.extra, **extra} if sweeps
-                                            else cfg.extra))
+    for setting, swept, seed in sweep_runs(sweeps, args.seeds if args.seeds is not None else [args.seed or 0]):
+        ns = argparse.Namespace(**{**vars(args), **setting, "seed": seed, "seeds": None, "sweep": None, "out": None})
+        cfg = config_from_args(ns)
+        name = run_name(cfg.spec, cfg.dataset, seed, swept)
+        cfgs.append(dataclasses.replace(cfg, out=str(folder / name), extra={**cfg.extra, **sweep_record(sweeps)}))
     return cfgs
+
+
+def sweep_runs(sweeps: dict[str, list[Any]], seeds: list[int]) -> Iterator[tuple[dict[str, Any], tuple[str, ...], int]]:
+    """Each run of a sweep (no sweep: one per seed): the fields it sets, the words naming
+    its values in its directory's name, its seed. The seeds vary fastest."""
+    for values in itertools.product(*sweeps.values()):
+        pairs = list(zip(sweeps, values, strict=True))
+        for seed in seeds:
+            yield {SWEEPS[k].field: v for k, v in pairs}, tuple(SWEEPS[k].token(k, v) for k, v in pairs), seed
+
+
+def sweep_record(sweeps: dict[str, list[Any]]) -> dict[str, Any]:
+    """What a run of a sweep keeps in its config's `extra`: the whole sweep (nothing without one)."""
+    if not sweeps:
+        return {}
+    return {"sweep": {k: [list(v) if isinstance(v, tuple) else v for v in vs] for k, vs in sweeps.items()}}
 
 
 def parse_spec(text: str, shortcut: str | None = None) -> ModelSpec:

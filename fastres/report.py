@@ -350,6 +350,21 @@ def write_report(run_dirs: list[Path], out: Path) -> None:
     print("written: " + ", ".join(map(str, written)))
 
 
+def write_sweep(run_dirs: list[Path], out: Path) -> None:
+    """The runs are a sweep's: write sweep.md, sweep.json and a plot per swept value into
+    `out` atomically, and print the table and its choice (`fastres.sweep`)."""
+    results = [run.results for run in find_runs(run_dirs)]
+    refuse_foreign(out, sweep.SWEEP_FILES)
+    table, summary, plots = sweep.build(results)
+    for name, fig in plots.items():
+        atomic.write_bytes(out / name, _png(fig))
+    md = table + "\n" + "".join(f"![{Path(name).stem}]({name})\n" for name in plots)
+    atomic.write_bytes(out / "sweep.md", md.encode())
+    atomic.write_json(out / "sweep.json", summary)
+    print(table)
+    print("written: " + ", ".join(str(out / name) for name in [*sweep.SWEEP_FILES, *plots]))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = Parser(prog="python -m fastres.report", description=__doc__.split("\n\n")[0])
     p.add_argument("runs", nargs="+", type=Path, help="run directories, or folders holding them")
@@ -358,10 +373,7 @@ def main(argv: list[str] | None = None) -> int:
                    "choose one on the validation error alone (sweep.md, sweep.json, a plot per swept value)")
     args = p.parse_args(argv)
     if args.select:
-        runs = find_runs(args.runs)
-        refuse_foreign(args.out, sweep.SWEEP_FILES)
-        written = sweep.write([run.results for run in runs], args.out)
-        print("written: " + ", ".join(map(str, written)))
+        write_sweep(args.runs, args.out)
     else:
         write_report(args.runs, args.out)
     return 0

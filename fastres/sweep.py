@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fastres import atomic
 from fastres.config import SWEEPS, comparable
 from fastres.errors import RunError
 
@@ -150,20 +149,11 @@ def draw(key: str, keys: list[str], rows: list[Setting]) -> Any:
     return fig
 
 
-def write(results: list[dict[str, Any]], out: Path) -> list[Path]:
-    """Print the sweep's table and its choice; write sweep.md, sweep.json and one plot per
-    swept key into `out`. Returns the files written."""
-    from fastres.report import _png  # the report's PNG writer (matplotlib, Agg)
-
+def build(results: list[dict[str, Any]]) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """The sweep's table (markdown, ending with its one choice), the same as JSON, and a
+    plot (a matplotlib figure) per swept key, by file name."""
     keys, rows = settings(results)
     best = min(rows, key=lambda s: statistics.mean(s.val))
     table = markdown(keys, rows, best, results[0]["model"])
-    plots = {f"sweep_{key}.png": draw(key, keys, rows) for key in keys}
-    for name, fig in plots.items():
-        atomic.write_bytes(out / name, _png(fig))
-    md = table + "\n" + "".join(f"![{Path(name).stem}]({name})\n" for name in plots)
-    atomic.write_bytes(out / "sweep.md", md.encode())
-    atomic.write_json(out / "sweep.json", {"keys": keys, "selected_on": "val_error",
-                                           "rows": [s.row() for s in rows], "selected": best.row()})
-    print(table)
-    return [out / "sweep.md", out / "sweep.json", *(out / name for name in plots)]
+    summary = {"keys": keys, "selected_on": "val_error", "rows": [s.row() for s in rows], "selected": best.row()}
+    return table, summary, {f"sweep_{key}.png": draw(key, keys, rows) for key in keys}

@@ -3,19 +3,23 @@
     python scripts/reproduce.py                       # the paper's 64k schedule, 1 seed each
     python scripts/reproduce.py --seeds 5 --amp --channels-last --compile
     python scripts/reproduce.py --scale 0.05 --runs resnet20,resnet56,plain20,plain56   # quick
+    python scripts/reproduce.py --runs resnet20 --val-split 5000 --sweep lr=0.05,0.1,0.2
 
 Each run has its own directory under `OUT/runs/`; finished runs are skipped and stopped
 ones resume (a fused group as a group), so the command can simply be run again after an
 interruption. On a GPU the seeds of each model train fused into one step (`--fuse`,
 `--group-size`); on a CPU, where fusing measured slower, one after another. The report
 (`OUT/report.md`, `.csv`, `.json` and figures) is redrawn from all finished runs at the end;
-`python -m fastres.report OUT/runs --out OUT` redraws it alone.
+`python -m fastres.report OUT/runs --out OUT` redraws it alone. With `--sweep`, each
+model's sweep is also reported on its own (`OUT/<model>-sweep/sweep.md`), its setting chosen
+on the validation error alone.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import os
 import sys
 from pathlib import Path
@@ -24,7 +28,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from fastres import group, recipe, report  # noqa: E402
 from fastres.cli import Parser, run_main  # noqa: E402
-from fastres.config import FUSE, RunConfig, recorded, resume_overrides, run_name, validate  # noqa: E402
+from fastres.config import (  # noqa: E402
+    FUSE,
+    RunConfig,
+    parse_sweeps,
+    recorded,
+    resume_overrides,
+    run_name,
+    sweep_record,
+    sweep_runs,
+    validate,
+)
 from fastres.data.dataset import DATASETS  # noqa: E402
 from fastres.errors import UsageError  # noqa: E402
 from fastres.models import ModelSpec  # noqa: E402
@@ -36,10 +50,14 @@ DEFAULT_RUNS = "resnet20,resnet32,resnet44,resnet56,resnet110,resnet56:B,plain20
 
 
 def run_configs(args: argparse.Namespace) -> list[RunConfig]:
-    """One config per (model, shortcut, seed), the paper's schedule scaled by --scale."""
+    """One config per (model, shortcut, seed), and per setting of --sweep, model after
+    model, the paper's schedule scaled by --scale (a swept schedule is taken as given)."""
     def scaled(n: int) -> int:
         return max(1, round(n * args.scale))
 
+    sweeps = parse_sweeps(args.sweep or [], args)
+    if sweeps and not args.val_split:
+        raise UsageError("--sweep needs --val-split N: a sweep is chosen on validation, never on test")
     iters = scaled(recipe.ITERS)
     milestones = tuple(scaled(m) for m in recipe.MILESTONES)
     configs = []
@@ -49,14 +67,17 @@ def run_configs(args: argparse.Namespace) -> list[RunConfig]:
             spec = ModelSpec.parse(text)
         except ValueError as e:
             raise UsageError(f"--runs: {e}") from None
-        for seed in range(args.seeds):
-            cfg = RunConfig(
-                model=spec.name, shortcut=spec.shortcut, iters=iters, milestones=milestones,
-                warmup_iters=round(recipe.default_warmup_iters(spec.depth) * args.scale), seed=seed, data=data,
-                loader=args.loader, device=args.device, amp=args.amp, channels_last=args.channels_last,
-                compile=args.compile, eval_every=max(1, iters // args.curve_points), log_every=max(1, iters // 200),
-                checkpoint_every=max(1, iters // 20), out=str(args.out / "runs" / run_name(spec, args.dataset, seed)),
-                dataset=args.dataset, progress=args.progress, extra={"reproduce_scale": args.scale})
+        for setting, swept, seed in sweep_runs(sweeps, list(range(args.seeds))):
+            cfg = RunConfig(**{
+                "model": spec.name, "shortcut": spec.shortcut, "iters": iters, "milestones": milestones,
+                "warmup_iters": round(recipe.default_warmup_iters(spec.depth) * args.scale), "seed": seed, "data": data,
+                "val_split": args.val_split, "val_seed": args.val_seed, "loader": args.loader, "device": args.device,
+                "amp": args.amp, "channels_last": args.channels_last, "compile": args.compile,
+                "eval_every": max(1, iters // args.curve_points), "log_every": max(1, iters // 200),
+                "checkpoint_every": max(1, iters // 20),
+                "out": str(args.out / "runs" / run_name(spec, args.dataset, seed, swept)), "dataset": args.dataset,
+                "progress": args.progress, "extra": {"reproduce_scale": args.scale, **sweep_record(sweeps)},
+                **setting})
             configs.append(validate(cfg))
     return configs
 
@@ -65,6 +86,10 @@ def build_parser() -> Parser:
     p = Parser(prog="python scripts/reproduce.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--runs", default=DEFAULT_RUNS, help="comma-separated models; resnetN:B for option B")
     p.add_argument("--seeds", type=int, default=1, help="runs per model, seeds 0..N-1")
+    p.add_argument("--sweep", action="append", metavar="KEY=V1,V2", help="also one run per value (as "
+                   "python -m fastres.train --sweep; needs --val-split), each model's sweep reported on its own")
+    p.add_argument("--val-split", type=int, default=0, help="hold out this many training images as validation")
+    p.add_argument("--val-seed", type=int, default=0, help="which images --val-split holds out (default 0)")
     p.add_argument("--fuse", default="auto", choices=FUSE, help="train each model's seeds as one fused step: auto "
                    "(default: on a GPU; one after another on a CPU, where fusing measured slower), on, or off")
     p.add_argument("--group-size", type=int, help="at most this many seeds in one fused group (default: all)")
@@ -123,12 +148,15 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if not 0 < args.scale <= 1 or args.seeds < 1 or args.curve_points < 1 or (args.group_size or 1) < 1:
         p.error("--scale must be in (0, 1], --seeds, --curve-points and --group-size at least 1")
-    configs = run_configs(args)
+    configs = {tag: list(cfgs) for tag, cfgs in itertools.groupby(run_configs(args), key=lambda c: c.spec.tag)}
     device_type = pick_device(args.device).type
-    for start in range(0, len(configs), args.seeds):  # the seeds of one model after another
-        if not train_model(args, configs[start:start + args.seeds], device_type):
+    for cfgs in configs.values():  # the runs of one model after another
+        if not train_model(args, cfgs, device_type):
             return 130  # stopped by a signal: the checkpoints are written
     report.write_report([args.out / "runs"], args.out)
+    if args.sweep:
+        for tag, cfgs in configs.items():
+            report.write_sweep([Path(c.out) for c in cfgs], args.out / f"{tag}-sweep")
     return 0
 
 

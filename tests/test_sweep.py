@@ -252,3 +252,23 @@ def test_the_report_refuses_to_select_without_a_validation_split(tmp_path: Path,
     write_run(tmp_path, 0.1, 0, None, 0.2)  # type: ignore[arg-type]
     assert run_main(report_main, [str(tmp_path), "--select", "val"]) == 2
     assert "no validation error" in capsys.readouterr().err
+
+
+def test_reproduce_sweeps_each_model_and_chooses_on_validation(tiny_tree: Path, tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture) -> None:
+    import sys
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import reproduce
+
+    out = tmp_path / "repro"
+    argv = ["--runs", "resnet8", "--scale", "0.0000625", "--data", str(tiny_tree), "--out", str(out),
+            "--device", "cpu", "--progress", "none", "--sweep", "lr=0.05,0.2"]  # 4 iterations each
+    assert run_main(reproduce.main, argv) == 2
+    assert "--sweep needs --val-split N" in capsys.readouterr().err and not out.exists()
+    assert reproduce.main([*argv, "--val-split", "20"]) == 0
+    assert sorted(p.name for p in (out / "runs").iterdir()) == ["resnet8-A-lr0.05-seed0", "resnet8-A-lr0.2-seed0"]
+    table = json.loads((out / "resnet8-A-sweep" / "sweep.json").read_text())
+    best = min(table["rows"], key=lambda r: r["val_mean"])
+    assert table["selected"] == best and [r["lr"] for r in table["rows"]] == [0.05, 0.2]
+    assert "selected on validation error: lr " in capsys.readouterr().out
+    assert (out / "report.md").is_file()
