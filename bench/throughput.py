@@ -22,7 +22,9 @@ than SPREAD (1.2x): figures from a busy machine.
 Fused rows ("fused xN"): N runs of one model fused into one step (`fastres.fused`), with
 the full fastres step (channels_last, AMP, compile); `run_it_s` counts run-iterations
 (N per step), and `fused_speedup` is that over the "fused x1" row of the same model in the
-same run: what fusing N runs gains over training them one after another.
+same run: what fusing N runs gains over training them one after another. The sweep row
+("sweep x4"): four runs of one seed, each with its own learning rate (a `--sweep lr=...`),
+against "fused x4" (four seeds, one lr) in `vs_fused_seeds`: what per-run hyperparameters cost.
 """
 
 from __future__ import annotations
@@ -84,6 +86,7 @@ class Setup:
     compile: bool = False
     key: bool = False  # a headline row: run first for every model
     runs: int | None = None  # a fused row: this many runs of the model in one step
+    sweep: bool = False  # the runs are one seed with SWEEP_LRS, not seeds 0..N-1 with the paper's lr
 
 
 MATRIX = (
@@ -102,7 +105,11 @@ MATRIX = (
     *(Setup(f"fused-x{n}", f"fused x{n}", f"{n} runs of the model fused into one full step" if n > 1 else
             "1 run through the fused step: what fused speedups are over",
             channels_last=True, amp=True, compile=True, runs=n) for n in (1, 2, 4, 8)),
+    Setup("sweep-x4", "sweep x4 (one seed, 4 lr)", "4 runs of one seed, each with its own lr, fused into one full "
+          "step: against fused x4, what a sweep's per-run hyperparameters cost",
+          channels_last=True, amp=True, compile=True, runs=4, sweep=True),
 )
+SWEEP_LRS = (0.05, 0.1, 0.2, 0.4)
 ROWS = {s.tag: s for s in MATRIX}
 QUICK_LEAVES_OUT = ("fused-x8",)  # on a CPU the x8 row alone would take minutes
 FULL_SIZES = {"warmup": 30, "steps": 100, "repeats": 5, "loader_batches": 100}
@@ -184,7 +191,7 @@ class Bench:
     def fastres_data(self, setup: Setup, precision: str) -> loaders.Data:
         where = loaders.Placement(self.device, tensor_dtype(precision), setup.channels_last,
                                   host=setup.loader == "host")
-        seeds = list(range(setup.runs)) if setup.runs and setup.runs > 1 else 0
+        seeds = [0] * setup.runs if setup.sweep else list(range(setup.runs)) if setup.runs and setup.runs > 1 else 0
         return loaders.build(self.data, where, batch_size=recipe.BATCH_SIZE, eval_batch_size=self.args.eval_batch,
                              seed=seeds, loader="dali" if setup.loader == "dali" else "torch")
 
@@ -215,10 +222,12 @@ class Bench:
             data = self.fastres_data(setup, row["precision"])
             train_batches = endless(data.train)
             step = TrainStep(model, device, dtype, setup.compile, runs=runs)
+            lrs = list(SWEEP_LRS) if setup.sweep else [recipe.LR] * runs
 
             def steps(n: int) -> None:
                 acc = torch.zeros(runs, device=device)
                 for _ in range(n):
+                    step.set_lr(lrs)  # each step, as the trainer sets its schedule's
                     loss, _ = step(*next(train_batches))
                     acc += loss  # accumulated on the device, as the trainer does
 
@@ -261,6 +270,7 @@ class Bench:
     def run(self, matrix: list[Setup]) -> dict[str, Any]:
         base: dict[str, float] = {}
         alone: dict[str, float] = {}  # each model's "fused x1" run-iterations/s
+        seeds4: dict[str, float] = {}  # each model's "fused x4" it/s, what the sweep row is compared with
         for model_name, setup in order_rows(self.args.models, matrix):
             row: dict[str, Any] = {"model": model_name, **dataclasses.asdict(setup)}
             reason = available(setup) or ("budget spent" if self.out_of_time() else None)
@@ -280,7 +290,11 @@ class Bench:
             if "run_it_s" in row:
                 if setup.runs == 1:
                     alone[model_name] = row["run_it_s"]
+                if setup.tag == "fused-x4":
+                    seeds4[model_name] = row["it_s"]
                 row["fused_speedup"] = row["run_it_s"] / alone[model_name] if model_name in alone else None
+                if setup.sweep:
+                    row["vs_fused_seeds"] = row["it_s"] / seeds4[model_name] if model_name in seeds4 else None
             self.result["rows"].append(row)
             self.save()
             print(f"{model_name:10s} {setup.name:36s} {describe(row)}", flush=True)
@@ -309,6 +323,7 @@ def release(device: torch.device) -> None:
 def describe(row: dict[str, Any]) -> str:
     if "run_it_s" in row:
         gain = f", {row['fused_speedup']:.2f}x x1" if row.get("fused_speedup") else ""
+        gain += f", {row['vs_fused_seeds']:.2f}x fused x4" if row.get("vs_fused_seeds") else ""
         return f"{row['it_s']:8.2f} it/s ({row['run_it_s']:.2f} run-it/s{gain})"
     if "it_s" in row:
         return f"{row['it_s']:8.2f} it/s"

@@ -281,6 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "a grid: the runs are the product, times --seeds), each in its own run directory named by its "
                    f"values; KEY is one of {', '.join(SWEEPS)} (milestones as 16000:24000). Choose on --val-split's "
                    "validation error: python -m fastres.report RUNS --select val")
+    p.add_argument("--group-size", type=int, help="at most this many runs in one fused group (default: all)")
     p.add_argument("--fuse", choices=FUSE, help="train the --seeds runs as one fused step: auto (default: on a GPU; "
                    "on a CPU, where fusing measured slower, one after another), on, or off")
     p.add_argument("--dataset", choices=tuple(DATASETS), help="cifar10 (default) or cifar100 (its 100 fine labels)")
@@ -381,7 +382,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     if not args.model:
         raise UsageError("a model is required (e.g. resnet56), or --resume RUN_DIR")
     given = {k: v for k, v in vars(args).items()
-             if v is not None and k not in ("model", "resume", "seeds", "fuse", "sweep")}
+             if v is not None and k not in ("model", "resume", "seeds", "fuse", "sweep", "group_size")}
     spec = parse_spec(args.model, given.get("shortcut"))
     given.update(model=spec.name, shortcut=spec.shortcut)
     given.setdefault("warmup_iters", recipe.default_warmup_iters(spec.depth))
@@ -398,10 +399,12 @@ def configs_from_args(args: argparse.Namespace) -> list[RunConfig]:
     given); the runs of a sweep record it in their config (`extra["sweep"]`)."""
     sweeps = parse_sweeps(args.sweep or [], args)
     if args.seeds is None and not sweeps:
-        if args.fuse is not None:
-            raise UsageError("--fuse says how to train the runs of --seeds or --sweep (or of a resumed group): "
-                             "give --seeds or --sweep")
+        if args.fuse is not None or args.group_size is not None:
+            raise UsageError("--fuse and --group-size say how to train the runs of --seeds or --sweep (or of a "
+                             "resumed group): give --seeds or --sweep")
         return [config_from_args(args)]
+    if args.group_size is not None and args.group_size < 1:
+        raise UsageError(f"--group-size must be at least 1, got {args.group_size}")
     if args.seeds is not None and args.seed is not None:
         raise UsageError("--seed and --seeds: give one of them")
     if args.seeds is not None and (not args.seeds or len(set(args.seeds)) < len(args.seeds)):

@@ -657,7 +657,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if resume(args.resume, overrides, resume_check(args), alone=args.fuse == "off") is not None else 130
     cfgs = configs_from_args(args)
     device = pick_device(cfgs[0].device)
-    groups, note = group.plan(cfgs, args.fuse or "auto", device.type, int(os.environ.get("WORLD_SIZE", "1")))
+    groups, note = group.plan(cfgs, args.fuse or "auto", device.type, int(os.environ.get("WORLD_SIZE", "1")),
+                              args.group_size)
     if note:
         print(f"fastres: {note}", file=sys.stderr)
     for members in groups:

@@ -64,6 +64,8 @@ def test_the_runs_of_a_sweep_are_the_product_named_by_their_values() -> None:
     (["--sweep", "lr=-0.1,0.1"], "--lr and the warm-up lr must be positive"),
     (["--sweep", "momentum=1.5"], "--momentum must be in [0, 1)"),
     (["--sweep", "lr=0.1", "--seed", "1", "--seeds", "1,2"], "--seed and --seeds"),
+    (["--sweep", "lr=0.1,0.2", "--group-size", "0"], "--group-size must be at least 1"),
+    (["--group-size", "2"], "give --seeds or --sweep"),
 ])
 def test_a_bad_sweep_is_one_line(argv: list[str], words: str | None) -> None:
     if words is None:
