@@ -166,6 +166,18 @@ def tiny_config(data: Path, out: Path, **kw) -> RunConfig:
     return RunConfig(**{**base, **kw})
 
 
+@pytest.fixture(scope="session")
+def tiny_reference(tiny_tree: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """The unbroken run of `tiny_config` (its directory and results), trained once per test
+    process: the run whose directory test_train checks, and the reference of the resumes in
+    test_train and test_reliability. Tests that take it are put in test_reliability's xdist
+    group, so that one process of the suite trains it. Read it; never write into it."""
+    from fastres.train import train
+
+    run = tmp_path_factory.mktemp("tiny-reference") / "run"
+    return run, train(tiny_config(tiny_tree, run))
+
+
 def deterministic(metrics: list[dict]) -> list[dict]:
     return [{k: v for k, v in m.items() if k in DETERMINISTIC} for m in metrics]
 
@@ -176,9 +188,9 @@ class Forked:
     about 4 core-seconds importing torch before it does anything, and the tests that need a
     second process (a signal, a kill -9, a lock held elsewhere) need its own pid, its own
     file descriptions and its own fate, not a fresh import. The child starts as a fresh
-    interpreter would: default SIGINT and SIGTERM handlers, its own stdout and stderr (files:
-    block-buffered stdout, stderr written through, like a fresh interpreter's on a pipe;
-    `stdout_errors` as PYTHONIOENCODING's would set it), the environment updated by `env`,
+    interpreter would: default SIGINT and SIGTERM handlers, its own stdout and stderr (files,
+    UTF-8, buffered as a fresh interpreter's are when not a terminal; `stdout_errors` is what
+    PYTHONIOENCODING would set), the environment updated by `env`,
     and its exit status that of `target()` (an exception: its traceback and status 1). Its
     exit skips this process's cleanup (os._exit). Read it as a subprocess.Popen: `pid`,
     `poll`, `wait`, `send_signal`, `kill`, `returncode` (-N when killed by signal N), then
@@ -202,10 +214,12 @@ class Forked:
             try:
                 os.dup2(self._files[0].fileno(), 1)
                 os.dup2(self._files[1].fileno(), 2)
-                sys.stdout = sys.__stdout__ = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), encoding="utf-8",
-                                                               errors=stdout_errors)
-                sys.stderr = sys.__stderr__ = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), encoding="utf-8",
-                                                               errors="backslashreplace", write_through=True)
+                # as a fresh interpreter makes them (Python/pylifecycle.c, create_stdio)
+                sys.stdout = sys.__stdout__ = io.TextIOWrapper(io.BufferedWriter(io.FileIO(1, "w", closefd=False)),
+                                                               encoding="utf-8", errors=stdout_errors)
+                sys.stderr = sys.__stderr__ = io.TextIOWrapper(io.BufferedWriter(io.FileIO(2, "w", closefd=False)),
+                                                               encoding="utf-8", errors="backslashreplace",
+                                                               line_buffering=True)
                 signal.signal(signal.SIGINT, signal.default_int_handler)
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
                 os.environ.update(env or {})

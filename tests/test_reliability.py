@@ -36,12 +36,10 @@ def cli_ref(tiny_tree: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return ref
 
 
-@pytest.fixture(scope="module")
-def tiny_ref(tiny_tree: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+@pytest.fixture
+def tiny_ref(tiny_reference: tuple[Path, dict]) -> Path:
     """The unbroken run of `tiny_config`, the reference of the interrupted-file resumes."""
-    ref = tmp_path_factory.mktemp("tiny-ref") / "ref"
-    train(tiny_config(tiny_tree, ref))
-    return ref
+    return tiny_reference[0]
 
 
 def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_tree: Path, tmp_path: Path,
