@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import deterministic, tiny_config
+from conftest import deterministic, forked_main, lock_held_elsewhere, tiny_config
 
 from fastres import atomic, rundir
 from fastres.cli import run_main
@@ -105,34 +105,18 @@ def test_a_second_process_is_refused_and_a_dead_ones_lock_taken_over(tiny_tree: 
     run = tmp_path / "run"
     run.mkdir()
     lock = run / rundir.LOCK
-    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(run)], stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with lock_held_elsewhere(run) as holder:  # killed -9 when the block ends
         live = json.dumps(RunConfig(model="resnet8", shortcut="A", out=str(run)).to_dict())  # before its checkpoint
         (run / rundir.CONFIG).write_text(live)
         assert run_main(train_main, argv(tiny_tree, run)) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and f"is in use by pid {holder.pid} on {os.uname().nodename}" in err
         assert (run / rundir.CONFIG).read_text() == live and json.loads(lock.read_text())["pid"] == holder.pid
-    finally:
-        holder.kill()
-        holder.wait()
     (run / rundir.CONFIG).unlink()
     assert json.loads(lock.read_text())["pid"] == holder.pid  # killed -9: its file stays, its flock is gone
     assert run_main(train_main, argv(tiny_tree, run)) == 0
     assert f"taking over {lock} from pid {holder.pid}, no longer running" in capsys.readouterr().err
     assert not lock.exists()
-
-
-# A process that takes a run directory's lock and holds it until it is killed.
-HOLD_LOCK = """
-import sys, time
-from pathlib import Path
-from fastres.rundir import RunLock
-with RunLock(Path(sys.argv[1])):
-    print("held", flush=True)
-    time.sleep(600)
-"""
 
 
 def test_a_partial_metrics_line_is_dropped_on_resume(tiny_tree: Path, tmp_path: Path, tiny_ref: Path) -> None:
@@ -250,19 +234,18 @@ def test_rewritten_files_keep_the_umasks_mode(tiny_tree: Path, tmp_path: Path) -
         assert (tmp_path / "run" / name).stat().st_mode & 0o777 == 0o640, name
 
 
-def test_paths_that_are_not_utf8_print_under_strict_utf8_streams(tiny_tree: Path, tmp_path: Path,
-                                                                 _private_cache: Path) -> None:
-    from conftest import subprocess_env
-
+def test_paths_that_are_not_utf8_print_under_strict_utf8_streams(tiny_tree: Path, tmp_path: Path) -> None:
+    """A run in a forked process (conftest.Forked) whose stdout is strict UTF-8, as
+    PYTHONIOENCODING=utf-8:strict makes it, given the paths as a fresh interpreter decodes
+    bytes in its argv (os.fsdecode)."""
     data = os.path.join(os.fsencode(tmp_path), b"data-\xff")
     shutil.copytree(tiny_tree, os.fsdecode(data))
     out = os.path.join(os.fsencode(tmp_path), b"run-\xfe")
-    env = subprocess_env(_private_cache) | {"PYTHONIOENCODING": "utf-8:strict"}
-    proc = subprocess.run([os.fsencode(sys.executable), b"-m", b"fastres.train", b"resnet8", b"--data", data,
-                           b"--out", out, b"--iters", b"2", b"--eval-every", b"2", b"--batch-size", b"16",
-                           b"--device", b"cpu", b"--progress", b"plain"], env=env, capture_output=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr.decode(errors="replace")
-    assert b"results in " in proc.stdout and b"run-\\udcfe" in proc.stdout  # escaped, not an encoding error
+    proc = forked_main(train_main, ["resnet8", "--data", os.fsdecode(data), "--out", os.fsdecode(out), "--iters", "2",
+                                    "--eval-every", "2", "--batch-size", "16", "--device", "cpu", "--progress", "plain"],
+                       stdout_errors="strict")
+    assert proc.wait(120) == 0, proc.stderr
+    assert "results in " in proc.stdout and "run-\\udcfe" in proc.stdout  # escaped, not an encoding error
     assert os.path.exists(os.path.join(out, b"results.json"))
 
 
@@ -271,7 +254,7 @@ def test_a_resume_with_another_thread_count_says_bit_identity_is_lost(tiny_tree:
     run, threads = tmp_path / "run", torch.get_num_threads()
     torch.set_num_threads(threads + 1)
     try:
-        assert train(tiny_config(tiny_tree, run, iters=10), stop_at=5) is None
+        assert train(tiny_config(tiny_tree, run, iters=2, eval_every=2), stop_at=1) is None
     finally:
         torch.set_num_threads(threads)
     assert json.loads((run / rundir.CONFIG).read_text())["cpu_threads"] == threads + 1
