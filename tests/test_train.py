@@ -265,3 +265,9 @@ def test_evaluation_reads_a_test_split_alone(tiny_tree: Path, tmp_path: Path, ca
         assert f"test error {100 * results['test_error']:.2f}%" in capsys.readouterr().out
     assert run_main(train_main, ["resnet8", "--data", str(only_test), "--out", str(tmp_path / "r2")]) == 2
     assert "no cifar10 there" in capsys.readouterr().err and not (tmp_path / "r2").exists()
+
+
+def test_the_recorded_dali_version_is_the_one_dali_reports() -> None:
+    """Read from the wheel's metadata, without importing DALI (runtime.dali_version)."""
+    dali = pytest.importorskip("nvidia.dali")
+    assert runtime.versions()["dali"] == dali.__version__
