@@ -134,16 +134,18 @@ def test_cli_exit_code_without_traceback(tmp_path: Path, _private_cache: Path) -
 
 
 @pytest.mark.parametrize("native", [True, False])
-def test_amp_precision_follows_the_cpu(tiny_tree: Path, tmp_path: Path, native: bool,
+def test_amp_precision_follows_the_cpu(micro_tree: Path, tmp_path: Path, native: bool,
                                        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
     """--amp trains in bf16 only where the CPU computes it natively; elsewhere it says so
     once and trains in fp32. A forced bf16 still works, with a warning. The precision used
-    is in the config and the results."""
+    is in the config and the results. On micro_tree in batches of 4, one step each: bf16 is
+    emulated on an AVX2-only CPU, about 0.85 core-seconds a step of 32 images."""
     monkeypatch.setattr(runtime, "cpu_bf16_native", lambda: native)
     seen = []
     monkeypatch.setattr(CifarResNet, "forward", lambda self, x: seen.append(
         (x.dtype, x.is_contiguous(memory_format=torch.channels_last))) or real_forward(self, x))
-    results = train(tiny_config(tiny_tree, tmp_path / "auto", iters=1, eval_every=1, amp=True, channels_last=True))
+    results = train(tiny_config(micro_tree, tmp_path / "auto", iters=1, eval_every=1, batch_size=4, amp=True,
+                                channels_last=True))
     err = capsys.readouterr().err
     expected = "bf16" if native else "fp32"
     assert results["precision"] == expected and results["config"]["precision"] == expected
@@ -151,7 +153,8 @@ def test_amp_precision_follows_the_cpu(tiny_tree: Path, tmp_path: Path, native: 
     assert err.count("AMP is off on this CPU") == (0 if native else 1)  # said once, only where it applies
     assert set(seen) == {(torch.bfloat16 if native else torch.float32, True)}  # what the model really receives
 
-    forced = train(tiny_config(tiny_tree, tmp_path / "forced", iters=1, eval_every=1, amp=True, amp_dtype="bf16"))
+    forced = train(tiny_config(micro_tree, tmp_path / "forced", iters=1, eval_every=1, batch_size=4, amp=True,
+                               amp_dtype="bf16"))
     assert forced["precision"] == "bf16"
     assert ("bf16 is emulated on this CPU" in capsys.readouterr().err) == (not native)
 
@@ -164,12 +167,13 @@ def test_fp16_trains_with_a_scaler(micro_tree: Path, tmp_path: Path, capsys: pyt
     assert rundir.read_checkpoint(tmp_path / "fp16").scaler["scale"] > 0  # a live GradScaler state was saved
 
 
-def test_resume_keeps_the_precision_on_another_cpu(tiny_tree: Path, tmp_path: Path,
+def test_resume_keeps_the_precision_on_another_cpu(micro_tree: Path, tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    # 2 iterations, stopped after 1: bf16 is emulated on an AVX2-only CPU, about 0.85 core-seconds a step
+    # 2 iterations of 4 images, stopped after 1: bf16 is emulated on an AVX2-only CPU, about
+    # 0.85 core-seconds a step of 32 images
     run = tmp_path / "run"
     monkeypatch.setattr(runtime, "cpu_bf16_native", lambda: True)
-    assert train(tiny_config(tiny_tree, run, iters=2, eval_every=2, amp=True), stop_at=1) is None
+    assert train(tiny_config(micro_tree, run, iters=2, eval_every=2, batch_size=4, amp=True), stop_at=1) is None
     monkeypatch.setattr(runtime, "cpu_bf16_native", lambda: False)  # resumed on an AVX2-only machine
     assert run_main(train_main, ["--resume", str(run)]) == 0
     assert json.loads((run / "results.json").read_text())["precision"] == "bf16"
