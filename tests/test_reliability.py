@@ -114,7 +114,7 @@ def test_a_second_process_is_refused_and_a_dead_ones_lock_taken_over(tiny_tree: 
         assert (run / rundir.CONFIG).read_text() == live and json.loads(lock.read_text())["pid"] == holder.pid
     (run / rundir.CONFIG).unlink()
     assert json.loads(lock.read_text())["pid"] == holder.pid  # killed -9: its file stays, its flock is gone
-    assert run_main(train_main, argv(tiny_tree, run)) == 0
+    assert run_main(train_main, argv(tiny_tree, run, "--iters", "2", "--eval-every", "2")) == 0  # to the end
     assert f"taking over {lock} from pid {holder.pid}, no longer running" in capsys.readouterr().err
     assert not lock.exists()
 
@@ -129,10 +129,15 @@ def test_a_partial_metrics_line_is_dropped_on_resume(tiny_tree: Path, tmp_path: 
     assert deterministic(rundir.MetricsLog(run).read()) == deterministic(rundir.MetricsLog(ref).read())
 
 
-def test_a_run_killed_before_its_first_checkpoint_starts_clean(tiny_tree: Path, tmp_path: Path, tiny_ref: Path,
+def test_a_run_killed_before_its_first_checkpoint_starts_clean(tiny_tree: Path, tmp_path: Path,
                                                               capsys: pytest.CaptureFixture) -> None:
-    ref, run = tiny_ref, tmp_path / "run"
-    assert train(tiny_config(tiny_tree, run), stop_at=5) is None
+    # 10 iterations, the first checkpoint at 10: a run and its reference cost 35 steps, not
+    # tiny_config's 65 (the same stop at 5, the same two starts from iteration 0)
+    def short(out: Path) -> RunConfig:
+        return tiny_config(tiny_tree, out, iters=10, milestones=(5, 8))
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    train(short(ref))
+    assert train(short(run), stop_at=5) is None
     (run / rundir.CHECKPOINT).unlink()  # as if killed before the first checkpoint was written
     for resume in (False, True):
         with open(run / rundir.METRICS, "a") as f:
@@ -142,7 +147,7 @@ def test_a_run_killed_before_its_first_checkpoint_starts_clean(tiny_tree: Path, 
             (run / rundir.RESULTS).unlink()
             assert run_main(train_main, ["--resume", str(run)]) == 0
         else:
-            train(tiny_config(tiny_tree, run))
+            train(short(run))
         assert "stopped before its first checkpoint: removed its config.json, metrics.jsonl; starting it again from " \
                "iteration 0" in capsys.readouterr().err
         assert deterministic(rundir.MetricsLog(run).read()) == deterministic(rundir.MetricsLog(ref).read())
