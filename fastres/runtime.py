@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import platform
 import subprocess
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -150,14 +152,34 @@ def git_commit() -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
-def versions() -> dict[str, Any]:
-    """Library versions that can change a result or a timing."""
-    v: dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__,
-                         "numpy": np.__version__, "cuda": torch.version.cuda,
-                         "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None}
+def dali_version() -> str | None:
+    """The installed DALI's version, or None, read from its wheel's metadata without importing
+    it: an import costs about 0.9 core-seconds (measured on a 2-core AVX2 machine), paid by
+    every run that writes its results, even one that reads its data without DALI. The wheel
+    for this torch is looked up first, then any other nvidia-dali* one; a DALI with no wheel
+    metadata (built from source) is asked itself."""
+    try:
+        if importlib.util.find_spec("nvidia.dali") is None:
+            return None
+    except ImportError:  # no nvidia namespace at all
+        return None
+    try:
+        return metadata.version(dali_package())
+    except metadata.PackageNotFoundError:
+        pass
+    for dist in metadata.distributions():
+        if (dist.metadata["Name"] or "").lower().replace("_", "-").startswith("nvidia-dali"):
+            return dist.version
     try:
         import nvidia.dali as dali
-        v["dali"] = dali.__version__
+        return dali.__version__
     except ImportError:
-        v["dali"] = None
-    return v
+        return None
+
+
+def versions() -> dict[str, Any]:
+    """Library versions that can change a result or a timing."""
+    return {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
+            "cuda": torch.version.cuda,
+            "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+            "dali": dali_version()}

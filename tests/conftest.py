@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import io
 import os
 import pickle
+import signal
+import sys
 import tarfile
+import tempfile
 import threading
-from collections.abc import Iterator
+import time
+import traceback
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 # One CPU thread per test process, before torch is imported: pytest-xdist runs one worker per
@@ -160,5 +166,150 @@ def tiny_config(data: Path, out: Path, **kw) -> RunConfig:
     return RunConfig(**{**base, **kw})
 
 
+@pytest.fixture(scope="session")
+def tiny_reference(tiny_tree: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """The unbroken run of `tiny_config` (its directory and results), trained once per test
+    process: the run whose directory test_train checks, and the reference of the resumes in
+    test_train and test_reliability. Tests that take it are put in test_reliability's xdist
+    group, so that one process of the suite trains it. Read it; never write into it."""
+    from fastres.train import train
+
+    run = tmp_path_factory.mktemp("tiny-reference") / "run"
+    return run, train(tiny_config(tiny_tree, run))
+
+
 def deterministic(metrics: list[dict]) -> list[dict]:
     return [{k: v for k, v in m.items() if k in DETERMINISTIC} for m in metrics]
+
+
+class Forked:
+    """A second process forked from this test process, in place of a fresh interpreter
+    started to run fastres: on the 2-core machine of this project a fresh interpreter spends
+    about 4 core-seconds importing torch before it does anything, and the tests that need a
+    second process (a signal, a kill -9, a lock held elsewhere) need its own pid, its own
+    file descriptions and its own fate, not a fresh import. The child starts as a fresh
+    interpreter would: default SIGINT and SIGTERM handlers, its own stdout and stderr (files,
+    UTF-8, buffered as a fresh interpreter's are when not a terminal; `stdout_errors` is what
+    PYTHONIOENCODING would set), the environment updated by `env`,
+    and its exit status that of `target()` (an exception: its traceback and status 1). Its
+    exit skips this process's cleanup (os._exit). Read it as a subprocess.Popen: `pid`,
+    `poll`, `wait`, `send_signal`, `kill`, `returncode` (-N when killed by signal N), then
+    `stdout` and `stderr` once it has ended. `share` is another Forked whose stdout and
+    stderr this one writes too (torchrun's workers write into one pair of streams)."""
+
+    def __init__(self, target: Callable[[], int | None], env: dict[str, str] | None = None,
+                 stdout_errors: str = "strict", share: Forked | None = None) -> None:
+        if share is None:  # O_APPEND: writes of several processes land whole, one after another
+            self._files = [tempfile.TemporaryFile(buffering=0) for _ in range(2)]
+            for f in self._files:
+                fcntl.fcntl(f.fileno(), fcntl.F_SETFL, fcntl.fcntl(f.fileno(), fcntl.F_GETFL) | os.O_APPEND)
+        else:
+            self._files = share._files
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()  # nothing buffered here is written twice, by the child too
+        self.returncode: int | None = None
+        self.pid = os.fork()
+        if self.pid == 0:  # the child: never returns
+            code = 1
+            try:
+                os.dup2(self._files[0].fileno(), 1)
+                os.dup2(self._files[1].fileno(), 2)
+                # as a fresh interpreter makes them (Python/pylifecycle.c, create_stdio)
+                sys.stdout = sys.__stdout__ = io.TextIOWrapper(io.BufferedWriter(io.FileIO(1, "w", closefd=False)),
+                                                               encoding="utf-8", errors=stdout_errors)
+                sys.stderr = sys.__stderr__ = io.TextIOWrapper(io.BufferedWriter(io.FileIO(2, "w", closefd=False)),
+                                                               encoding="utf-8", errors="backslashreplace",
+                                                               line_buffering=True)
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                os.environ.update(env or {})
+                result = target()
+                code = 0 if result is None else result
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                with contextlib.suppress(BaseException):
+                    sys.stdout.flush()
+                    sys.stderr.flush()
+                os._exit(code)
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self, timeout: float) -> int:
+        """The exit status; a child still running after `timeout` seconds is killed and the
+        test fails, instead of the suite hanging."""
+        deadline = time.monotonic() + timeout
+        while self.poll() is None:
+            if time.monotonic() > deadline:
+                self.kill()
+                self.wait(10)
+                raise AssertionError(f"forked process {self.pid} still running after {timeout} s: killed")
+            time.sleep(0.01)
+        return self.returncode
+
+    def send_signal(self, signum: int) -> None:
+        if self.poll() is None:
+            os.kill(self.pid, signum)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+    def _read(self, k: int) -> str:
+        self._files[k].seek(0)
+        return self._files[k].read().decode("utf-8", errors="backslashreplace")
+
+    @property
+    def stdout(self) -> str:
+        return self._read(0)
+
+    @property
+    def stderr(self) -> str:
+        return self._read(1)
+
+    def wait_for_output(self, text: str, timeout: float) -> None:
+        """Until `text` is in its stdout; fails if it ends first or takes over `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        while text not in self.stdout:
+            assert self.poll() is None, f"ended with {self.returncode} before printing {text!r}: {self.stderr}"
+            assert time.monotonic() < deadline, f"no {text!r} after {timeout} s"
+            time.sleep(0.01)
+
+
+def forked_main(main: Callable[[list[str]], int], argv: list[str], **kw) -> Forked:
+    """`python -m fastres.X ARGV`, forked: `main(argv)` through fastres' `run_main`, with the
+    exit status it returns. torch._dynamo is imported here first: the first optimizer a
+    process builds imports it (torch.optim's constructors are wrapped by dynamo's disable),
+    about 3.6 core-seconds on this project's 2-core machine, which this process pays once
+    anyway when it trains in-process; the children inherit it instead of paying it each."""
+    import torch._dynamo  # noqa: F401
+
+    from fastres.cli import run_main
+
+    return Forked(lambda: run_main(main, argv), **kw)
+
+
+@contextlib.contextmanager
+def lock_held_elsewhere(run: Path) -> Iterator[Forked]:
+    """Another process holds the run directory's lock (a `fastres.rundir.RunLock`) until the
+    block ends, when it is killed -9: its lock file stays, its flock goes with it."""
+    from fastres.rundir import RunLock
+
+    def hold() -> None:
+        with RunLock(run):
+            print("held", flush=True)
+            time.sleep(600)
+
+    holder = Forked(hold)
+    try:
+        holder.wait_for_output("held", 60)
+        yield holder
+    finally:
+        holder.kill()
+        holder.wait(10)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import deterministic, tiny_config
+from conftest import deterministic, forked_main, lock_held_elsewhere, tiny_config
 
 from fastres import atomic, rundir
 from fastres.cli import run_main
@@ -36,12 +36,10 @@ def cli_ref(tiny_tree: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return ref
 
 
-@pytest.fixture(scope="module")
-def tiny_ref(tiny_tree: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+@pytest.fixture
+def tiny_ref(tiny_reference: tuple[Path, dict]) -> Path:
     """The unbroken run of `tiny_config`, the reference of the interrupted-file resumes."""
-    ref = tmp_path_factory.mktemp("tiny-ref") / "ref"
-    train(tiny_config(tiny_tree, ref))
-    return ref
+    return tiny_reference[0]
 
 
 def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_tree: Path, tmp_path: Path,
@@ -107,34 +105,18 @@ def test_a_second_process_is_refused_and_a_dead_ones_lock_taken_over(tiny_tree: 
     run = tmp_path / "run"
     run.mkdir()
     lock = run / rundir.LOCK
-    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(run)], stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with lock_held_elsewhere(run) as holder:  # killed -9 when the block ends
         live = json.dumps(RunConfig(model="resnet8", shortcut="A", out=str(run)).to_dict())  # before its checkpoint
         (run / rundir.CONFIG).write_text(live)
         assert run_main(train_main, argv(tiny_tree, run)) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and f"is in use by pid {holder.pid} on {os.uname().nodename}" in err
         assert (run / rundir.CONFIG).read_text() == live and json.loads(lock.read_text())["pid"] == holder.pid
-    finally:
-        holder.kill()
-        holder.wait()
     (run / rundir.CONFIG).unlink()
     assert json.loads(lock.read_text())["pid"] == holder.pid  # killed -9: its file stays, its flock is gone
-    assert run_main(train_main, argv(tiny_tree, run)) == 0
+    assert run_main(train_main, argv(tiny_tree, run, "--iters", "2", "--eval-every", "2")) == 0  # to the end
     assert f"taking over {lock} from pid {holder.pid}, no longer running" in capsys.readouterr().err
     assert not lock.exists()
-
-
-# A process that takes a run directory's lock and holds it until it is killed.
-HOLD_LOCK = """
-import sys, time
-from pathlib import Path
-from fastres.rundir import RunLock
-with RunLock(Path(sys.argv[1])):
-    print("held", flush=True)
-    time.sleep(600)
-"""
 
 
 def test_a_partial_metrics_line_is_dropped_on_resume(tiny_tree: Path, tmp_path: Path, tiny_ref: Path) -> None:
@@ -147,10 +129,15 @@ def test_a_partial_metrics_line_is_dropped_on_resume(tiny_tree: Path, tmp_path: 
     assert deterministic(rundir.MetricsLog(run).read()) == deterministic(rundir.MetricsLog(ref).read())
 
 
-def test_a_run_killed_before_its_first_checkpoint_starts_clean(tiny_tree: Path, tmp_path: Path, tiny_ref: Path,
+def test_a_run_killed_before_its_first_checkpoint_starts_clean(tiny_tree: Path, tmp_path: Path,
                                                               capsys: pytest.CaptureFixture) -> None:
-    ref, run = tiny_ref, tmp_path / "run"
-    assert train(tiny_config(tiny_tree, run), stop_at=5) is None
+    # 10 iterations, the first checkpoint at 10: a run and its reference cost 35 steps, not
+    # tiny_config's 65 (the same stop at 5, the same two starts from iteration 0)
+    def short(out: Path) -> RunConfig:
+        return tiny_config(tiny_tree, out, iters=10, milestones=(5, 8))
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    train(short(ref))
+    assert train(short(run), stop_at=5) is None
     (run / rundir.CHECKPOINT).unlink()  # as if killed before the first checkpoint was written
     for resume in (False, True):
         with open(run / rundir.METRICS, "a") as f:
@@ -160,7 +147,7 @@ def test_a_run_killed_before_its_first_checkpoint_starts_clean(tiny_tree: Path, 
             (run / rundir.RESULTS).unlink()
             assert run_main(train_main, ["--resume", str(run)]) == 0
         else:
-            train(tiny_config(tiny_tree, run))
+            train(short(run))
         assert "stopped before its first checkpoint: removed its config.json, metrics.jsonl; starting it again from " \
                "iteration 0" in capsys.readouterr().err
         assert deterministic(rundir.MetricsLog(run).read()) == deterministic(rundir.MetricsLog(ref).read())
@@ -252,19 +239,18 @@ def test_rewritten_files_keep_the_umasks_mode(tiny_tree: Path, tmp_path: Path) -
         assert (tmp_path / "run" / name).stat().st_mode & 0o777 == 0o640, name
 
 
-def test_paths_that_are_not_utf8_print_under_strict_utf8_streams(tiny_tree: Path, tmp_path: Path,
-                                                                 _private_cache: Path) -> None:
-    from conftest import subprocess_env
-
+def test_paths_that_are_not_utf8_print_under_strict_utf8_streams(tiny_tree: Path, tmp_path: Path) -> None:
+    """A run in a forked process (conftest.Forked) whose stdout is strict UTF-8, as
+    PYTHONIOENCODING=utf-8:strict makes it, given the paths as a fresh interpreter decodes
+    bytes in its argv (os.fsdecode)."""
     data = os.path.join(os.fsencode(tmp_path), b"data-\xff")
     shutil.copytree(tiny_tree, os.fsdecode(data))
     out = os.path.join(os.fsencode(tmp_path), b"run-\xfe")
-    env = subprocess_env(_private_cache) | {"PYTHONIOENCODING": "utf-8:strict"}
-    proc = subprocess.run([os.fsencode(sys.executable), b"-m", b"fastres.train", b"resnet8", b"--data", data,
-                           b"--out", out, b"--iters", b"2", b"--eval-every", b"2", b"--batch-size", b"16",
-                           b"--device", b"cpu", b"--progress", b"plain"], env=env, capture_output=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr.decode(errors="replace")
-    assert b"results in " in proc.stdout and b"run-\\udcfe" in proc.stdout  # escaped, not an encoding error
+    proc = forked_main(train_main, ["resnet8", "--data", os.fsdecode(data), "--out", os.fsdecode(out), "--iters", "2",
+                                    "--eval-every", "2", "--batch-size", "16", "--device", "cpu", "--progress", "plain"],
+                       stdout_errors="strict")
+    assert proc.wait(120) == 0, proc.stderr
+    assert "results in " in proc.stdout and "run-\\udcfe" in proc.stdout  # escaped, not an encoding error
     assert os.path.exists(os.path.join(out, b"results.json"))
 
 
@@ -273,7 +259,7 @@ def test_a_resume_with_another_thread_count_says_bit_identity_is_lost(tiny_tree:
     run, threads = tmp_path / "run", torch.get_num_threads()
     torch.set_num_threads(threads + 1)
     try:
-        assert train(tiny_config(tiny_tree, run, iters=10), stop_at=5) is None
+        assert train(tiny_config(tiny_tree, run, iters=2, eval_every=2), stop_at=1) is None
     finally:
         torch.set_num_threads(threads)
     assert json.loads((run / rundir.CONFIG).read_text())["cpu_threads"] == threads + 1

@@ -8,19 +8,18 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from conftest import subprocess_env, tiny_config
+from conftest import Forked, forked_main, lock_held_elsewhere, tiny_config
 
 from fastres import checkpoint, rundir
 from fastres import train as train_module
 from fastres.cli import run_main
+from fastres.errors import RunError
 from fastres.evaluate import main as evaluate_main
 from fastres.export import main as export_main
 from fastres.predict import main as predict_main
@@ -172,38 +171,25 @@ def test_a_restart_from_iteration_0_that_cannot_start_changes_nothing(
 
 # --- the lock ----------------------------------------------------------------------------------
 
-TRY_LOCK = """
-import sys
-from pathlib import Path
-from fastres.errors import RunError
-from fastres.rundir import RunLock
-try:
-    with RunLock(Path(sys.argv[1])):
-        print("taken")
-except RunError as e:
-    print(e)
-"""
-
-HOLD_LOCK = """
-import sys, time
-from pathlib import Path
-from fastres.rundir import RunLock
-with RunLock(Path(sys.argv[1])):
-    print("held", flush=True)
-    time.sleep(600)
-"""
-
-
 def test_the_lock_cannot_be_held_twice_even_before_its_holder_writes_its_name(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, _private_cache: Path) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A pause between the lock file's creation and the write of its contents: a second
-    process tried then finds a lock held, not an empty file it may take over."""
+    process (forked: conftest.Forked) tried then finds a lock held, not an empty file it may
+    take over."""
     tried: list[tuple[int, str]] = []
     write_owner = RunLock._write_owner
 
+    def try_lock() -> None:
+        RunLock._write_owner = write_owner  # the second process's own lock is not paused
+        try:
+            with RunLock(tmp_path):
+                print("taken")
+        except RunError as e:
+            print(e)
+
     def paused(self: RunLock, fd: int) -> None:
-        other = subprocess.run([sys.executable, "-c", TRY_LOCK, str(tmp_path)], env=subprocess_env(_private_cache),
-                               capture_output=True, text=True, timeout=60)
+        other = Forked(try_lock)
+        assert other.wait(60) == 0, other.stderr
         tried.append((self.path.stat().st_size, other.stdout.strip()))
         write_owner(self, fd)
 
@@ -216,24 +202,18 @@ def test_the_lock_cannot_be_held_twice_even_before_its_holder_writes_its_name(
 
 @pytest.mark.parametrize("how", ["new run", "resume"])
 def test_a_live_run_before_its_first_checkpoint_keeps_its_files(
-        tiny_tree: Path, tmp_path: Path, _private_cache: Path, capsys: pytest.CaptureFixture, how: str) -> None:
+        tiny_tree: Path, tmp_path: Path, capsys: pytest.CaptureFixture, how: str) -> None:
     """A second process (`--resume` of the live run, or a new run into its --out) is refused
     by the lock, which it takes before it reads or writes anything in the directory."""
     run = tmp_path / "run"
     assert train(config(tiny_tree, run), stop_at=1) is None
     (run / rundir.CHECKPOINT).unlink()  # the live run: config and metrics, no checkpoint yet
-    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(run)], env=subprocess_env(_private_cache),
-                              stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with lock_held_elsewhere(run) as holder:
         before = snapshot(run)
         args = ["--resume", str(run)] if how == "resume" else argv(tiny_tree, run)
         assert run_main(train_main, args) == 2
         one_line_error(capsys, f"is in use by pid {holder.pid}")
         assert snapshot(run) == before
-    finally:
-        holder.kill()
-        holder.wait()
 
 
 @pytest.mark.parametrize(("content", "words"), [
@@ -283,26 +263,21 @@ def test_ctrl_c_during_start_up_is_one_line_and_leaves_nothing(
 
 # --- results are never lost ---------------------------------------------------------------------
 
-KILL_AT_RESULTS = """
-import os, signal, sys
-from fastres import rundir
-from fastres.train import main
-rundir.RunDir.write_results = lambda self, results: os.kill(os.getpid(), signal.SIGKILL)
-main(sys.argv[1:])
-"""
+def killed_at_results(argv: list[str]) -> int:
+    """fastres.train's main, killed -9 (by itself) when it comes to write results.json."""
+    rundir.RunDir.write_results = lambda self, results: os.kill(os.getpid(), signal.SIGKILL)
+    return train_main(argv)
 
 
 @pytest.mark.parametrize("final_record", ["logged", "lost too"])
 def test_a_kill_between_the_final_checkpoint_and_the_results_is_repaired_on_resume(
-        tiny_tree: Path, tmp_path: Path, finished: Path, _private_cache: Path, capsys: pytest.CaptureFixture,
-        final_record: str) -> None:
-    """kill -9 after the final checkpoint, before results.json: `--resume` writes the results
-    from the final checkpoint (the final evaluation redone if its record was lost too), and
-    the report works again."""
+        tiny_tree: Path, tmp_path: Path, finished: Path, capsys: pytest.CaptureFixture, final_record: str) -> None:
+    """kill -9 after the final checkpoint, before results.json (of a forked process:
+    conftest.Forked): `--resume` writes the results from the final checkpoint (the final
+    evaluation redone if its record was lost too), and the report works again."""
     run = tmp_path / "runs" / "run"
-    proc = subprocess.run([sys.executable, "-c", KILL_AT_RESULTS, *argv(tiny_tree, run)],
-                          env=subprocess_env(_private_cache), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    proc = forked_main(killed_at_results, argv(tiny_tree, run))
+    assert proc.wait(300) == -signal.SIGKILL, proc.stderr[-2000:]
     assert RunDir(run).checkpoint().step == ITERS and RunDir(run).results() is None
     if final_record == "lost too":
         log = run / rundir.METRICS
