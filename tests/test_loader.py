@@ -1,9 +1,10 @@
 import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from conftest import coordinate_images, decode
 
-from fastres.data import pixels
+from fastres.data import pixels, torch_loader
 from fastres.data.dataset import Split
 from fastres.data.torch_loader import TorchLoader
 
@@ -84,3 +85,75 @@ def test_channel_normalisation() -> None:
     # in float64, the mean and std are off by no more than that, ten times inside these bounds.
     assert torch.allclose(x.double().mean((0, 2, 3)), torch.zeros(3, dtype=torch.float64), atol=1e-5)
     assert torch.allclose(x.double().std((0, 2, 3), unbiased=False), torch.ones(3, dtype=torch.float64), atol=1e-5)
+
+
+def bits(x: torch.Tensor) -> torch.Tensor:
+    """The tensor's bits (torch.equal holds -0.0 equal to 0.0)."""
+    return x.contiguous().view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[x.element_size()])
+
+
+def same_batches(a: list, b: list) -> None:
+    assert len(a) == len(b)
+    for (xa, ya), (xb, yb) in zip(a, b, strict=True):
+        assert xa.shape == xb.shape and xa.dtype == xb.dtype and xa.stride() == xb.stride()
+        assert torch.equal(bits(xa), bits(xb)) and torch.equal(ya, yb) and ya.shape == yb.shape
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("seeds", [(4,), (3, 5, 7)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_whole_epoch_is_the_per_batch_epoch_bit_for_bit(channels_last: bool, seeds: tuple, dtype: torch.dtype,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every batch of two epochs, and of an epoch resumed at batch 5 (inside a slab), made
+    whole (in slabs of 600 images: 9 batches, or 3 for three fused runs, the last slab
+    short) and batch by batch: the same bits, shapes, strides and labels."""
+    rng = np.random.default_rng(0)
+    split = Split(rng.integers(0, 256, (1000, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, 1000))
+    mean, std = pixels.normalization_stats(split.images, "channel")
+    monkeypatch.setattr(torch_loader, "SLAB_IMAGES", 600)
+    seed = seeds[0] if len(seeds) == 1 else seeds
+    made = {whole: TorchLoader(split, 64, mean, std, device=CPU, train=True, seed=seed, dtype=dtype,
+                               channels_last=channels_last, whole_epoch=whole) for whole in (True, False)}
+    assert made[True].whole_epoch and not made[False].whole_epoch and made[True].steps_per_epoch == 15
+    for epoch, start in ((0, 0), (1, 0), (1, 5)):
+        same_batches(list(made[True].epoch(epoch, start)), list(made[False].epoch(epoch, start)))
+
+
+def test_a_whole_epoch_of_a_shard_is_its_per_batch_epoch() -> None:
+    split = coordinate_images(1000)
+    made = [loader(split, 32, train=True, seed=2, shard_id=1, num_shards=3, whole_epoch=w) for w in (True, False)]
+    same_batches(list(made[0].epoch(3)), list(made[1].epoch(3)))
+
+
+class Ops(TorchDispatchMode):
+    """The aten operations run while it is on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        self.ops.append(func)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("seed", [0, (0, 1)])
+def test_a_step_of_a_whole_epoch_is_a_view(seed: int | tuple) -> None:
+    """After the epoch is made, each batch costs no kernel: every operation is a view."""
+    batches = loader(coordinate_images(512), 64, train=True, seed=seed, channels_last=True,
+                     whole_epoch=True).epoch(0)
+    next(batches)
+    for _ in range(7):
+        with Ops() as seen:
+            next(batches)
+        assert seen.ops and all(op.is_view for op in seen.ops), [op for op in seen.ops if not op.is_view]
+
+
+def test_the_size_rule() -> None:
+    """Two epochs and a slab's temporaries in a quarter of the free memory; unknown: no."""
+    epoch = 390 * 128 * 3 * 32 * 32 * 4  # CIFAR-10 in fp32
+    assert torch_loader.fits_whole_epoch(epoch, 4 * (2 * epoch + torch_loader.SLAB_BYTES))
+    assert not torch_loader.fits_whole_epoch(epoch, 4 * (2 * epoch + torch_loader.SLAB_BYTES) - 4)
+    assert not torch_loader.fits_whole_epoch(1, None)
+    assert torch_loader.free_memory(CPU) > 0
+    assert not loader(coordinate_images(300), 128, train=False, whole_epoch=True).whole_epoch  # evaluation
