@@ -102,26 +102,28 @@ def same_batches(a: list, b: list) -> None:
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("seeds", [(4,), (3, 5, 7)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_a_whole_epoch_is_the_per_batch_epoch_bit_for_bit(channels_last: bool, seeds: tuple, dtype: torch.dtype,
-                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every batch of two epochs, and of an epoch resumed at batch 5 (inside a slab), made
-    whole (in slabs of 600 images: 9 batches, or 3 for three fused runs, the last slab
-    short) and batch by batch: the same bits, shapes, strides and labels."""
+def test_batches_made_in_slabs_are_the_per_batch_ones_bit_for_bit(channels_last: bool, seeds: tuple,
+                                                                   dtype: torch.dtype,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every batch of two epochs, and of an epoch resumed at batch 5, made in slabs of at
+    most 400 images (1, 2, 4, 6 and 2 batches of 64; three fused runs: 1, then 2 at a
+    time) and batch by batch: the same bits, shapes, strides and labels."""
     rng = np.random.default_rng(0)
     split = Split(rng.integers(0, 256, (1000, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, 1000))
     mean, std = pixels.normalization_stats(split.images, "channel")
-    monkeypatch.setattr(torch_loader, "SLAB_IMAGES", 600)
+    monkeypatch.setattr(torch_loader, "SLAB_IMAGES", 400)
     seed = seeds[0] if len(seeds) == 1 else seeds
-    made = {whole: TorchLoader(split, 64, mean, std, device=CPU, train=True, seed=seed, dtype=dtype,
-                               channels_last=channels_last, whole_epoch=whole) for whole in (True, False)}
-    assert made[True].whole_epoch and not made[False].whole_epoch and made[True].steps_per_epoch == 15
+    made = {slabs: TorchLoader(split, 64, mean, std, device=CPU, train=True, seed=seed, dtype=dtype,
+                               channels_last=channels_last, slabs=slabs) for slabs in (True, False)}
+    assert made[True].slabs and not made[False].slabs and made[True].steps_per_epoch == 15
+    assert made[True].slab_batches == (6 if len(seeds) == 1 else 2)
     for epoch, start in ((0, 0), (1, 0), (1, 5)):
         same_batches(list(made[True].epoch(epoch, start)), list(made[False].epoch(epoch, start)))
 
 
-def test_a_whole_epoch_of_a_shard_is_its_per_batch_epoch() -> None:
+def test_batches_of_a_shard_made_in_slabs_are_its_per_batch_ones() -> None:
     split = coordinate_images(1000)
-    made = [loader(split, 32, train=True, seed=2, shard_id=1, num_shards=3, whole_epoch=w) for w in (True, False)]
+    made = [loader(split, 32, train=True, seed=2, shard_id=1, num_shards=3, slabs=s) for s in (True, False)]
     same_batches(list(made[0].epoch(3)), list(made[1].epoch(3)))
 
 
@@ -138,22 +140,24 @@ class Ops(TorchDispatchMode):
 
 
 @pytest.mark.parametrize("seed", [0, (0, 1)])
-def test_a_step_of_a_whole_epoch_is_a_view(seed: int | tuple) -> None:
-    """After the epoch is made, each batch costs no kernel: every operation is a view."""
-    batches = loader(coordinate_images(512), 64, train=True, seed=seed, channels_last=True,
-                     whole_epoch=True).epoch(0)
-    next(batches)
-    for _ in range(7):
+def test_only_a_slabs_first_step_runs_kernels(seed: int | tuple) -> None:
+    """8 batches in slabs of 1, 2, 4 and 1: steps 0, 1, 3 and 7 make their slab, every
+    other step is views alone."""
+    batches = loader(coordinate_images(512), 64, train=True, seed=seed, channels_last=True, slabs=True).epoch(0)
+    makes = []
+    for k in range(8):
         with Ops() as seen:
             next(batches)
-        assert seen.ops and all(op.is_view for op in seen.ops), [op for op in seen.ops if not op.is_view]
+        if not all(op.is_view for op in seen.ops):
+            makes.append(k)
+    assert makes == [0, 1, 3, 7]
 
 
 def test_the_size_rule() -> None:
-    """Two epochs and a slab's temporaries in a quarter of the free memory; unknown: no."""
-    epoch = 390 * 128 * 3 * 32 * 32 * 4  # CIFAR-10 in fp32
-    assert torch_loader.fits_whole_epoch(epoch, 4 * (2 * epoch + torch_loader.SLAB_BYTES))
-    assert not torch_loader.fits_whole_epoch(epoch, 4 * (2 * epoch + torch_loader.SLAB_BYTES) - 4)
-    assert not torch_loader.fits_whole_epoch(1, None)
+    """Two slabs and a slab's temporaries in a quarter of the free memory; unknown: no."""
+    slab = 8192 * 3 * 32 * 32 * 4  # the largest slab in fp32
+    assert torch_loader.fits_slabs(slab, 4 * (2 * slab + torch_loader.SLAB_BYTES))
+    assert not torch_loader.fits_slabs(slab, 4 * (2 * slab + torch_loader.SLAB_BYTES) - 4)
+    assert not torch_loader.fits_slabs(1, None)
     assert torch_loader.free_memory(CPU) > 0
-    assert not loader(coordinate_images(300), 128, train=False, whole_epoch=True).whole_epoch  # evaluation
+    assert not loader(coordinate_images(300), 128, train=False, slabs=True).slabs  # evaluation: one at a time
