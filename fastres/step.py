@@ -118,8 +118,22 @@ def _predictions(model: nn.Module, loader: Loader, device: torch.device, amp_dty
                  forward: nn.Module | None = None, runs: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(predicted, true) labels of every batch of an evaluation loader, single view, BN in
     eval mode: predicted (B, runs), true (B,). `forward` is the callable to run (e.g. the
-    compiled model), default `model`; a fused group sees every image once per run."""
-    forward = model if forward is None else forward
+    compiled model), default `model`, and on CUDA always `model`; a fused group sees every
+    image once per run."""
+    # On CUDA, evaluation runs eagerly. Eval mode flips every BN's `training`, so a compiled
+    # model would compile and capture a second graph (tens of seconds cold, per model and
+    # fused size), and one more for a last, smaller batch (dynamic=False). And once the
+    # training step has called `cudagraph_mark_step_begin`, CUDA-graph trees take their
+    # generation from those marks alone (torch/_inductor/cudagraph_trees.py,
+    # `get_curr_generation`): an evaluation batch without a mark is recorded as a child of
+    # what ran before it while that one's outputs live (the last backward's gradients do).
+    # A mark before each batch would stop that but not the compiles, and buys little: at
+    # batch 1000 the GPU is the limit, so eager launches (a few dozen a batch) are hidden,
+    # and 10 batches take milliseconds either way. A CPU has no CUDA graphs, and keeps the
+    # compiled forward: measured there (ResNet-20, 10k images, 2 busy cores), a compiled pass
+    # took 50 s against 105 s eager, repaying its eval-mode compile (about 70 s) within the
+    # second evaluation.
+    forward = model if forward is None or device.type == "cuda" else forward
     model.eval()
     try:
         for x, y in loader.epoch(0):

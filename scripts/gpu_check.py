@@ -10,7 +10,9 @@ most valuable first, each started only while the budget lasts:
 2. agreement: eager and compiled training steps on the same batches, in the configuration
    training uses (bf16, channels_last), then fp32 (the CPU rehearsal: fp64, see AGREE_REL);
 3. the 64,000-iteration ResNet-20 run, if the measured it/s says it ends in time, else a
-   bounded prefix (its length recorded, its checkpoint saved to resume elsewhere).
+   bounded prefix (its length recorded, its checkpoint saved to resume elsewhere);
+4. whatever the budget: the compile caches packed into OUT_DIR/compile_cache.tar.gz if they
+   pack under 16 MiB, for the next check to start warm (`--compile-cache`, docs/gpu-check.md).
 
 Without a GPU (or with --rehearse) the same code runs at tiny size on the CPU: every branch
 the GPU run takes except CUDA graphs, fused CUDA SGD, pinned copies and DALI's mixed decoding.
@@ -24,6 +26,7 @@ import copy
 import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 import traceback
@@ -56,6 +59,7 @@ from fastres.runtime import (  # noqa: E402
 )
 from fastres.step import TrainStep  # noqa: E402
 from fastres.train import train  # noqa: E402
+from scripts import compile_cache  # noqa: E402
 
 JSON, LOG = "gpu_check.json", "gpu_check.log"
 # Eager and compiled trajectories drift apart step by step (kernel choice, fusion, rounding);
@@ -240,6 +244,18 @@ def full_run(check: Check, data: str, model_name: str, run_dir: Path, cap_s: flo
             "checkpoint": kept}
 
 
+def pack_caches(out: Path) -> dict[str, Any]:
+    """The compile caches into `out`, whatever the budget says (a few seconds); a failure is
+    recorded, not raised: the measurements are what matters."""
+    t = time.perf_counter()
+    try:
+        packed = compile_cache.pack(out, compile_cache.cache_dirs())
+    except (OSError, tarfile.TarError) as e:
+        packed = {"archive": None, "error": f"{type(e).__name__}: {e}".splitlines()[0]}
+    print(f"compile caches: {packed}", flush=True)
+    return {**packed, "seconds": round(time.perf_counter() - t, 1)}
+
+
 def driver_version() -> str | None:
     try:
         out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
@@ -256,6 +272,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="CIFAR-10 copied beside the checkout (no download is tried: the GPU machine is offline)")
     p.add_argument("--budget-s", type=float, help="start nothing after this long (default 420 on a GPU, 150 on CPU)")
     p.add_argument("--rehearse", action="store_true", help="the CPU rehearsal at tiny size (default without a GPU)")
+    p.add_argument("--compile-cache", type=Path, metavar="ARCHIVE",
+                   help=f"start warm: unpack a {compile_cache.ARCHIVE} an earlier check left into the compile caches")
     return p.parse_args(argv)
 
 
@@ -264,13 +282,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     gpu = torch.cuda.is_available() and not args.rehearse
     loaders.prepare(args.data)  # bad or missing data: one line and exit 2, before anything is written
+    warm = compile_cache.unpack(args.compile_cache, compile_cache.cache_dirs()) if args.compile_cache else None
     args.out.mkdir(parents=True, exist_ok=True)
     device = pick_device("cuda" if gpu else "cpu")
     configure_backends(device)
     summary: dict[str, Any] = {
         "mode": "gpu" if gpu else "cpu rehearsal", "device": device_name(device), "versions": versions(),
         "driver": driver_version() if gpu else None, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "data": loaders.prepare(args.data).source.describe()}
+        "data": loaders.prepare(args.data).source.describe(), "compile_cache_in": warm}
     check = Check(args.out, started, args.budget_s or (420.0 if gpu else 150.0), summary)
     with open(args.out / LOG, "a") as log, contextlib.redirect_stdout(Tee(sys.stdout, log)), \
             contextlib.redirect_stderr(Tee(sys.stderr, log)):
@@ -288,6 +307,8 @@ def main(argv: list[str] | None = None) -> int:
                                                     margin_s=FULL_RUN_OVERHEAD_S if gpu else 2.0,
                                                     log_every=LOG_EVERY if gpu else 1,
                                                     min_iters=0 if gpu else 10))
+        summary["compile_cache"] = pack_caches(args.out)
+        check.save()
         failed = [k for k, v in summary.items() if isinstance(v, dict) and v.get("ok") is False and "skipped" not in v]
         print(f"done in {time.monotonic() - check.start:.0f} s; {args.out / JSON}"
               + (f"; FAILED: {', '.join(failed)}" if failed else ""), flush=True)

@@ -1,5 +1,7 @@
 import hashlib
+import io
 import os
+import re
 import shutil
 import tarfile
 from pathlib import Path
@@ -9,7 +11,7 @@ import pytest
 from conftest import class_images, write_official, write_tree
 from PIL import Image
 
-from fastres.data import images, official, sources
+from fastres.data import images, official, pool, sources
 from fastres.data.dataset import CIFAR10, hold_out
 from fastres.errors import DataError
 
@@ -328,3 +330,65 @@ def test_the_cache_command_on_an_unusable_cache(tmp_path: Path, monkeypatch: pyt
         out, err = capsys.readouterr()
         assert out == "" and err.count("\n") == 1 and f"cache folder {folder} " in err, err
         assert f"{tmp_path / ('xdg' if 'XDG' in how else 'cache')} is a file" in err and "FASTRES_CACHE" in err
+
+
+
+def packed(members: list[tuple[str, bytes]], path: Path) -> Path:
+    """Members, in this order, as a .tar.gz."""
+    with tarfile.open(path, "w:gz") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def members(tree: Path) -> list[tuple[str, bytes]]:
+    return [(str(p.relative_to(tree)), p.read_bytes()) for p in sorted(tree.rglob("*.png"))]
+
+
+def spy_pools(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The worker count of every process pool started."""
+    started: list[int] = []
+    real = pool._pooled
+    monkeypatch.setattr(pool, "_pooled", lambda fn, a, b, rest, workers, ahead:
+                        started.append(workers) or real(fn, a, b, rest, workers, ahead))
+    return started
+
+
+@pytest.mark.parametrize("kind", ["tree", "archive"])
+def test_the_parallel_decode_is_the_serial_one(tmp_path: Path, tiny_tree: Path, kind: str,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """200 images in chunks of 16 on 2 workers, 4 chunks ahead (the read runs ahead of the
+    decoding and waits for it): the same arrays, labels and order as one process decoding."""
+    data = tiny_tree if kind == "tree" else packed(members(tiny_tree), tmp_path / "t.tar.gz")
+    serial = images.read_decoded([data], workers=1)
+    monkeypatch.setattr(images, "CHUNK_IMAGES", 16)
+    started = spy_pools(monkeypatch)
+    parallel = images.read_decoded([data], workers=2, progress=True)
+    assert started == [2]
+    for a, b in ((serial.train, parallel.train), (serial.test, parallel.test)):
+        assert np.array_equal(a.images, b.images) and np.array_equal(a.labels, b.labels) and len(a) > 0
+
+
+@pytest.mark.parametrize("first", ["undecodable", "duplicate"])
+def test_the_parallel_decode_raises_the_first_error_in_reading_order(tmp_path: Path, tiny_tree: Path, first: str,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """An image a worker cannot decode (the 40th read) and a member the reader refuses (a
+    duplicate, the 20th or the last read), in either order: the one line raised is the
+    serial decode's, about the file read first."""
+    files = members(tiny_tree)
+    files[39] = (files[39][0], b"not a png")
+    at = 19 if first == "duplicate" else len(files)
+    archive = packed(files[:at] + [files[0]] + files[at:], tmp_path / "t.tar.gz")
+    with pytest.raises(DataError) as serial:
+        images.read_decoded([archive], workers=1)
+    assert ("cannot decode" if first == "undecodable" else "appears twice") in str(serial.value)
+    monkeypatch.setattr(images, "CHUNK_IMAGES", 16)
+    started = spy_pools(monkeypatch)
+    with pytest.raises(DataError) as parallel:
+        images.read_decoded([archive], workers=2)
+    # the same line but for the address in Pillow's words ("<_io.BytesIO object at 0x7f...>")
+    line = [re.sub("0x[0-9a-f]+", "", str(e.value)) for e in (serial, parallel)]
+    assert started == [2] and line[0] == line[1]
+    assert "\n" not in str(parallel.value)

@@ -1,9 +1,10 @@
 import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from conftest import coordinate_images, decode
 
-from fastres.data import pixels
+from fastres.data import pixels, torch_loader
 from fastres.data.dataset import Split
 from fastres.data.torch_loader import TorchLoader
 
@@ -84,3 +85,79 @@ def test_channel_normalisation() -> None:
     # in float64, the mean and std are off by no more than that, ten times inside these bounds.
     assert torch.allclose(x.double().mean((0, 2, 3)), torch.zeros(3, dtype=torch.float64), atol=1e-5)
     assert torch.allclose(x.double().std((0, 2, 3), unbiased=False), torch.ones(3, dtype=torch.float64), atol=1e-5)
+
+
+def bits(x: torch.Tensor) -> torch.Tensor:
+    """The tensor's bits (torch.equal holds -0.0 equal to 0.0)."""
+    return x.contiguous().view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[x.element_size()])
+
+
+def same_batches(a: list, b: list) -> None:
+    assert len(a) == len(b)
+    for (xa, ya), (xb, yb) in zip(a, b, strict=True):
+        assert xa.shape == xb.shape and xa.dtype == xb.dtype and xa.stride() == xb.stride()
+        assert torch.equal(bits(xa), bits(xb)) and torch.equal(ya, yb) and ya.shape == yb.shape
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("seeds", [(4,), (3, 5, 7)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_batches_made_in_slabs_are_the_per_batch_ones_bit_for_bit(channels_last: bool, seeds: tuple,
+                                                                   dtype: torch.dtype,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every batch of two epochs, and of an epoch resumed at batch 5, made in slabs of at
+    most 400 images (1, 2, 4, 6 and 2 batches of 64; three fused runs: 1, then 2 at a
+    time) and batch by batch: the same bits, shapes, strides and labels."""
+    rng = np.random.default_rng(0)
+    split = Split(rng.integers(0, 256, (1000, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, 1000))
+    mean, std = pixels.normalization_stats(split.images, "channel")
+    monkeypatch.setattr(torch_loader, "SLAB_IMAGES", 400)
+    seed = seeds[0] if len(seeds) == 1 else seeds
+    made = {slabs: TorchLoader(split, 64, mean, std, device=CPU, train=True, seed=seed, dtype=dtype,
+                               channels_last=channels_last, slabs=slabs) for slabs in (True, False)}
+    assert made[True].slabs and not made[False].slabs and made[True].steps_per_epoch == 15
+    assert made[True].slab_batches == (6 if len(seeds) == 1 else 2)
+    for epoch, start in ((0, 0), (1, 0), (1, 5)):
+        same_batches(list(made[True].epoch(epoch, start)), list(made[False].epoch(epoch, start)))
+
+
+def test_batches_of_a_shard_made_in_slabs_are_its_per_batch_ones() -> None:
+    split = coordinate_images(1000)
+    made = [loader(split, 32, train=True, seed=2, shard_id=1, num_shards=3, slabs=s) for s in (True, False)]
+    same_batches(list(made[0].epoch(3)), list(made[1].epoch(3)))
+
+
+class Ops(TorchDispatchMode):
+    """The aten operations run while it is on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        self.ops.append(func)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("seed", [0, (0, 1)])
+def test_only_a_slabs_first_step_runs_kernels(seed: int | tuple) -> None:
+    """8 batches in slabs of 1, 2, 4 and 1: steps 0, 1, 3 and 7 make their slab, every
+    other step is views alone."""
+    batches = loader(coordinate_images(512), 64, train=True, seed=seed, channels_last=True, slabs=True).epoch(0)
+    makes = []
+    for k in range(8):
+        with Ops() as seen:
+            next(batches)
+        if not all(op.is_view for op in seen.ops):
+            makes.append(k)
+    assert makes == [0, 1, 3, 7]
+
+
+def test_the_size_rule() -> None:
+    """Two slabs and a slab's temporaries in a quarter of the free memory; unknown: no."""
+    slab = 8192 * 3 * 32 * 32 * 4  # the largest slab in fp32
+    assert torch_loader.fits_slabs(slab, 4 * (2 * slab + torch_loader.SLAB_BYTES))
+    assert not torch_loader.fits_slabs(slab, 4 * (2 * slab + torch_loader.SLAB_BYTES) - 4)
+    assert not torch_loader.fits_slabs(1, None)
+    assert torch_loader.free_memory(CPU) > 0
+    assert not loader(coordinate_images(300), 128, train=False, slabs=True).slabs  # evaluation: one at a time

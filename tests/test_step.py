@@ -4,7 +4,7 @@ import torch
 
 from fastres.models import build_model
 from fastres.optim import make_optimizer
-from fastres.step import TrainStep, error_rate
+from fastres.step import TrainStep, _predictions, error_rate
 
 CPU = torch.device("cpu")
 
@@ -47,6 +47,21 @@ def test_error_rate_counts_every_image_in_eval_mode() -> None:
     model.train()
     assert error_rate(model, _Batches(), CPU, None) == (preds != labels).sum().item() / 8
     assert model.training
+
+
+def test_evaluation_runs_the_compiled_forward_on_a_cpu_and_the_eager_model_on_cuda() -> None:
+    """On CUDA a compiled model's eval-mode graph is never compiled nor captured (see
+    `_predictions`); here the CPU tensors stand in, told that the device is CUDA."""
+    model, called = build_model("resnet8"), []
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        called.append(len(x))
+        return model(x)
+
+    for device, expected in ((CPU, [5, 3]), (torch.device("cuda"), [])):
+        called.clear()
+        list(_predictions(model, _Batches(), device, None, forward))
+        assert called == expected
 
 
 def test_optimizer_is_the_papers() -> None:

@@ -3,7 +3,8 @@
 The layout may sit in a folder, in one `.tar`/`.tar.gz` holding both splits, or in a
 folder with `train.tar.gz` and `test.tar.gz` (the shared CIFAR-10 JPEG copy). What is read
 is exactly `<split>/<class>/<name>.jpg|jpeg|png` below the folder or archive root, each file
-checked by its size before a byte of it is read, and decoded as it is read.
+checked by its size before a byte of it is read, and decoded in chunks, on all cores, as it
+is read.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import os
 import stat
 import sys
 import tarfile
+from collections import deque
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
@@ -21,6 +23,7 @@ from typing import TypeVar
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from fastres.data import pool
 from fastres.data.dataset import CLASSES, IMAGE_SHAPE, EncodedSplit, Split, Splits, check_classes
 from fastres.data.tars import open_tar
 from fastres.errors import DataError
@@ -198,20 +201,22 @@ def _walk_archive(path: Path, splits: tuple[str, ...], others: list[str]) -> Ite
 
 
 Found = dict[str, list[tuple[int, str, T]]]
+# Images a decoding worker gets at a time, and the encoded bytes that end a chunk sooner: a
+# chunk of the JPEG copy is 256 files of about 900 bytes. At most AHEAD_PER_WORKER chunks a
+# worker are read ahead of the decoding, so what is held encoded stays under
+# workers * AHEAD_PER_WORKER * (CHUNK_BYTES + MAX_IMAGE_BYTES), whatever the archive holds.
+CHUNK_IMAGES, CHUNK_BYTES, AHEAD_PER_WORKER = 256, 4 << 20, 2
 
 
-def _collect(sources: list[Path], splits: tuple[str, ...], classes: tuple[str, ...],
-             convert: Callable[[bytes, str], T]) -> tuple[Found, list[str]]:
-    """Each image of the wanted splits converted as it is read (so no more than one encoded
-    file is held at a time unless `convert` keeps it), by split; and the files not read."""
-    found: Found = {s: [] for s in splits}
-    others: list[str] = []
+def _images(sources: list[Path], splits: tuple[str, ...], classes: tuple[str, ...],
+            others: list[str]) -> Iterator[tuple[str, int, str, str, bytes]]:
+    """(split, label, name, where, bytes) of each image of the wanted splits, one at a time,
+    in reading order; the files not read go to `others`."""
     for source in sources:
         walk = _walk_archive if is_archive(source) else _walk_tree
         for name, where, data in walk(source, _read_from(source, splits), others):
             split, label = _classify(name, classes)
-            found[split].append((label, name, convert(data, where)))
-    return found, others
+            yield split, label, name, where, data
 
 
 def _splits(found: Found, sources: list[Path], classes: tuple[str, ...],
@@ -234,19 +239,35 @@ def read_encoded(sources: list[Path], splits: tuple[str, ...] = SPLIT_NAMES,
                  classes: tuple[str, ...] = CLASSES) -> Splits:
     """The encoded files of the wanted splits (both, or the test split alone for evaluation),
     for decoders such as DALI's that take the files themselves."""
-    found, _ = _collect(sources, splits, classes, lambda data, _: np.frombuffer(data, np.uint8))
+    found: Found = {s: [] for s in splits}
+    for split, label, name, _, data in _images(sources, splits, classes, []):
+        found[split].append((label, name, np.frombuffer(data, np.uint8)))
     return _splits(found, sources, classes, EncodedSplit)
 
 
-def read_decoded(sources: list[Path], splits: tuple[str, ...] = SPLIT_NAMES,
-                 classes: tuple[str, ...] = CLASSES, progress: bool = False) -> Splits:
-    """The wanted splits decoded with Pillow as each file is read (about 12 s for all 60k
-    CIFAR images on one core; the result is cached, so this happens once), under a bar with
-    `progress`. Files under the split folders that are not images by the layout are named in
-    one note."""
-    with _decoding(sources, splits, progress) as decoded:
-        found, others = _collect(sources, splits, classes,
-                                 lambda data, where: decoded(decode_file(np.frombuffer(data, np.uint8), where)))
+def read_decoded(sources: list[Path], splits: tuple[str, ...] = SPLIT_NAMES, classes: tuple[str, ...] = CLASSES,
+                 progress: bool = False, workers: int | None = None) -> Splits:
+    """The wanted splits decoded with Pillow, on `workers` processes (default: every core this
+    process may use; the result is cached, so this happens once), under a bar with `progress`.
+    Files are read here, one at a time and checked before they are read, and decoded in
+    chunks as they arrive: the result is the serial decode's, byte for byte, and so is the
+    first error. Files under the split folders that are not images by the layout are named
+    in one note."""
+    found: Found = {s: [] for s in splits}
+    others: list[str] = []
+    keys: deque[list[tuple[str, int, str]]] = deque()  # each chunk's images, in the order of the results
+
+    def chunks() -> Iterator[list[tuple[str, bytes]]]:
+        for chunk in _chunked(_images(sources, splits, classes, others)):
+            keys.append([(split, label, name) for split, label, name, _, _ in chunk])
+            yield [(where, data) for _, _, _, where, data in chunk]
+
+    workers = pool.cores() if workers is None else workers
+    with _decoding(sources, splits, progress) as advance:
+        for decoded in pool.ordered_map(decode_files, chunks(), workers, AHEAD_PER_WORKER * workers):
+            for (split, label, name), pixels in zip(keys.popleft(), decoded, strict=True):
+                found[split].append((label, name, pixels))
+            advance(len(decoded))
     if others:
         many = len(others) > 1
         print(f"fastres: note: {len(others)} file{'s' if many else ''} under {' and '.join(s + '/' for s in splits)} "
@@ -256,13 +277,43 @@ def read_decoded(sources: list[Path], splits: tuple[str, ...] = SPLIT_NAMES,
                    lambda arrays, labels: Split(np.array(arrays, np.uint8).reshape(-1, *IMAGE_SHAPE), labels))
 
 
+def _chunked(items: Iterator[tuple[str, int, str, str, bytes]]) -> Iterator[list[tuple[str, int, str, str, bytes]]]:
+    """Consecutive images, CHUNK_IMAGES at most and no more bytes than CHUNK_BYTES past the
+    last. A refusal of the reader comes after the chunk read before it, which may hold an
+    earlier error: the first error raised is the first in reading order."""
+    chunk, size = [], 0
+    try:
+        for item in items:
+            chunk.append(item)
+            size += len(item[4])
+            if len(chunk) == CHUNK_IMAGES or size >= CHUNK_BYTES:
+                yield chunk
+                chunk, size = [], 0
+    except Exception:
+        if chunk:
+            yield chunk
+        raise
+    if chunk:
+        yield chunk
+
+
+def decode_files(files: list[tuple[str, bytes]]) -> np.ndarray:
+    """(where, bytes) files to (n, 32, 32, 3) uint8 pixels by `decode_file`: one chunk of a
+    pool's work, returned as one array (one pickle back, not n)."""
+    out = np.empty((len(files), *IMAGE_SHAPE), np.uint8)
+    for k, (where, data) in enumerate(files):
+        out[k] = decode_file(np.frombuffer(data, np.uint8), where)
+    return out
+
+
 @contextlib.contextmanager
-def _decoding(sources: list[Path], splits: tuple[str, ...], progress: bool) -> Iterator[Callable[[T], T]]:
-    """A function called on each decoded image: with `progress`, it advances a transient bar,
-    as the download shows one. The total is known for image folders (listed once more
-    here, which costs a directory listing), not for archives, which are read as they stream."""
+def _decoding(sources: list[Path], splits: tuple[str, ...], progress: bool) -> Iterator[Callable[[int], None]]:
+    """A function called with the number of images each time some are decoded: with
+    `progress`, it advances a transient bar, as the download shows one. The total is known
+    for image folders (listed once more here, which costs a directory listing), not for
+    archives, which are read as they stream."""
     if not progress:
-        yield lambda pixels: pixels
+        yield lambda n: None
         return
     from rich.progress import MofNCompleteColumn, Progress
 
@@ -270,12 +321,7 @@ def _decoding(sources: list[Path], splits: tuple[str, ...], progress: bool) -> I
         sum(len(scan_tree(s, _read_from(s, splits))[0]) for s in sources)
     with Progress(*Progress.get_default_columns(), MofNCompleteColumn(), transient=True) as bar:
         task = bar.add_task(f"decoding {' and '.join(splits)} images", total=total)
-
-        def decoded(pixels: T) -> T:
-            bar.advance(task)
-            return pixels
-
-        yield decoded
+        yield lambda n: bar.advance(task, n)
 
 
 def to_rgb(img: Image.Image) -> np.ndarray:
