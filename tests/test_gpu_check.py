@@ -22,8 +22,11 @@ def test_rehearsal_runs_every_part_and_keeps_what_it_measured(tiny_tree: Path, t
                                                                _private_cache: Path) -> None:
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, str(SCRIPT), str(out), "--data", str(tiny_tree), "--rehearse",
-                           "--budget-s", "300"],  # generous: a slow or busy machine still runs every part
-                          env=subprocess_env(_private_cache), capture_output=True, text=True, timeout=400)
+                           # a budget no machine spends, so no part is ever skipped for time on a slow or busy
+                           # one (the rehearsal's prefix run has its own bound, REHEARSAL_RUN_S): what is checked
+                           # is every branch, never how long it took; the timeout only guards against a hang
+                           "--budget-s", "100000"],
+                          env=subprocess_env(_private_cache), capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((out / "gpu_check.json").read_text())
     assert summary["mode"] == "cpu rehearsal" and summary["versions"]["torch"]
