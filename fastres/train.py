@@ -143,12 +143,17 @@ class Session:
         return max(c.iters for c in self.cfgs)
 
     @property
+    def swept(self) -> list[str]:
+        """The sweep keys whose values differ among the group's runs."""
+        return [k for k, sw in SWEEPS.items() if len({getattr(c, sw.field) for c in self.cfgs}) > 1]
+
+    @property
     def labels(self) -> list[str]:
         """How the display names each run: its seed, and the values it differs in from the
         others of its sweep (`lr0.05 s0`)."""
         if self.runs == 1:
             return [f"s{self.cfg.seed}"]
-        keys = [k for k, sw in SWEEPS.items() if len({getattr(c, sw.field) for c in self.cfgs}) > 1]
+        keys = self.swept
         return [" ".join([*(SWEEPS[k].token(k, getattr(c, SWEEPS[k].field)) for k in keys), f"s{c.seed}"])
                 for c in self.cfgs]
 
@@ -563,8 +568,7 @@ def start_reporting(s: Session, files: Files, start: int) -> Reporter:
     fused_note = f", {s.runs} runs fused ({', '.join(s.labels)})" if s.runs > 1 else ""
     configs = [str(d.path / rundir.CONFIG) for d in files.dirs]
     warmup = f", warm-up {cfg.warmup_iters} at {cfg.warmup_lr:g}" if cfg.warmup_iters else ""
-    differ = [k for k, sw in SWEEPS.items() if len({getattr(c, sw.field) for c in s.cfgs}) > 1]
-    warmup += f"; each run its own {', '.join(differ)}" if differ else ""
+    warmup += f"; each run its own {', '.join(s.swept)}" if s.swept else ""
     reporter.message(summary(f"{cfg.spec.tag}, {count_parameters(s.model) // s.runs:,} parameters{fused_note}", {
         "data": f"{s.data.source}; {s.data.train_size:,} training images",
         "device": f"{device_name(s.device)}; {cfg.precision}" + (", compiled" if cfg.compile else ""),
