@@ -37,13 +37,16 @@ def make_optimizer(params: nn.Module | Sequence[torch.Tensor], device: torch.dev
 
 
 def lr_tensor(device: torch.device, amp_dtype: torch.dtype | None) -> torch.Tensor | None:
-    """The 0-dim tensor a run's learning rate lives in, or None where a Python float must stay:
-    chosen so that the update is bit for bit the one a float lr gives. Fused SGD on CUDA reads
-    a tensor lr through a float pointer on the device (no sync): float32 there. Foreach SGD
-    takes `alpha=-lr`, a double-precision scalar, and turns a tensor lr into it with `.item()`
-    (torch/optim/sgd.py, `_multi_tensor_sgd`): float64 keeps that exact, and on a CPU the
-    item is no sync. On CUDA that item would be a host sync per step, so foreach there (fp16
-    loss scaling) keeps the float."""
+    """The 0-dim tensor a run's learning rate lives in, or None where a Python float must stay.
+    Foreach SGD takes `alpha=-lr`, a double-precision scalar, and turns a tensor lr into it
+    with `.item()` (torch/optim/sgd.py, `_multi_tensor_sgd`): a float64 tensor keeps that
+    exact, so on a CPU (where the item is no sync) the update is bit for bit a float lr's
+    (tests/test_step.py). Fused SGD on CUDA reads a tensor lr on the device through a float
+    pointer (no sync; `sgd_math` in aten/src/ATen/native/cuda/FusedSgdKernel.cu: float32
+    only), widened to double as a float lr is: so there the lr is 0.1 rounded to float32, a
+    relative change of at most 2**-24 = 6e-8 per update against a float lr, not bit for bit.
+    Foreach on CUDA (fp16 loss scaling) would pay a host sync per step for the item, so it
+    keeps the float."""
     if device.type != "cuda":
         return torch.tensor(recipe.LR, dtype=torch.float64, device=device)
     if amp_dtype != torch.float16:  # fused: make_optimizer's own condition

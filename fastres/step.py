@@ -128,7 +128,11 @@ class TrainStep:
     def _body(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The step from gradients None to the update: free of host syncs, so also what a
         CUDA graph captures."""
-        with autocast(self.device, self.amp_dtype):
+        # Inside a captured graph autocast must not cache its casts of the weights (the
+        # CUDA-graph docs, "Usage with torch.cuda.amp"): the cache is freed at each exit.
+        amp = (torch.autocast(self.device.type, self.amp_dtype, enabled=self.amp_dtype is not None, cache_enabled=False)
+               if self.whole_step else autocast(self.device, self.amp_dtype))
+        with amp:
             loss, losses, wrong = self.objective(x, y)
         self.scaler.scale(loss).backward()
         if self.scaler.is_enabled():
