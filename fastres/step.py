@@ -82,7 +82,7 @@ class TrainStep:
     `hyper`: each run's (momentum, weight decay), by default the paper's.
 
     `whole_step` (CUDA only): the whole step, forward to update and the metrics, is one CUDA
-    graph captured by hand (`_capture`), replayed each step from static input buffers. It
+    graph captured by hand (`_WholeStep`), replayed each step from static input buffers. It
     cannot hold fp16's GradScaler (its skip decision reads the device) nor DDP (its
     all-reduce hooks run outside graphs), and a CPU has no CUDA graphs: each is refused in
     one line. Written from PyTorch's CUDA-graph docs ("whole network capture"); no GPU has
