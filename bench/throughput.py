@@ -87,6 +87,7 @@ class Setup:
     key: bool = False  # a headline row: run first for every model
     runs: int | None = None  # a fused row: this many runs of the model in one step
     sweep: bool = False  # the runs are one seed with SWEEP_LRS, not seeds 0..N-1 with the paper's lr
+    whole_step: bool = False  # the step one CUDA graph (TrainStep(whole_step=True)): CUDA only
 
 
 MATRIX = (
@@ -98,6 +99,8 @@ MATRIX = (
           channels_last=True, amp=True),
     Setup("compile", "+ compile", "+ torch.compile (CUDA graphs on a GPU): the full fastres step",
           channels_last=True, amp=True, compile=True, key=True),
+    Setup("whole-step", "+ compile, whole-step graph", "the full step as one CUDA graph, update included "
+          "(CUDA only: a ValueError elsewhere)", channels_last=True, amp=True, compile=True, whole_step=True),
     Setup("dali", "+ compile, DALI loader", "the full step fed by DALI (decoding on the GPU)", loader="dali",
           channels_last=True, amp=True, compile=True),
     Setup("host", "+ compile, host loader", "the full step fed from the host, each batch copied over",
@@ -221,7 +224,7 @@ class Bench:
             dtype = PRECISIONS[row["precision"]]
             data = self.fastres_data(setup, row["precision"])
             train_batches = endless(data.train)
-            step = TrainStep(model, device, dtype, setup.compile, runs=runs)
+            step = TrainStep(model, device, dtype, setup.compile, runs=runs, whole_step=setup.whole_step)
             lrs = list(SWEEP_LRS) if setup.sweep else [recipe.LR] * runs
 
             def steps(n: int) -> None:

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 RECOMPILE_LIMIT = 64  # compiled models and modes per process before Dynamo gives up (see compile_model)
 
 
-def compile_model(model: nn.Module, device: torch.device) -> nn.Module:
+def compile_model(model: nn.Module, device: torch.device, cuda_graphs: bool | None = None) -> nn.Module:
     """torch.compile; on CUDA with CUDA graphs ("reduce-overhead"): the several hundred
     kernel launches of a ResNet-56 forward and backward (option A: 55 convolutions,
     55 BNs, their gradients; tests/test_models.py) become two graph replays. Shapes are
@@ -29,7 +29,9 @@ def compile_model(model: nn.Module, device: torch.device) -> nn.Module:
     another size makes Dynamo mark the batch dimension dynamic, and every later compile of
     the same code (the next model in a benchmark, the train graph after an evaluation)
     becomes a different, dynamic graph. The training loop, the benchmark and the GPU check
-    all compile through this one function.
+    all compile through this one function. `cuda_graphs`: False for a module run inside a
+    graph captured by hand (inductor's own graphs cannot nest in one); None: the default,
+    `uses_cuda_graphs`.
 
     Every model and mode compiled in a process is one more cache entry of the one shared
     `forward` code: past `recompile_limit` entries (8 by default) Dynamo silently runs that
@@ -37,12 +39,30 @@ def compile_model(model: nn.Module, device: torch.device) -> nn.Module:
     of the paper's 10 models, needs more (measured: the ninth entry, ResNet-56 fused x2,
     fell back to eager), so the limit is raised to RECOMPILE_LIMIT."""
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
-    return torch.compile(model, mode="reduce-overhead" if uses_cuda_graphs(model, device) else None, dynamic=False)
+    graphs = uses_cuda_graphs(model, device) if cuda_graphs is None else cuda_graphs
+    return torch.compile(model, mode="reduce-overhead" if graphs else None, dynamic=False)
 
 
 def uses_cuda_graphs(model: nn.Module, device: torch.device) -> bool:
     """CUDA graphs on a GPU, except under DDP, whose all-reduce hooks run outside them."""
     return device.type == "cuda" and not isinstance(model, nn.parallel.DistributedDataParallel)
+
+
+class Objective(nn.Module):
+    """The forward and the loss as one module, so that one compile holds both, and the
+    backward (AOTAutograd's) comes from the same graph: returns the loss to minimise (the sum
+    of the runs' mean losses), each run's loss (detached) and each run's wrong predictions,
+    for x and labels y (B, runs). A DDP model is called inside, so its hooks still fire."""
+
+    def __init__(self, model: nn.Module, runs: int) -> None:
+        super().__init__()
+        self.model, self.runs = model, runs
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        logits = self.model(x).unflatten(1, (self.runs, -1))  # (B, runs, classes)
+        losses = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view_as(y).mean(0)
+        wrong = (logits.detach().argmax(2) != y).sum(0)
+        return losses.sum(), losses.detach(), wrong
 
 
 class TrainStep:
@@ -54,19 +74,32 @@ class TrainStep:
     stacked on the channel axis and y their labels, (B, runs). The loss minimised is the
     sum of the runs' mean losses, so each run's gradient is the one it has alone.
 
-    The optimizer stays eager: one SGD per run (`fastres.optim.RunsSGD`, each run's own
-    hyperparameters), fused SGD on CUDA being one kernel for all of a run's parameters; the
-    learning rates are plain floats set by the caller before each step, so a schedule change
-    can never trigger a recompile. `hyper`: each run's (momentum, weight decay), by default
-    the paper's."""
+    `compile`: the forward, the loss and the wrong counts are one compiled `Objective` (its
+    backward compiled with it). The optimizer stays eager: one SGD per run
+    (`fastres.optim.RunsSGD`, each run's own hyperparameters), fused SGD on CUDA being one
+    kernel for all of a run's parameters; the learning rates live in device tensors the
+    caller fills before each step, so a schedule change never recompiles nor re-records.
+    `hyper`: each run's (momentum, weight decay), by default the paper's.
+
+    `whole_step` (CUDA only): the whole step, forward to update and the metrics, is one CUDA
+    graph captured by hand (`_WholeStep`), replayed each step from static input buffers. It
+    cannot hold fp16's GradScaler (its skip decision reads the device) nor DDP (its
+    all-reduce hooks run outside graphs), and a CPU has no CUDA graphs: each is refused in
+    one line. Written from PyTorch's CUDA-graph docs ("whole network capture"); no GPU has
+    run it yet (docs/training.md says what its GPU check is)."""
 
     def __init__(self, model: nn.Module, device: torch.device, amp_dtype: torch.dtype | None, compile: bool, *,
-                 hyper: list[tuple[float, float]] | None = None, runs: int = 1) -> None:
+                 hyper: list[tuple[float, float]] | None = None, runs: int = 1, whole_step: bool = False) -> None:
+        if whole_step:
+            _check_whole_step(model, device, amp_dtype)
         self.model, self.device, self.amp_dtype, self.runs = model, device, amp_dtype, runs
         hyper = hyper or [(recipe.MOMENTUM, recipe.WEIGHT_DECAY)] * runs
         self.optimizer = RunsSGD(model, runs, device, amp_dtype, hyper)
-        self.forward = compile_model(model, device) if compile else model
-        self.cuda_graphs = compile and uses_cuda_graphs(model, device)
+        objective = Objective(model, runs)
+        self.cuda_graphs = compile and not whole_step and uses_cuda_graphs(model, device)
+        self.objective = compile_model(objective, device, self.cuda_graphs) if compile else objective
+        # evaluation's forward: compiled on a CPU, where it pays (see `_predictions`); eager on CUDA
+        self.forward = compile_model(model, device) if compile and device.type != "cuda" else model
         # fp16 needs loss scaling; bf16 has fp32's range and does not. One scaler for a fused
         # group: an overflow in a run skips that run's step, and lowers the scale of all.
         self.scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
@@ -75,21 +108,32 @@ class TrainStep:
         self.skipped = torch.zeros((), dtype=torch.int64, device=device)
         self._scale_before = torch.zeros((), device=device)  # reused every step: no allocation
         self._lowered = torch.zeros((), dtype=torch.bool, device=device)
+        self.whole_step = whole_step
+        self._graph: _WholeStep | None = None
+        self._steps = 0  # steps run, for the whole step's warm-up
 
     def set_lr(self, lr: float | list[float]) -> None:
         """The learning rate of the next step: each run's, or one for all."""
         self.optimizer.set_lr([lr] * self.runs if isinstance(lr, float | int) else lr)
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        y = y.view(len(y), self.runs)
+        if self.whole_step:
+            return self._graphed(x, y)
         if self.cuda_graphs:  # tells the graph replays that the previous step's outputs are consumed
             torch.compiler.cudagraph_mark_step_begin()
-        y = y.view(len(y), self.runs)
-        with autocast(self.device, self.amp_dtype):
-            logits = self.forward(x).unflatten(1, (self.runs, -1))  # (B, runs, classes)
-            losses = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view_as(y).mean(0)
-            loss = losses.sum()
-        wrong = (logits.detach().argmax(2) != y).sum(0)  # read the logits before the backward replay
         self.optimizer.zero_grad()
+        return self._body(x, y)
+
+    def _body(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step from gradients None to the update: free of host syncs, so also what a
+        CUDA graph captures."""
+        # Inside a captured graph autocast must not cache its casts of the weights (the
+        # CUDA-graph docs, "Usage with torch.cuda.amp"): the cache is freed at each exit.
+        amp = (torch.autocast(self.device.type, self.amp_dtype, enabled=self.amp_dtype is not None, cache_enabled=False)
+               if self.whole_step else autocast(self.device, self.amp_dtype))
+        with amp:
+            loss, losses, wrong = self.objective(x, y)
         self.scaler.scale(loss).backward()
         if self.scaler.is_enabled():
             self._scale_before.copy_(self.scaler._scale)  # the live scale tensor: compared on the device, no sync
@@ -99,7 +143,25 @@ class TrainStep:
             self.skipped += self._lowered
         else:
             self.optimizer.step()
-        return losses.detach(), wrong
+        return losses, wrong
+
+    def _graphed(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole step: its first WARMUP_STEPS steps eager on a side stream (real steps: the
+        compile, cuDNN's autotuning and the momentum buffers' creation happen outside the
+        capture, as the CUDA-graph docs require), then one capture, replayed every step after.
+        Outputs are cloned: the graph's own are overwritten by the next replay."""
+        if self._graph is None and self._steps < WARMUP_STEPS:
+            self._steps += 1
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                self.optimizer.zero_grad()
+                out = self._body(x, y)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            return out
+        if self._graph is None:
+            self._graph = _WholeStep(self, x, y)
+        return self._graph.replay(x, y)
 
     def read_skipped(self) -> dict[str, int]:
         """Steps skipped by the fp16 scaler since the last read (nothing without a scaler)."""
@@ -112,6 +174,40 @@ class TrainStep:
     def errors(self, loader: Loader) -> list[float]:
         """Each run's top-1 error over an evaluation loader."""
         return error_rates(self.model, loader, self.device, self.amp_dtype, self.forward, self.runs)
+
+
+WARMUP_STEPS = 3  # eager steps before the capture: the docs' example warms up 3 iterations
+
+
+def _check_whole_step(model: nn.Module, device: torch.device, amp_dtype: torch.dtype | None) -> None:
+    """A ValueError, in one line, where the whole step cannot be one CUDA graph."""
+    if device.type != "cuda":
+        raise ValueError(f"whole_step needs CUDA graphs, and {device.type} has none")
+    if amp_dtype == torch.float16:
+        raise ValueError("whole_step cannot hold fp16's GradScaler: its skip decision reads the device")
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        raise ValueError("whole_step cannot hold DDP: its all-reduce hooks run outside CUDA graphs")
+
+
+class _WholeStep:
+    """One training step captured as a CUDA graph: static input buffers the batch is copied
+    into, and the static outputs the replay writes. The gradients are set to None just before
+    the capture, so the captured backward allocates them from the graph's pool and each replay
+    writes them afresh (no accumulation); the update reads each run's lr tensor, so the
+    schedule's fills between replays reach it."""
+
+    def __init__(self, step: TrainStep, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.x, self.y = x.clone(), y.clone()  # clone keeps x's layout (channels_last)
+        self.graph = torch.cuda.CUDAGraph()
+        step.optimizer.zero_grad()
+        with torch.cuda.graph(self.graph):
+            self.losses, self.wrong = step._body(self.x, self.y)
+
+    def replay(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.x.copy_(x)
+        self.y.copy_(y)
+        self.graph.replay()
+        return self.losses.clone(), self.wrong.clone()
 
 
 def _predictions(model: nn.Module, loader: Loader, device: torch.device, amp_dtype: torch.dtype | None,
