@@ -357,6 +357,9 @@ class Bench:
             self.result["rows"].append(row)
             self.save()
             print(f"{model_name:10s} {setup.name:36s} {describe(row)}", flush=True)
+        for row in self.result["rows"]:  # rows run before their model's baseline (--rows compile,baseline)
+            if "it_s" in row and row["speedup"] is None and row["model"] in base:
+                row["speedup"] = row["it_s"] / base[row["model"]]
         for label, setup in LOADERS:
             if setup.tag not in self.args.loaders:
                 continue

@@ -275,9 +275,15 @@ def smoke(check: Check, data: str, device: torch.device, model_name: str, precis
                            "unique_graphs": seen.get("stats", {}).get("unique_graphs", 0),
                            "frames": seen.get("frames", {}), "expected_graphs": SMOKE_GRAPHS},
               "problems": problems}
-    if problems:
+    return judged(check, result)
+
+
+def judged(check: Check, result: dict[str, Any]) -> dict[str, Any]:
+    """The smoke test's result, or, when its verdict names problems, a failure that keeps it
+    (the part then reads failed in the JSON and the exit status)."""
+    if result["problems"]:
         check.summary["smoke"] = {"ok": None, "partial": result}
-        raise AssertionError(f"smoke test: {'; '.join(problems)}")
+        raise AssertionError(f"smoke test: {'; '.join(result['problems'])}")
     return result
 
 
@@ -398,16 +404,15 @@ def figures(summary: dict[str, Any]) -> dict[str, Any]:
             for part, tag in (("resnet20", "compile"), ("resnet20", "baseline"), ("resnet56", "compile"),
                               ("resnet56", "baseline"), ("fused", "fused-x1"), ("fused", "fused-x8"),
                               ("fused", "fused-x8-nchw"))}
+    profile_keys = ("kernels_per_step", "cpu_ms_per_step", "gpu_ms_per_step", "cpu_ops_per_step")
+    targeted = (("resnet20", "compile"), ("resnet56", "compile"), ("fused", "fused-x8"), ("fused", "fused-x8-nchw"))
     return {"smoke_ok": smoke_part.get("ok"), "smoke_problems": smoke_found.get("problems"),
-            "smoke_counters": smoke_found.get("counters"),
-            "kernels_per_step": profiled.get("kernels_per_step"), "cpu_ms_per_step": profiled.get("cpu_ms_per_step"),
-            "gpu_ms_per_step": profiled.get("gpu_ms_per_step"), "cpu_ops_per_step": profiled.get("cpu_ops_per_step"),
+            "smoke_counters": smoke_found.get("counters"), **{k: profiled.get(k) for k in profile_keys},
             "cold_first_step_s": smoke_found.get("first_step_s"),  # the smoke test's: the cold compile
             "warm_first_steps_s": row_of(summary, "resnet20", "compile").get("first_steps_s"),  # its graph reused
             "it_s": it_s,
-            "baseline_ratio": {part: row_of(summary, part, "compile").get("speedup") for part in ("resnet20", "resnet56")},
-            "meets_target": {f"{part} {tag}": row_of(summary, part, tag).get("meets_target")
-                             for part, tag in (("resnet20", "compile"), ("resnet56", "compile"), ("fused", "fused-x8"))},
+            "baseline_ratio": {p: row_of(summary, p, "compile").get("speedup") for p in ("resnet20", "resnet56")},
+            "meets_target": {f"{part} {tag}": row_of(summary, part, tag).get("meets_target") for part, tag in targeted},
             "full_run_iters": full.get("iters_done"), "full_run_final_test_error": full.get("final_test_error"),
             "full_run_new_graphs": full.get("new_graphs"), "fused_layout": summary.get("fused_layout")}
 
@@ -436,6 +441,11 @@ def run_parts(check: Check, data: str, device: torch.device, gpu: bool) -> None:
     check.summary["figures"] = figures(check.summary)
 
 
+def failed_parts(summary: dict[str, Any]) -> list[str]:
+    """The parts that ran and failed (a part skipped for time has not failed): exit status 1."""
+    return [k for k, v in summary.items() if isinstance(v, dict) and v.get("ok") is False and "skipped" not in v]
+
+
 def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     args = parse_args(argv)
@@ -457,7 +467,7 @@ def main(argv: list[str] | None = None) -> int:
         run_parts(check, args.data, device, gpu)
         summary["compile_cache"] = pack_caches(args.out)
         check.save()
-        failed = [k for k, v in summary.items() if isinstance(v, dict) and v.get("ok") is False and "skipped" not in v]
+        failed = failed_parts(summary)
         print(f"done in {time.monotonic() - check.start:.0f} s; {args.out / JSON}"
               + (f"; FAILED: {', '.join(failed)}" if failed else ""), flush=True)
     return 1 if failed else 0
