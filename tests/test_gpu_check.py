@@ -34,7 +34,7 @@ def test_rehearsal_runs_every_part_and_keeps_what_it_measured(tiny_tree: Path, t
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((out / "gpu_check.json").read_text())
     assert summary["mode"] == "cpu rehearsal" and summary["versions"]["torch"]
-    assert [k for k in summary if k in PARTS] == PARTS and all(summary[k]["ok"] for k in PARTS)
+    assert all(summary[k]["ok"] for k in PARTS)
     log = (out / "gpu_check.log").read_text()
     assert [log.index(f"== {k} (") for k in PARTS] == sorted(log.index(f"== {k} (") for k in PARTS)  # run in order
     smoke = summary["smoke"]["result"]
