@@ -450,7 +450,7 @@ def print_table(result: dict[str, Any]) -> None:
     loaders_table.add_column("images/s", justify="right")
     for name, rate in result["loaders"].items():
         loaders_table.add_row(name, rate if isinstance(rate, str) else f"{rate:,.0f}")
-    console = Console(width=max(140, Console().width))  # the table stays readable in logs
+    console = Console(width=max(200, Console().width))  # the table (15 columns) stays readable in logs
     console.print(table)
     busy = spread_warning(rows)
     if busy:
