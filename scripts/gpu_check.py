@@ -3,19 +3,26 @@
 Made for a GPU lent briefly, offline, with a hard limit per command: everything it measures
 is in OUT_DIR/gpu_check.json (rewritten atomically after every benchmark row and every
 part) and OUT_DIR/gpu_check.log, so a kill at any moment keeps what was measured. The parts,
-most valuable first, each started only while the budget lasts:
+most valuable first, each started only while the budget lasts, each budgeted from what the
+parts before it measured:
 
-1. throughput: ResNet-20 and ResNet-56, baseline and full fastres step of both first, then
-   the rest of the matrix (bench/throughput.py), fused runs last, with cold compile times;
-2. agreement: eager and compiled training steps on the same batches, in the configuration
-   training uses (bf16, channels_last), then fp32 (the CPU rehearsal: fp64, see AGREE_REL);
-3. the 64,000-iteration ResNet-20 run, if the measured it/s says it ends in time, else a
-   bounded prefix (its length recorded, its checkpoint saved to resume elsewhere);
-4. whatever the budget: the compile caches packed into OUT_DIR/compile_cache.tar.gz if they
-   pack under 16 MiB, for the next check to start warm (`--compile-cache`, docs/gpu-check.md).
+1. smoke: ResNet-20's compiled step at batch 128, eager against compiled for 5 steps, then
+   10 steps under torch.profiler (kernels, CPU and GPU ms per step); it fails, in the JSON
+   and the exit status, on any CUDA-graph skip, graph break or recompile. Its cold compile
+   is the one every later ResNet-20 step reuses;
+2. ResNet-20's benchmark rows: the full fastres step, then the baseline;
+3. the 64,000-iteration ResNet-20 run, planned from part 2's warm it/s, warm compile and
+   measured evaluation time, else its longest prefix that fits (its checkpoint kept);
+4. ResNet-56's full step, then its baseline;
+5. ResNet-20 x8 fused, channels_last and NCHW, against x1: which layout the fused step wants;
+6. the ablation rows (eager, channels_last, AMP, host loader), the loaders alone, and fp32
+   agreement of eager and compiled steps on ResNet-8;
+then, whatever the budget: the compile caches packed into OUT_DIR/compile_cache.tar.gz if
+they pack under 16 MiB, for the next check to start warm (`--compile-cache`, docs/gpu-check.md).
+DALI is not in the check (bench/throughput.py has its rows, for a machine that has it).
 
 Without a GPU (or with --rehearse) the same code runs at tiny size on the CPU: every branch
-the GPU run takes except CUDA graphs, fused CUDA SGD, pinned copies and DALI's mixed decoding.
+the GPU run takes except CUDA graphs, fused CUDA SGD and pinned copies.
 """
 
 from __future__ import annotations
@@ -53,6 +60,7 @@ from fastres.runtime import (  # noqa: E402
     device_name,
     param_dtype,
     pick_device,
+    requested_precision,
     resolve_precision,
     tensor_dtype,
     versions,
@@ -63,22 +71,22 @@ from scripts import compile_cache  # noqa: E402
 
 JSON, LOG = "gpu_check.json", "gpu_check.log"
 # Eager and compiled trajectories drift apart step by step (kernel choice, fusion, rounding);
-# over the steps compared their losses must stay this close (relative). On the GPU, fp32 and
-# bf16, as training uses them (measured on CPU, 3 steps of ResNet-8: 1.4e-5 in fp32, 2.5e-4 in
-# bf16). The CPU rehearsal compares in fp64, where the same drift starts from float64's
-# rounding (1.1e-16 instead of fp32's 6e-8) and 3 steps amplify it far less than the 2e6 that
-# 30 fused steps were measured to (tests/test_fused.py): below 1e-9 on any processor.
-AGREE_REL = {"fp32": 1e-2, "bf16": 5e-2, "fp64": 1e-9}
-# What the full run needs beyond its steps: 32 evaluations, checkpoints, a first compile
-# that the benchmark's may not have covered. Measured figures replace it where present.
+# over the steps compared their losses must stay this close (relative), in fp32 and in bf16
+# (measured on CPU, 3 steps of ResNet-8: 1.4e-5 in fp32, 2.5e-4 in bf16; 5 steps of the
+# rehearsal's smoke test, fp32: 5e-5).
+AGREE_REL = {"fp32": 1e-2, "bf16": 5e-2}
+SMOKE_STEPS, PROFILE_STEPS = 5, 10
+# Dynamo graphs one compiled model in train mode makes: its forward, whole (AOTAutograd's
+# backward is not a Dynamo graph). More is a graph break or a recompile.
+SMOKE_GRAPHS = 1
+# What the full run needs beyond its steps and evaluations: checkpoints, the trainer's start.
+# Measured figures replace the rest (compile, evaluation) where present.
 FULL_RUN_OVERHEAD_S = 30.0
 LOG_EVERY = 100
-# Seconds the benchmark leaves for agreement and the full run: at ResNet-20's target of
-# 800 it/s the 64k run needs 80 s of steps, plus compilation and 32 evaluations.
-RESERVE_GPU_S, RESERVE_CPU_S = 200.0, 60.0
+# Before any benchmark row has been measured, the time one is assumed to take: a cold
+# ResNet-56 compile on a GPU is tens of seconds. Once rows are measured, the longest is used.
+FALLBACK_ROW_S = 60.0
 REHEARSAL_RUN_S = 3.0  # the rehearsal's full run: long enough to cross log points and a deadline check
-
-
 
 
 class Tee:
@@ -135,20 +143,35 @@ class Check:
         return result
 
 
-def throughput_part(check: Check, data: str, gpu: bool) -> dict[str, Any]:
-    """The benchmark matrix, each row saved into the summary as it is measured."""
-    # The rehearsal: the rows whose branches differ (baseline, compiled step, each loader, a
-    # fused group of 1 and 2); the eager rows are the bench's own tests' (tests/test_bench.py).
-    # One timed step a row: a rate is measured all the same, and each step is one at batch 128.
-    rehearsed = [s.tag for s in throughput.MATRIX if s.key or s.loader != "torch" or s.runs in (1, 2)]
-    sizes = (["--models", "resnet20,resnet56", "--warmup", "30", "--steps", "100", "--repeats", "5"] if gpu else
-             ["--models", "resnet8", "--warmup", "1", "--steps", "1", "--repeats", "1", "--loader-batches", "2",
-              "--eval-batch", "100", "--rows", ",".join(rehearsed)])
-    budget = max(check.left() - (RESERVE_GPU_S if gpu else RESERVE_CPU_S), 1.0)  # keep time for the later parts
-    argv = ["--device", "auto" if gpu else "cpu", "--data", data, "--budget-s", f"{budget:.0f}", *sizes]
+def longest_row_s(summary: dict[str, Any]) -> float:
+    """The longest benchmark row measured so far (FALLBACK_ROW_S before any): what a part
+    keeps in hand so that its last row, once started, still ends within the budget."""
+    seconds = [r["seconds"] for part in summary.values() if isinstance(part, dict)
+               for r in bench_rows(part) if "it_s" in r]
+    return max(seconds, default=FALLBACK_ROW_S)
+
+
+def bench_rows(part: dict[str, Any]) -> list[dict[str, Any]]:
+    """A bench part's rows, finished or partial (empty for any other part)."""
+    found = part.get("result") or part.get("partial")
+    return found.get("rows", []) if isinstance(found, dict) else []
+
+
+def bench_part(check: Check, name: str, data: str, gpu: bool, models: str, rows: str,
+               loaders_alone: str = "") -> dict[str, Any]:
+    """Rows of the benchmark matrix (bench/throughput.py), each saved into the summary as it
+    is measured; no row starts unless the longest measured so far would still end in time."""
+    # The rehearsal: one timed step a row and one profiled (a rate is measured all the same,
+    # and each step is one at batch 128), the evaluation in batches of 100.
+    sizes = (["--warmup", "30", "--steps", "100", "--repeats", "5", "--profile-steps", str(PROFILE_STEPS)] if gpu
+             else ["--warmup", "1", "--steps", "1", "--repeats", "1", "--profile-steps", "1", "--loader-batches", "2",
+                   "--eval-batch", "100"])
+    budget = max(check.left() - longest_row_s(check.summary), 0.0)
+    argv = ["--device", "auto" if gpu else "cpu", "--data", data, "--budget-s", f"{budget:.0f}",
+            "--models", models, "--rows", rows, "--loaders", loaders_alone, *sizes]
 
     def keep(result: dict[str, Any]) -> None:
-        check.summary["throughput"] = {"ok": None, "partial": result}
+        check.summary[name] = {"ok": None, "partial": result}
         check.save()
 
     found: dict[str, Any] = {}
@@ -159,36 +182,122 @@ def throughput_part(check: Check, data: str, gpu: bool) -> dict[str, Any]:
     return found
 
 
+class Pair:
+    """Two copies of one model on the same batches, eager and compiled, as training builds
+    them (channels_last by default, as training uses it)."""
+
+    def __init__(self, data: str, device: torch.device, model_name: str, precision: str,
+                 batch_size: int = recipe.BATCH_SIZE, channels_last: bool = True) -> None:
+        torch.manual_seed(0)
+        layout = torch.channels_last if channels_last else torch.contiguous_format
+        self.precision, _ = resolve_precision(device, precision)
+        self.eager_model = build_model(model_name).to(device, memory_format=layout).to(param_dtype(self.precision))
+        self.compiled_model = copy.deepcopy(self.eager_model)
+        dtype = PRECISIONS[self.precision]
+        where = loaders.Placement(device, tensor_dtype(self.precision), channels_last=channels_last)
+        self.batches = throughput.endless(loaders.build(loaders.prepare(data), where, batch_size=batch_size).train)
+        self.eager = TrainStep(self.eager_model, device, dtype, compile=False)
+        self.compiled = TrainStep(self.compiled_model, device, dtype, compile=True)
+        self.about = {"model": model_name, "precision": self.precision, "channels_last": channels_last,
+                      "batch_size": batch_size}
+
+    def compare(self, steps: int) -> dict[str, Any]:
+        """Train both for `steps`; their losses must agree within AGREE_REL."""
+        losses = []
+        for _ in range(steps):
+            x, y = next(self.batches)
+            losses.append((self.eager(x, y)[0].item(), self.compiled(x, y)[0].item()))
+        worst = max(abs(a - b) / max(abs(a), 1e-8) for a, b in losses)
+        params = max((a - b).abs().max().item() for a, b in zip(self.eager_model.parameters(),
+                                                               self.compiled_model.parameters(), strict=True))
+        limit = AGREE_REL.get(self.precision, AGREE_REL["bf16"])  # fp16, on a GPU without bf16: as bf16
+        if worst > limit:
+            raise AssertionError(f"compiled and eager losses differ by {worst:.2e} (relative), over {limit}")
+        return {**self.about, "steps": steps, "losses": losses, "max_rel_loss_diff": worst,
+                "max_abs_param_diff": params, "limit": limit}
+
+
 def agreement(data: str, device: torch.device, model_name: str, steps: int, precision: str,
               batch_size: int = recipe.BATCH_SIZE, channels_last: bool = True) -> dict[str, Any]:
-    """Train two copies of one model on the same batches, eager and compiled; compare.
-    channels_last as training uses it on a GPU; the CPU rehearsal's fp64 runs NCHW (torch
-    2.13's compiled float64 channels_last step crashes with SIGSEGV when ATen is capped at
-    AVX2, this project's stand-in for an AVX2-only machine)."""
-    torch.manual_seed(0)
-    layout = torch.channels_last if channels_last else torch.contiguous_format
-    eager_model = build_model(model_name).to(device, memory_format=layout)
-    compiled_model = copy.deepcopy(eager_model)
-    precision, _ = resolve_precision(device, precision)
-    dtype = PRECISIONS[precision]
-    eager_model, compiled_model = eager_model.to(param_dtype(precision)), compiled_model.to(param_dtype(precision))
-    where = loaders.Placement(device, tensor_dtype(precision), channels_last=channels_last)
-    batches = throughput.endless(loaders.build(loaders.prepare(data), where, batch_size=batch_size).train)
-    eager = TrainStep(eager_model, device, dtype, compile=False)
-    compiled = TrainStep(compiled_model, device, dtype, compile=True)
-    losses = []
-    for _ in range(steps):
-        x, y = next(batches)
-        losses.append((eager(x, y)[0].item(), compiled(x, y)[0].item()))
-    worst = max(abs(a - b) / max(abs(a), 1e-8) for a, b in losses)
-    params = max((a - b).abs().max().item() for a, b in zip(eager_model.parameters(), compiled_model.parameters(),
-                                                           strict=True))
-    limit = AGREE_REL.get(precision, AGREE_REL["bf16"])  # fp16, on a GPU without bf16: as bf16
-    if worst > limit:
-        raise AssertionError(f"compiled and eager losses differ by {worst:.2e} (relative), over {limit}")
-    return {"model": model_name, "precision": precision, "channels_last": channels_last, "steps": steps,
-            "batch_size": batch_size, "losses": losses,
-            "max_rel_loss_diff": worst, "max_abs_param_diff": params, "limit": limit}
+    """Eager and compiled training steps on the same batches, compared."""
+    return Pair(data, device, model_name, precision, batch_size, channels_last).compare(steps)
+
+
+def counted() -> dict[str, dict[str, int]]:
+    """Dynamo's and Inductor's counters now (torch._dynamo.utils.counters), as plain dicts."""
+    from torch._dynamo.utils import counters
+
+    return {group: dict(values) for group, values in counters.items()}
+
+
+def smoke_verdict(counters: dict[str, dict[str, int]], graphs: int = SMOKE_GRAPHS) -> list[str]:
+    """What the counters of one compiled model's steps say went wrong (empty: nothing): a
+    CUDA-graph skip (its kernels then run one by one, launch-bound), a graph break (the
+    step split in pieces with Python between them), more graphs than `graphs` (recompiles)."""
+    problems = []
+    skips = counters.get("inductor", {}).get("cudagraph_skips", 0)
+    if skips:
+        problems.append(f"{skips} CUDA-graph skip(s)")
+    breaks = counters.get("graph_break", {})
+    if breaks:
+        problems.append(f"{sum(breaks.values())} graph break(s): {'; '.join(breaks)}"[:500])
+    made = counters.get("stats", {}).get("unique_graphs", 0)
+    if made > graphs:
+        problems.append(f"{made} Dynamo graphs, {graphs} expected: a recompile")
+    return problems
+
+
+def smoke(check: Check, data: str, device: torch.device, model_name: str, precision: str) -> dict[str, Any]:
+    """The compiled step in the training configuration at batch 128: eager against compiled
+    for SMOKE_STEPS steps, then PROFILE_STEPS compiled steps under torch.profiler; loud on
+    any CUDA-graph skip, graph break or recompile. Its cold compile is the one the later
+    ResNet-20 rows and the full run reuse (same process, same compile_model)."""
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    pair = Pair(data, device, model_name, precision)
+    t = time.perf_counter()
+    first = pair.compare(1)  # the cold compile (and graph capture) is in this first step
+    cold_s = time.perf_counter() - t
+    rest = pair.compare(SMOKE_STEPS - 1)
+
+    def steps(n: int) -> None:
+        for _ in range(n):
+            pair.compiled(*next(pair.batches))
+    profiled = throughput.profile_steps(steps, device, PROFILE_STEPS)
+    seen = counted()
+    problems = smoke_verdict(seen)
+    result = {**pair.about, "steps": SMOKE_STEPS, "first_step_s": round(cold_s, 2),
+              "max_rel_loss_diff": max(first["max_rel_loss_diff"], rest["max_rel_loss_diff"]),
+              "losses": first["losses"] + rest["losses"], "profile": profiled,
+              "counters": {"cudagraph_skips": seen.get("inductor", {}).get("cudagraph_skips", 0),
+                           "graph_breaks": seen.get("graph_break", {}),
+                           "unique_graphs": seen.get("stats", {}).get("unique_graphs", 0),
+                           "frames": seen.get("frames", {}), "expected_graphs": SMOKE_GRAPHS},
+              "problems": problems}
+    return judged(check, result)
+
+
+def judged(check: Check, result: dict[str, Any]) -> dict[str, Any]:
+    """The smoke test's result, or, when its verdict names problems, a failure that keeps it
+    (the part then reads failed in the JSON and the exit status)."""
+    if result["problems"]:
+        check.summary["smoke"] = {"ok": None, "partial": result}
+        raise AssertionError(f"smoke test: {'; '.join(result['problems'])}")
+    return result
+
+
+def fused_layout(rows: list[dict[str, Any]], tag: str = "fused-x8") -> dict[str, Any]:
+    """Which layout the fused step is faster in: the `tag` row (channels_last) against its
+    NCHW twin, by it/s; null figures, with the reason, when either was not measured."""
+    found = {r["tag"]: r for r in rows if "it_s" in r}
+    cl, nchw = found.get(tag), found.get(f"{tag}-nchw")
+    if cl is None or nchw is None:
+        return {"faster": None, "ratio": None, "reason": f"{tag} and {tag}-nchw not both measured"}
+    fast, slow = (("channels_last", cl), ("nchw", nchw)) if cl["it_s"] >= nchw["it_s"] else \
+        (("nchw", nchw), ("channels_last", cl))
+    return {"faster": fast[0], "ratio": fast[1]["it_s"] / slow[1]["it_s"],
+            "it_s": {"channels_last": cl["it_s"], "nchw": nchw["it_s"]}}
 
 
 def full_run_length(it_s: float | None, first_s: float, eval_s: float, left_s: float,
@@ -211,28 +320,29 @@ def full_run(check: Check, data: str, model_name: str, run_dir: Path, cap_s: flo
     the rehearsal's bound; the rehearsal also runs at least `min_iters`, so every branch runs
     on any CPU). At the deadline the trainer checkpoints and returns, as on Ctrl-C (a deadline
     the loop reads, not a signal: nothing is sent to the process, so nothing can arrive late)."""
-    rows = check.summary.get("throughput", {}).get("result") or check.summary.get("throughput", {}).get("partial")
-    fast = next((r for r in (rows or {}).get("rows", []) if r["model"] == model_name and r["name"] == "+ compile"
-                 and "it_s" in r), None)
-    it_s = fast["it_s"] if fast else None
-    # Compilation cost of the run: the cheapest compiled row of this model (a row after the
-    # first reuses the compiled graph, as the run will), cold compile time if that is all there is.
-    compiled = [r["first_steps_s"] + r.get("eval_first_s", 0.0) for r in (rows or {}).get("rows", [])
-                if r["model"] == model_name and r.get("compile") and r["loader"] != "dali" and "it_s" in r]
-    first_s = min(compiled, default=0.0)
+    rows = bench_rows(check.summary.get("resnet20", {}))  # part 2: the compiled row and the baseline
+    fast = next((r for r in rows if r["tag"] == "compile" and "it_s" in r), None)
+    it_s = fast["it_s"] if fast else None  # warm: the median of the timed repeats
+    # The run's compile: that row's first steps, which reused the smoke test's graph as the run
+    # will (warm), and its first evaluation.
+    first_s = fast["first_steps_s"] + fast.get("eval_first_s", 0.0) if fast else 0.0
     test_images = len(loaders.prepare(data).splits.test)
+    # unmeasured, 1 s: an eager pass over 10,000 images on a GPU, in batches of 1000
     eval_s = test_images / fast["eval_img_s"] if fast and fast.get("eval_img_s") else 1.0
     seconds = min(check.left(), cap_s or float("inf"))
     iters = max(full_run_length(it_s, first_s, eval_s, seconds, margin_s, log_every), min_iters if it_s else 0)
-    plan = {"model": model_name, "measured_it_s": it_s, "planned_iters": iters, "full": iters == recipe.ITERS,
-            "budget_left_s": round(check.left(), 1)}
+    plan = {"model": model_name, "measured_it_s": it_s, "warm_first_s": first_s, "eval_s": eval_s,
+            "planned_iters": iters, "full": iters == recipe.ITERS, "budget_left_s": round(check.left(), 1)}
     print(f"full run plan: {plan}", flush=True)
     if iters == 0:
         return {**plan, "skipped": "no measured rate, or no time left for a single log interval"}
     cfg = RunConfig(model=model_name, shortcut="A", data=data, amp=True, channels_last=True, compile=True,
                     log_every=log_every, out=str(run_dir), progress="plain")
+    graphs = counted().get("stats", {}).get("unique_graphs", 0)
+    t = time.perf_counter()
     results = train(cfg, stop_at=None if iters == recipe.ITERS else iters,
                     deadline=time.monotonic() + max(seconds, 1.0))
+    seconds_taken = time.perf_counter() - t
     run = RunDir(run_dir)
     metrics, saved = run.metrics.read(), run.checkpoint_files()
     kept = None
@@ -240,8 +350,11 @@ def full_run(check: Check, data: str, model_name: str, run_dir: Path, cap_s: flo
         kept = f"{model_name}-{saved[0].name}"
         shutil.copyfile(saved[0], check.out / kept)
     step = run.checkpoint().step if saved else 0
-    return {**plan, "finished": results is not None, "iters_done": step, "results": results, "metrics": metrics,
-            "checkpoint": kept}
+    return {**plan, "finished": results is not None, "iters_done": step, "seconds": round(seconds_taken, 1),
+            "it_s": step / seconds_taken if seconds_taken else None,
+            "new_graphs": counted().get("stats", {}).get("unique_graphs", 0) - graphs,  # 0: part 2's graph reused
+            "final_test_error": results.get("test_error") if results else None,
+            "results": results, "metrics": metrics, "checkpoint": kept}
 
 
 def pack_caches(out: Path) -> dict[str, Any]:
@@ -270,11 +383,68 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("out", type=Path, help="folder for gpu_check.json, gpu_check.log and, if needed, a checkpoint")
     p.add_argument("--data", required=True,
                    help="CIFAR-10 copied beside the checkout (no download is tried: the GPU machine is offline)")
-    p.add_argument("--budget-s", type=float, help="start nothing after this long (default 420 on a GPU, 150 on CPU)")
+    p.add_argument("--budget-s", type=float, help="start nothing after this long (default 420 on a GPU, 300 on CPU)")
     p.add_argument("--rehearse", action="store_true", help="the CPU rehearsal at tiny size (default without a GPU)")
     p.add_argument("--compile-cache", type=Path, metavar="ARCHIVE",
                    help=f"start warm: unpack a {compile_cache.ARCHIVE} an earlier check left into the compile caches")
     return p.parse_args(argv)
+
+
+def row_of(summary: dict[str, Any], part: str, tag: str) -> dict[str, Any]:
+    """One measured row of a bench part, or {} (not run, skipped, failed)."""
+    return next((r for r in bench_rows(summary.get(part, {})) if r["tag"] == tag and "it_s" in r), {})
+
+
+def figures(summary: dict[str, Any]) -> dict[str, Any]:
+    """The headline figures in one place, each null where its part did not measure it."""
+    smoke_part = summary.get("smoke", {})
+    smoke_found = smoke_part.get("result") or smoke_part.get("partial") or {}
+    profiled = smoke_found.get("profile", {})
+    full = (summary.get("full_run") or {}).get("result") or {}
+    it_s = {f"{part} {tag}": row_of(summary, part, tag).get("it_s")
+            for part, tag in (("resnet20", "compile"), ("resnet20", "baseline"), ("resnet56", "compile"),
+                              ("resnet56", "baseline"), ("fused", "fused-x1"), ("fused", "fused-x8"),
+                              ("fused", "fused-x8-nchw"))}
+    profile_keys = ("kernels_per_step", "cpu_ms_per_step", "gpu_ms_per_step", "cpu_ops_per_step")
+    targeted = (("resnet20", "compile"), ("resnet56", "compile"), ("fused", "fused-x8"), ("fused", "fused-x8-nchw"))
+    return {"smoke_ok": smoke_part.get("ok"), "smoke_problems": smoke_found.get("problems"),
+            "smoke_counters": smoke_found.get("counters"), **{k: profiled.get(k) for k in profile_keys},
+            "cold_first_step_s": smoke_found.get("first_step_s"),  # the smoke test's: the cold compile
+            "warm_first_steps_s": row_of(summary, "resnet20", "compile").get("first_steps_s"),  # its graph reused
+            "it_s": it_s,
+            "baseline_ratio": {p: row_of(summary, p, "compile").get("speedup") for p in ("resnet20", "resnet56")},
+            "meets_target": {f"{part} {tag}": row_of(summary, part, tag).get("meets_target") for part, tag in targeted},
+            "full_run_iters": full.get("iters_done"), "full_run_final_test_error": full.get("final_test_error"),
+            "full_run_new_graphs": full.get("new_graphs"), "fused_layout": summary.get("fused_layout")}
+
+
+def run_parts(check: Check, data: str, device: torch.device, gpu: bool) -> None:
+    """Parts 1-6, most valuable first (see the module's docstring), each named in the JSON
+    as on a GPU. The rehearsal runs ResNet-8 in every model's place, and fuses 2 runs instead
+    of 8 (x8 takes minutes on a CPU)."""
+    small, deep = ("resnet20", "resnet56") if gpu else ("resnet8", "resnet8")
+    amp = requested_precision(True, "auto")  # the training configuration: bf16 where native
+    check.part("smoke", lambda: smoke(check, data, device, small, amp))
+    check.part("resnet20", lambda: bench_part(check, "resnet20", data, gpu, small, "compile,baseline"))
+    with tempfile.TemporaryDirectory(prefix="fastres-gpu-check-") as tmp:
+        check.part("full_run", lambda: full_run(check, data, small, Path(tmp) / "run",
+                                                cap_s=None if gpu else REHEARSAL_RUN_S,
+                                                margin_s=FULL_RUN_OVERHEAD_S if gpu else 2.0,
+                                                log_every=LOG_EVERY if gpu else 1, min_iters=0 if gpu else 10))
+    check.part("resnet56", lambda: bench_part(check, "resnet56", data, gpu, deep, "compile,baseline"))
+    fused_rows = "fused-x1,fused-x8,fused-x8-nchw" if gpu else "fused-x1,fused-x2"
+    check.part("fused", lambda: bench_part(check, "fused", data, gpu, small, fused_rows))
+    check.summary["fused_layout"] = fused_layout(bench_rows(check.summary["fused"]))
+    check.part("ablation", lambda: bench_part(check, "ablation", data, gpu, small, "eager,channels-last,amp,host",
+                                              loaders_alone="baseline,eager,amp,host"))
+    # fp32, where the rehearsal's smoke test ran fp32 too (a CPU without native bf16) its graph
+    check.part("agreement_fp32", lambda: agreement(data, device, "resnet8", 20 if gpu else 3, "fp32"))
+    check.summary["figures"] = figures(check.summary)
+
+
+def failed_parts(summary: dict[str, Any]) -> list[str]:
+    """The parts that ran and failed (a part skipped for time has not failed): exit status 1."""
+    return [k for k, v in summary.items() if isinstance(v, dict) and v.get("ok") is False and "skipped" not in v]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -290,26 +460,15 @@ def main(argv: list[str] | None = None) -> int:
         "mode": "gpu" if gpu else "cpu rehearsal", "device": device_name(device), "versions": versions(),
         "driver": driver_version() if gpu else None, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "data": loaders.prepare(args.data).source.describe(), "compile_cache_in": warm}
-    check = Check(args.out, started, args.budget_s or (420.0 if gpu else 150.0), summary)
+    check = Check(args.out, started, args.budget_s or (420.0 if gpu else 300.0), summary)
     with open(args.out / LOG, "a") as log, contextlib.redirect_stdout(Tee(sys.stdout, log)), \
             contextlib.redirect_stderr(Tee(sys.stderr, log)):
         print(f"{summary['mode']}: {summary['device']} {summary['versions']} driver {summary['driver']}", flush=True)
         check.save()
-        model = "resnet20" if gpu else "resnet8"
-        check.part("throughput", lambda: throughput_part(check, args.data, gpu))
-        for precision in ("bf16", "fp32") if gpu else ("fp64",):
-            check.part(f"agreement_{precision}",
-                       lambda p=precision: agreement(args.data, device, model, 20 if gpu else 3, p,
-                                                     recipe.BATCH_SIZE if gpu else 32, channels_last=gpu))
-        with tempfile.TemporaryDirectory(prefix="fastres-gpu-check-") as tmp:
-            check.part("full_run", lambda: full_run(check, args.data, model, Path(tmp) / "run",
-                                                    cap_s=None if gpu else REHEARSAL_RUN_S,
-                                                    margin_s=FULL_RUN_OVERHEAD_S if gpu else 2.0,
-                                                    log_every=LOG_EVERY if gpu else 1,
-                                                    min_iters=0 if gpu else 10))
+        run_parts(check, args.data, device, gpu)
         summary["compile_cache"] = pack_caches(args.out)
         check.save()
-        failed = [k for k, v in summary.items() if isinstance(v, dict) and v.get("ok") is False and "skipped" not in v]
+        failed = failed_parts(summary)
         print(f"done in {time.monotonic() - check.start:.0f} s; {args.out / JSON}"
               + (f"; FAILED: {', '.join(failed)}" if failed else ""), flush=True)
     return 1 if failed else 0

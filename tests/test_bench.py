@@ -59,6 +59,7 @@ def bench_run(tiny_tree: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
             mp.setattr(throughput.recipe, "BATCH_SIZE", 32)
             assert throughput.main(["--device", "cpu", "--models", "resnet8,plain8", "--data", str(tiny_tree),
                                     "--warmup", "1", "--steps", "1", "--repeats", "2", "--loader-batches", "1",
+                                    "--profile-steps", "1",
                                     "--eval-batch", "20", "--rows", "baseline,eager,channels-last,amp",
                                     "--out", str(out)], on_save=lambda r: saved.append(len(r["rows"]))) == 0
     finally:
@@ -248,3 +249,28 @@ def test_a_wide_spread_is_named_under_the_table(capsys: pytest.CaptureFixture) -
     assert "baseline" not in warnings[0]
     throughput.print_table({"device": "cpu", "args": {"models": ["resnet20"]}, "rows": rows[:1], "loaders": {}})
     assert "warning:" not in capsys.readouterr().out
+
+
+def test_every_measured_row_has_its_profile_and_target_fields(bench_run: dict) -> None:
+    for row in (r for r in bench_run["result"]["rows"] if "it_s" in r):
+        assert row["cpu_ms_per_step"] > 0 and row["cpu_ops_per_step"] > 0 and row["profile_steps"] == 1
+        assert row["kernels_per_step"] is None and row["gpu_ms_per_step"] is None and row["kernels_note"]
+        assert row["target"] is None and row["meets_target"] is None and row["seconds"] > 0
+
+
+@pytest.mark.parametrize(("device", "it_s", "met"),
+                         [("cuda", 1200.0, True), ("cuda", 900.0, False), ("cpu", 9.9, None)])
+def test_a_target_is_checked_on_a_gpu_only(device: str, it_s: float, met: bool | None) -> None:
+    row = {"tag": "compile", "it_s": it_s}
+    assert throughput.target("resnet20", row, torch.device(device)) == {
+        "target": {"figure": "it_s", "min": 1000.0}, "meets_target": met}
+    assert throughput.target("resnet8", row, torch.device("cuda")) == {"target": None, "meets_target": None}
+    fused = {"tag": "fused-x8", "it_s": 50.0, "fused_speedup": 3.5}
+    assert throughput.target("resnet20", fused, torch.device("cuda"))["meets_target"] is True
+
+
+def test_loaders_alone_are_chosen_by_their_rows_names() -> None:
+    args = throughput.parse_args(["--device", "cpu", "--loaders", "baseline,host"])
+    assert args.loaders == ["baseline", "host"]
+    assert throughput.parse_args(["--device", "cpu", "--loaders", ""]).loaders == []
+    assert run_main(throughput.main, ["--device", "cpu", "--loaders", "compile"]) == 2

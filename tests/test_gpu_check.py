@@ -1,10 +1,10 @@
 """The GPU check's CPU rehearsal: every Python branch the GPU run takes, at tiny size."""
 
-import importlib.util
 import json
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
@@ -13,9 +13,13 @@ from conftest import subprocess_env
 from fastres.cli import run_main
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench import throughput  # noqa: E402
 from scripts import compile_cache, gpu_check  # noqa: E402
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "gpu_check.py"
+
+
+PARTS = ["smoke", "resnet20", "full_run", "resnet56", "fused", "ablation", "agreement_fp32"]
 
 
 def test_rehearsal_runs_every_part_and_keeps_what_it_measured(tiny_tree: Path, tmp_path: Path,
@@ -30,35 +34,82 @@ def test_rehearsal_runs_every_part_and_keeps_what_it_measured(tiny_tree: Path, t
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((out / "gpu_check.json").read_text())
     assert summary["mode"] == "cpu rehearsal" and summary["versions"]["torch"]
-    rows = {r["name"]: r for r in summary["throughput"]["result"]["rows"]}
-    assert "fused x4" not in rows and "+ amp" not in rows
-    x1, x2 = rows["fused x1"], rows["fused x2"]  # fused rows count run-iterations against x1 of the same run
+    assert all(summary[k]["ok"] for k in PARTS)
+    log = (out / "gpu_check.log").read_text()
+    assert [log.index(f"== {k} (") for k in PARTS] == sorted(log.index(f"== {k} (") for k in PARTS)  # run in order
+    smoke = summary["smoke"]["result"]
+    assert smoke["problems"] == [] and smoke["counters"]["unique_graphs"] == gpu_check.SMOKE_GRAPHS
+    profile = smoke["profile"]  # on a CPU: no kernels (null, with the reason), host figures measured
+    assert profile["kernels_per_step"] is None and profile["kernels_note"] and profile["gpu_ms_per_step"] is None
+    assert profile["cpu_ms_per_step"] > 0 and profile["cpu_ops_per_step"] > 0
+    figures = summary["figures"]  # every GPU figure has its field, null where the CPU cannot measure it
+    assert set(figures) >= {"smoke_ok", "smoke_counters", "kernels_per_step", "cpu_ms_per_step", "gpu_ms_per_step",
+                            "cold_first_step_s", "warm_first_steps_s", "it_s", "baseline_ratio", "meets_target",
+                            "full_run_final_test_error", "fused_layout"}
+    assert figures["it_s"]["resnet20 compile"] > 0 and figures["baseline_ratio"]["resnet20"] > 0
+    assert set(figures["meets_target"].values()) == {None}  # targets are checked on a GPU only
+    assert summary["fused_layout"]["faster"] is None and "not both measured" in summary["fused_layout"]["reason"]
+    rows = {(part, r["tag"]): r for part in ("resnet20", "resnet56", "fused", "ablation")
+            for r in summary[part]["result"]["rows"]}
+    assert [r["tag"] for r in summary["resnet20"]["result"]["rows"]] == ["compile", "baseline"]
+    assert not any(r["loader"] == "dali" for r in rows.values())  # DALI is not in the check
+    assert set(summary["ablation"]["result"]["loaders"]) == {label for label, s in throughput.LOADERS
+                                                             if s.loader != "dali"}
+    x1, x2 = rows["fused", "fused-x1"], rows["fused", "fused-x2"]  # fused rows count run-iterations against x1
     assert x1["run_it_s"] == x1["it_s"] and x2["run_it_s"] == 2 * x2["it_s"]
     assert x1["fused_speedup"] == 1 and x2["fused_speedup"] == pytest.approx(x2["run_it_s"] / x1["run_it_s"])
-    measured = [rows["+ compile"], rows["+ compile, host loader"], rows["fused x2"]]
-    dali = rows["+ compile, DALI loader"]
-    if importlib.util.find_spec("nvidia.dali") is None:
-        assert dali["skipped"] == "DALI not installed"
-    else:
-        measured.append(dali)
-    for row in measured:
+    for row in (rows["resnet20", "compile"], rows["ablation", "host"], x2):
         assert row["it_s"] > 0 and row["eval_img_s"] > 0 and row["first_steps_s"] > 0 and row["eval_first_s"] > 0
-    part = summary["agreement_fp64"]  # the CPU compares in fp64, where the bound holds on any processor
-    assert part["ok"] and part["result"]["max_rel_loss_diff"] <= part["result"]["limit"] == 1e-9
-    assert part["result"]["channels_last"] is False
-    assert "agreement_bf16" not in summary and "agreement_fp32" not in summary
+        assert row["cpu_ms_per_step"] > 0 and row["kernels_per_step"] is None
+    assert rows["resnet20", "compile"]["target"] is None  # ResNet-8 has none
+    part = summary["agreement_fp32"]
+    assert part["result"]["max_rel_loss_diff"] <= part["result"]["limit"] == gpu_check.AGREE_REL["fp32"]
     full = summary["full_run"]["result"]
     # a prefix of the 64k schedule, stopped at its planned length or, on a slow or busy machine, by the deadline
     # (logged every iteration, so a prefix cut by the deadline after its first step has its metrics too)
     assert not full["full"] and full["planned_iters"] >= 10 and 0 < full["iters_done"] <= full["planned_iters"]
     assert full["metrics"][-1]["iter"] == full["iters_done"] and full["checkpoint"] == "resnet8-checkpoint.pt"
+    assert full["measured_it_s"] == rows["resnet20", "compile"]["it_s"]  # planned from part 2's warm rate
+    assert full["new_graphs"] == 0  # the smoke test's graph, reused
     files = sorted(p.name for p in out.iterdir())
     caches = summary["compile_cache"]  # packed when the caches this machine holds fit 16 MiB
     kept = [compile_cache.ARCHIVE] if caches["archive"] else []
     assert caches["files"] > 0 and (caches["archive"] or "over 16 MiB" in caches["skipped"])
     assert files == sorted(["gpu_check.json", "gpu_check.log", "resnet8-checkpoint.pt", *kept])
-    assert all((out / f).stat().st_size <= 16 << 20 for f in files)
-    assert "full run plan" in (out / "gpu_check.log").read_text()
+    assert len(files) <= 8 and all((out / f).stat().st_size <= 16 << 20 for f in files)
+    assert "full run plan" in log
+
+
+def counters(skips: int = 0, breaks: dict[str, int] | None = None, graphs: int = 1) -> dict[str, dict[str, int]]:
+    return {"inductor": {"cudagraph_skips": skips}, "graph_break": breaks or {}, "stats": {"unique_graphs": graphs}}
+
+
+@pytest.mark.parametrize(("seen", "says"), [
+    (counters(), None),
+    (counters(skips=2), "2 CUDA-graph skip(s)"),
+    (counters(breaks={"data-dependent branch": 1}), "1 graph break(s): data-dependent branch"),
+    (counters(graphs=2), "2 Dynamo graphs, 1 expected: a recompile"),
+])
+def test_the_smoke_verdict_names_every_skip_break_and_recompile(seen: dict, says: str | None) -> None:
+    assert gpu_check.smoke_verdict(seen) == ([says] if says else [])
+
+
+def test_a_failing_smoke_test_fails_the_check(tmp_path: Path) -> None:
+    """A verdict with a problem: the part is recorded failed, with what it saw, and counted
+    among the failed parts, which make main's exit status 1."""
+    check = gpu_check.Check(tmp_path, time.monotonic(), 100.0, {})
+    seen = {"problems": gpu_check.smoke_verdict(counters(skips=1)), "counters": {"cudagraph_skips": 1}}
+    check.part("smoke", lambda: gpu_check.judged(check, seen))
+    assert check.summary["smoke"]["ok"] is False and check.summary["smoke"]["partial"] == seen
+    assert "CUDA-graph skip" in check.summary["smoke"]["error"] and gpu_check.failed_parts(check.summary) == ["smoke"]
+    assert json.loads((tmp_path / gpu_check.JSON).read_text())["smoke"]["ok"] is False  # saved at once
+
+
+def test_the_fused_layout_is_the_faster_of_the_two() -> None:
+    rows = [{"tag": "fused-x8", "it_s": 100.0}, {"tag": "fused-x8-nchw", "it_s": 400.0}]
+    assert gpu_check.fused_layout(rows) == {"faster": "nchw", "ratio": 4.0,
+                                            "it_s": {"channels_last": 100.0, "nchw": 400.0}}
+    assert gpu_check.fused_layout(rows[:1])["faster"] is None
 
 
 def test_missing_data_is_refused_at_once(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
