@@ -107,7 +107,7 @@ MATRIX = (
     Setup("compile", "+ compile", "+ torch.compile (CUDA graphs on a GPU): the full fastres step",
           channels_last=True, amp=True, compile=True, key=True),
     Setup("whole-step", "+ compile, whole-step graph", "the full step as one CUDA graph, update included "
-          "(CUDA only: a ValueError elsewhere)", channels_last=True, amp=True, compile=True, whole_step=True),
+          "(CUDA only: skipped elsewhere)", channels_last=True, amp=True, compile=True, whole_step=True),
     Setup("dali", "+ compile, DALI loader", "the full step fed by DALI (decoding on the GPU)", loader="dali",
           channels_last=True, amp=True, compile=True),
     Setup("host", "+ compile, host loader", "the full step fed from the host, each batch copied over",
@@ -208,8 +208,10 @@ def order_rows(models: list[str], setups: list[Setup]) -> list[tuple[str, Setup]
     return key + [(m, s) for m in models for s in setups if not s.key]
 
 
-def available(setup: Setup) -> str | None:
+def available(setup: Setup, device: torch.device) -> str | None:
     """Why a row cannot run here, or None."""
+    if setup.whole_step and device.type != "cuda":
+        return "the whole-step graph needs CUDA"
     if setup.loader == "dali":
         try:
             import nvidia.dali  # noqa: F401
@@ -334,7 +336,7 @@ class Bench:
         for model_name, setup in order_rows(self.args.models, matrix):
             row: dict[str, Any] = {"model": model_name, **dataclasses.asdict(setup)}
             started = time.perf_counter()
-            reason = available(setup) or ("budget spent" if self.out_of_time() else None)
+            reason = available(setup, self.device) or ("budget spent" if self.out_of_time() else None)
             if reason:
                 row["skipped"] = reason
             else:
@@ -366,8 +368,8 @@ class Bench:
         for label, setup in LOADERS:
             if setup.tag not in self.args.loaders:
                 continue
-            if available(setup) or self.out_of_time():
-                rate: float | str = available(setup) or "budget spent"
+            if available(setup, self.device) or self.out_of_time():
+                rate: float | str = available(setup, self.device) or "budget spent"
             else:
                 try:
                     rate = self.loader_rate(setup)
