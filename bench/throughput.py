@@ -227,6 +227,8 @@ class Bench:
         self.args = args
         self.device = pick_device(args.device)
         configure_backends(self.device)
+        if self.device.type == "cuda":  # the profiler's CUDA side set up before any graph is captured (pytorch#75504)
+            torch.profiler._utils._init_for_cuda_graphs()
         self.deadline = time.monotonic() + args.budget_s
         self.data = loaders.prepare(args.data)
         self.on_save = on_save

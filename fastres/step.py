@@ -81,7 +81,7 @@ class TrainStep:
     caller fills before each step, so a schedule change never recompiles nor re-records.
     `hyper`: each run's (momentum, weight decay), by default the paper's.
 
-    `whole_step` (CUDA only): the whole step, forward to update and the metrics, is one CUDA
+    `whole_step` (CUDA only): the whole step, forward to update and each run's loss and wrong count, is one CUDA
     graph captured by hand (`_WholeStep`), replayed each step from static input buffers. It
     cannot hold fp16's GradScaler (its skip decision reads the device) nor DDP (its
     all-reduce hooks run outside graphs), and a CPU has no CUDA graphs: each is refused in
@@ -98,8 +98,8 @@ class TrainStep:
         objective = Objective(model, runs)
         self.cuda_graphs = compile and not whole_step and uses_cuda_graphs(model, device)
         self.objective = compile_model(objective, device, self.cuda_graphs) if compile else objective
-        # evaluation's forward: compiled on a CPU, where it pays (see `_predictions`); eager on CUDA
-        self.forward = compile_model(model, device) if compile and device.type != "cuda" else model
+        # evaluation's forward (compiled lazily: `_predictions` runs it on a CPU only, where it pays)
+        self.forward = compile_model(model, device) if compile else model
         # fp16 needs loss scaling; bf16 has fp32's range and does not. One scaler for a fused
         # group: an overflow in a run skips that run's step, and lowers the scale of all.
         self.scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)

@@ -45,7 +45,8 @@ def test_rehearsal_runs_every_part_and_keeps_what_it_measured(tiny_tree: Path, t
     figures = summary["figures"]  # every GPU figure has its field, null where the CPU cannot measure it
     assert set(figures) >= {"smoke_ok", "smoke_counters", "kernels_per_step", "cpu_ms_per_step", "gpu_ms_per_step",
                             "cold_first_step_s", "warm_first_steps_s", "it_s", "baseline_ratio", "meets_target",
-                            "full_run_final_test_error", "fused_layout"}
+                            "full_run_final_test_error", "fused_layout", "whole_step_agrees"}
+    assert figures["whole_step_agrees"] is None and "agreement_whole_step" not in summary  # a GPU's part
     assert figures["it_s"]["resnet20 compile"] > 0 and figures["baseline_ratio"]["resnet20"] > 0
     assert set(figures["meets_target"].values()) == {None}  # targets are checked on a GPU only
     assert summary["fused_layout"]["faster"] is None and "not both measured" in summary["fused_layout"]["reason"]
