@@ -15,7 +15,6 @@ import sys
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,10 @@ from fastres.rundir import RunDir
 
 
 def _reference_rows() -> list[dict[str, str]]:
-    text = (resources.files("fastres") / "reference.csv").read_text()
+    # Beside this module, not `resources.files("fastres")`: run from the folder that holds an
+    # editable checkout named fastres, `import fastres` finds that folder first as a namespace
+    # package, whose files are not the package's.
+    text = Path(__file__).with_name("reference.csv").read_text()
     return list(csv.DictReader(io.StringIO(text)))
 
 

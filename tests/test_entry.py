@@ -2,11 +2,13 @@
 
 import subprocess
 import sys
+from importlib import metadata
 from pathlib import Path
 
 import pytest
 from conftest import subprocess_env
 
+from fastres import report
 from fastres.__main__ import COMMANDS
 from fastres.__main__ import main as entry_main
 
@@ -76,3 +78,24 @@ def test_a_run_started_with_relative_paths_resumes_from_any_folder(
     monkeypatch.chdir(tmp_path)
     assert run_main(train_main, shlex.split(command)[3:]) == 0
     assert RunDir(out).results()["iters"] == 4
+
+
+def test_the_report_finds_its_reference_figures_beside_a_folder_named_fastres(tmp_path: Path,
+                                                                               _private_cache: Path) -> None:
+    """From the folder that holds a checkout named fastres (`~` for a clone in `~/fastres`),
+    `import fastres` finds that folder first, as a namespace package (an editable install is
+    found after the working folder): the report's reference table must not be looked up there."""
+    try:
+        metadata.distribution("fastres")
+    except metadata.PackageNotFoundError:
+        pytest.skip("fastres is not installed (pip install -e .): the case needs its editable finder")
+    (tmp_path / "fastres").mkdir()
+    env = subprocess_env(_private_cache)
+    del env["PYTHONPATH"]  # on the path, the checkout's package would be found before the folder
+    code = "import fastres, fastres.report as r; print(fastres.__file__, len(r._reference_rows()))"
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    shadowed, rows = done.stdout.split()
+    assert shadowed == "None"  # the case itself: fastres is the folder, a namespace package
+    assert rows == str(len(report._reference_rows())) != "0"
