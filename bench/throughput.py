@@ -423,11 +423,12 @@ def figure(value: float | None, spec: str) -> str:
 
 
 def target_cell(row: dict[str, Any]) -> str:
-    """`>=1000 it_s: yes`, `no`, or `?` where it is not checked (on a CPU); `-` without a target."""
+    """`>=1000 it/s: yes`, `no`, or `?` where it is not checked (on a CPU); `-` without a target."""
     if row.get("target") is None:
         return "-"
     met = {True: "yes", False: "no", None: "?"}[row["meets_target"]]
-    return f">={row['target']['min']:g} {row['target']['figure']}: {met}"
+    unit = {"it_s": "it/s", "fused_speedup": "x fused x1"}.get(row["target"]["figure"], row["target"]["figure"])
+    return f">={row['target']['min']:g} {unit}: {met}"
 
 
 def print_table(result: dict[str, Any]) -> None:
