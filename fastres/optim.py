@@ -36,7 +36,7 @@ def make_optimizer(params: nn.Module | Sequence[torch.Tensor], device: torch.dev
                            fused=fused or None, foreach=None if fused else True)
 
 
-def lr_tensor(device: torch.device, amp_dtype: torch.dtype | None) -> torch.Tensor | None:
+def lr_tensor(optimizer: torch.optim.SGD) -> torch.Tensor | None:
     """The 0-dim tensor a run's learning rate lives in, or None where a Python float must stay.
     Foreach SGD takes `alpha=-lr`, a double-precision scalar, and turns a tensor lr into it
     with `.item()` (torch/optim/sgd.py, `_multi_tensor_sgd`): a float64 tensor keeps that
@@ -47,9 +47,10 @@ def lr_tensor(device: torch.device, amp_dtype: torch.dtype | None) -> torch.Tens
     relative change of at most 2**-24 = 6e-8 per update against a float lr, not bit for bit.
     Foreach on CUDA (fp16 loss scaling) would pay a host sync per step for the item, so it
     keeps the float."""
+    device = optimizer.param_groups[0]["params"][0].device
     if device.type != "cuda":
         return torch.tensor(recipe.LR, dtype=torch.float64, device=device)
-    if amp_dtype != torch.float16:  # fused: make_optimizer's own condition
+    if optimizer.defaults["fused"]:  # as make_optimizer chose it
         return torch.tensor(recipe.LR, dtype=torch.float32, device=device)
     return None
 
@@ -67,7 +68,7 @@ class RunsSGD:
                                                        for k in range(runs)]
         self.optimizers = [make_optimizer(views, device, amp_dtype, momentum, wd)
                            for views, (momentum, wd) in zip(self.views, hyper, strict=True)]
-        self.lrs = [lr_tensor(device, amp_dtype) for _ in range(runs)]
+        self.lrs = [lr_tensor(optimizer) for optimizer in self.optimizers]
         self._install_lrs()
 
     def _install_lrs(self) -> None:
