@@ -201,6 +201,17 @@ def endless(loader: loaders.Loader) -> Iterator[loaders.Batch]:
         yield from loader.epoch(epoch)
 
 
+class FirstBatches:
+    """An evaluation loader's first `n` batches (all of them for None): the GPU check's CPU
+    rehearsal times a couple, where a CPU pass over the whole test set takes seconds a row."""
+
+    def __init__(self, loader: loaders.Loader, n: int | None) -> None:
+        self.loader, self.n = loader, n
+
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[loaders.Batch]:
+        return itertools.islice(self.loader.epoch(epoch, start), self.n)
+
+
 def order_rows(models: list[str], setups: list[Setup]) -> list[tuple[str, Setup]]:
     """Every model's key rows (baseline, full fastres step) first, then the rest: a run
     cut short still has each model's headline speedup."""
@@ -292,8 +303,10 @@ class Bench:
                     loss, _ = step(*next(train_batches))
                     acc += loss  # accumulated on the device, as the trainer does
 
+            test = FirstBatches(data.evals["test"], args.eval_batches)
+
             def evaluate() -> None:
-                error_rates(model, data.evals["test"], device, dtype, step.forward, runs)
+                error_rates(model, test, device, dtype, step.forward, runs)
         # The first steps compile, capture graphs and autotune: timed apart (cold compile time).
         row["first_steps_s"] = round(timed(lambda: steps(args.warmup), device), 3)
         rates = [args.steps / timed(lambda: steps(args.steps), device) for _ in range(args.repeats)]
@@ -305,7 +318,10 @@ class Bench:
             # eager on CUDA (fastres/step.py, _predictions): the first pass pays cuDNN's autotuning
             # and the allocator's growth; on a CPU the compiled forward's eval-mode compile
             row["eval_first_s"] = round(timed(evaluate, device), 3)
-            row["eval_img_s"] = len(self.data.splits.test) / timed(evaluate, device)  # the whole test set
+            images = len(self.data.splits.test)  # the whole test set, or its first --eval-batches
+            if args.eval_batches is not None:
+                images = min(images, args.eval_batches * args.eval_batch)
+            row["eval_img_s"] = images / timed(evaluate, device)
         if device.type == "cuda":
             row["peak_mem_mib"] = round((torch.cuda.max_memory_allocated(device) - held) / 2**20, 1)
         return row
@@ -493,6 +509,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated loaders to time alone, by their rows' names (default all: "
                    f"{', '.join(s.tag for _, s in LOADERS)}); '' for none")
     p.add_argument("--eval-batch", type=int, default=1000, metavar="N", help="evaluation batch (default 1000)")
+    p.add_argument("--eval-batches", type=int, metavar="N",
+                   help="evaluate each row on the test set's first N batches only (default: all of it)")
     p.add_argument("--quick", action="store_true",
                    help=f"the CPU-sized matrix (the default without a GPU): {flags(QUICK_SIZES)} --models "
                    f"{QUICK_MODELS}, no {', '.join(QUICK_LEAVES_OUT)} row; a flag given explicitly wins")
@@ -547,6 +565,8 @@ def check_sizes(args: argparse.Namespace) -> None:
     for name in ("steps", "repeats", "loader_batches", "eval_batch", "profile_steps"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.eval_batches is not None and args.eval_batches < 1:
+        raise UsageError(f"--eval-batches must be at least 1, got {args.eval_batches}")
     if args.warmup < 0:
         raise UsageError(f"--warmup must be 0 or more, got {args.warmup}")
     if math.isnan(args.budget_s) or args.budget_s < 0:

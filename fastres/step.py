@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -17,6 +19,21 @@ if TYPE_CHECKING:
     from fastres.data.loaders import Loader
 
 RECOMPILE_LIMIT = 64  # compiled models and modes per process before Dynamo gives up (see compile_model)
+_BACKEND = contextvars.ContextVar("fastres_compile_backend", default="inductor")
+
+
+@contextlib.contextmanager
+def compiler_backend(name: str) -> Iterator[None]:
+    """Every compile_model inside the block uses torch.compile's backend `name` instead of
+    Inductor. For the GPU check's CPU rehearsal ("aot_eager"): Dynamo and AOTAutograd trace,
+    partition and count graphs, breaks and recompiles as on a GPU, and only Inductor's code
+    generation is skipped. On a CPU that is C++ (tens of seconds per graph), which shares
+    nothing with the Triton kernels a GPU gets, so the rehearsal loses nothing of the GPU run."""
+    token = _BACKEND.set(name)
+    try:
+        yield
+    finally:
+        _BACKEND.reset(token)
 
 
 def compile_model(model: nn.Module, device: torch.device, cuda_graphs: bool | None = None) -> nn.Module:
@@ -37,8 +54,12 @@ def compile_model(model: nn.Module, device: torch.device, cuda_graphs: bool | No
     `forward` code: past `recompile_limit` entries (8 by default) Dynamo silently runs that
     code eager. A benchmark over 2 models and fused groups of 1, 2 and 4, or a reproduction
     of the paper's 10 models, needs more (measured: the ninth entry, ResNet-56 fused x2,
-    fell back to eager), so the limit is raised to RECOMPILE_LIMIT."""
+    fell back to eager), so the limit is raised to RECOMPILE_LIMIT. Inside `compiler_backend`,
+    its backend instead of Inductor."""
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    backend = _BACKEND.get()
+    if backend != "inductor":  # compiler_backend: no Inductor, so none of its modes
+        return torch.compile(model, backend=backend, dynamic=False)
     graphs = uses_cuda_graphs(model, device) if cuda_graphs is None else cuda_graphs
     return torch.compile(model, mode="reduce-overhead" if graphs else None, dynamic=False)
 

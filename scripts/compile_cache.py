@@ -56,6 +56,8 @@ def pack(out: Path, dirs: dict[str, Path], limit: int = LIMIT) -> dict[str, Any]
     written under a temporary name first, so a kill never leaves half an archive."""
     path, tmp = out / ARCHIVE, out / f".{ARCHIVE}.tmp"
     files = sum(len(f) for folder in dirs.values() for _, _, f in os.walk(folder))
+    if not files:  # e.g. the rehearsal's compiler writes no cache: an empty archive would start nothing warm
+        return {"archive": None, "files": 0, "skipped": "the compile caches are empty"}
     try:
         with open(tmp, "wb") as f, tarfile.open(fileobj=_Bounded(f, limit), mode="w:gz", compresslevel=6) as tar:
             for name, folder in dirs.items():  # gzip level 6: level 9 is slower for a few % less

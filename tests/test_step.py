@@ -17,8 +17,8 @@ def test_step_returns_device_tensors_and_the_set_lr_drives_the_update() -> None:
     """The first SGD step moves every weight by lr * (grad + wd * w) (no momentum yet), so
     the same step at twice the learning rate moves each weight twice as far. In float64 the
     only difference is the rounding of w - lr * d and of the difference taken: at most 2 ulps
-    of |w| each way. (Eager against compiled steps: the GPU check's agreement part, rehearsed
-    in tests/test_gpu_check.py.)"""
+    of |w| each way. (Eager against compiled steps, with Inductor:
+    test_the_compiled_step_agrees_with_the_eager_one_in_float64.)"""
     torch.manual_seed(0)
     base = build_model("resnet8").double()
     x, y = torch.randn(8, 3, 32, 32, dtype=torch.float64), torch.arange(8) % 10
@@ -106,6 +106,21 @@ def test_the_step_is_bit_for_bit_the_eager_loss_and_sgd_it_replaced() -> None:
         assert torch.equal(losses, want.detach()) and torch.equal(wrong, (logits.detach().argmax(2) != y).sum(0))
     for p, q in zip(model.parameters(), reference.parameters(), strict=True):
         assert torch.equal(p, q)
+
+
+def test_a_compiler_backend_holds_inside_its_block_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The GPU check's rehearsal compiles with "aot_eager" (scripts/gpu_check.py); everything
+    else, before and after its block, with Inductor and its modes."""
+    from fastres import step
+
+    seen = []
+    monkeypatch.setattr(step.torch, "compile", lambda model, **kw: seen.append(kw) or model)
+    step.compile_model(build_model("resnet8"), CPU)
+    with step.compiler_backend("aot_eager"):
+        TrainStep(build_model("resnet8"), CPU, None, True)
+    step.compile_model(build_model("resnet8"), CPU)
+    inductor = {"mode": None, "dynamic": False}
+    assert seen == [inductor, *[{"backend": "aot_eager", "dynamic": False}] * 2, inductor]
 
 
 def test_the_compiled_step_agrees_with_the_eager_one_in_float64() -> None:
