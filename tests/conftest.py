@@ -82,6 +82,13 @@ def tiny_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def small_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """10 classes: 8 training and 4 test images each, for the float64 trajectories (ATen's
+    float64 convolutions cost about 4x fp32's): 20 steps of 8 images are 2 epochs."""
+    return write_tree(tmp_path_factory.mktemp("small"), {"train": 8, "test": 4})
+
+
+@pytest.fixture(scope="session")
 def micro_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """10 classes: 2 training and 1 test image each, for what is slow per image (fp16 on a
     CPU: about 0.1 s an image forward, ATen's reference convolution)."""
@@ -161,7 +168,7 @@ DETERMINISTIC = ("iter", "epoch", "lr", "train_loss", "train_error", "test_error
 
 
 def tiny_config(data: Path, out: Path, **kw) -> RunConfig:
-    base = dict(model="resnet8", shortcut="A", iters=30, milestones=(15, 25), batch_size=32, data=str(data),
+    base = dict(model="resnet8", shortcut="A", iters=30, milestones=(15, 25), batch_size=16, data=str(data),
                 log_every=5, eval_every=10, checkpoint_every=10, out=str(out), progress="none", device="cpu")
     return RunConfig(**{**base, **kw})
 

@@ -98,7 +98,7 @@ def test_bad_cifar100_data_is_one_line(tmp_path: Path, case: str, capsys: pytest
 def test_training_evaluating_and_exporting_on_cifar100(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     tree = write_tree(tmp_path / "tree")
     run = tmp_path / "run"
-    argv = ["resnet8", "--dataset", "cifar100", "--data", str(tree), "--iters", "6", "--batch-size", "32",
+    argv = ["resnet8", "--dataset", "cifar100", "--data", str(tree), "--iters", "6", "--batch-size", "16",
             "--eval-every", "6", "--out", str(run), "--device", "cpu", "--progress", "none"]
     assert run_main(train_main, argv) == 0
     results = json.loads((run / "results.json").read_text())

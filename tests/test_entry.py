@@ -63,7 +63,7 @@ def test_a_run_started_with_relative_paths_resumes_from_any_folder(
 
     monkeypatch.chdir(tiny_tree.parent)
     out = tmp_path / "out dir" / "run"
-    argv = ["resnet8", "--data", tiny_tree.name, "--iters", "4", "--milestones", "3", "--batch-size", "32",
+    argv = ["resnet8", "--data", tiny_tree.name, "--iters", "4", "--milestones", "3", "--batch-size", "16",
             "--log-every", "2", "--eval-every", "4", "--checkpoint-every", "2", "--out", str(out),
             "--device", "cpu", "--progress", "plain"]
     def ctrl_c_at_once(self: object) -> None:

@@ -159,25 +159,25 @@ def group_configs(tree: Path, folder: Path, seeds: tuple[int, ...] = SEEDS, **kw
     return [tiny_config(tree, folder / f"s{s}", seed=s, **kw) for s in seeds]
 
 
-# float64 runs (ATen's convolutions, about 4x slower than fp32's oneDNN ones): 20 steps at
-# batch 16, 2 epochs, every step logged, checkpoints at 10 and 20.
-FP64 = dict(precision="fp64", iters=20, milestones=(10, 15), batch_size=16, log_every=1)
+# float64 runs (ATen's convolutions, about 4x slower than fp32's oneDNN ones), on small_tree:
+# 20 steps at batch 8, 2 epochs, every step logged, checkpoints at 10 and 20.
+FP64 = dict(precision="fp64", iters=20, milestones=(10, 15), batch_size=8, log_every=1)
 
 
 @pytest.fixture(scope="session")
-def fp64_group(tiny_tree: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def fp64_group(small_tree: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The unbroken group of three in float64, 20 steps, one log point each: the reference
     every check of a regrouped or unfused continuation compares with (TRAJECTORY)."""
     folder = tmp_path_factory.mktemp("fp64-group")
-    train_group(group_configs(tiny_tree, folder, **FP64))
+    train_group(group_configs(small_tree, folder, **FP64))
     return folder
 
 
 @pytest.fixture(scope="session")
-def fp64_group_at_10(tiny_tree: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def fp64_group_at_10(small_tree: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The same group stopped at its first checkpoint (iteration 10); tests copy it."""
     folder = tmp_path_factory.mktemp("fp64-group-at-10")
-    assert train_group(group_configs(tiny_tree, folder, **FP64), stop_at=10) is None
+    assert train_group(group_configs(small_tree, folder, **FP64), stop_at=10) is None
     return folder
 
 
@@ -206,10 +206,10 @@ def copied(folder: Path, tmp_path: Path) -> Path:
 
 
 @FP64_GROUP
-def test_run_k_of_a_group_is_the_run_seed_k_trains_alone(tiny_tree: Path, tmp_path: Path, fp64_group: Path) -> None:
+def test_run_k_of_a_group_is_the_run_seed_k_trains_alone(small_tree: Path, tmp_path: Path, fp64_group: Path) -> None:
     """Run 1, in the middle of the group (its slice is neither the first nor the last),
     trained alone: every logged loss agrees to TRAJECTORY, and so does the test error."""
-    alone = train(tiny_config(tiny_tree, tmp_path / "alone", seed=1, **FP64))
+    alone = train(tiny_config(small_tree, tmp_path / "alone", seed=1, **FP64))
     assert rel(losses(fp64_group / "s1"), losses(tmp_path / "alone")) < TRAJECTORY
     result = json.loads((fp64_group / "s1" / "results.json").read_text())
     assert result["test_error"] == alone["test_error"]
@@ -352,7 +352,7 @@ def test_a_diverging_run_stops_and_the_others_go_on(tmp_path: Path, fp64_group: 
 def test_runs_that_cannot_share_a_graph_are_refused(tiny_tree: Path, tmp_path: Path) -> None:
     a = tiny_config(tiny_tree, tmp_path / "a")
     for other, words in [(dict(model="resnet14"), "differ in model"), (dict(shortcut="B"), "differ in shortcut"),
-                         (dict(batch_size=16), "differ in batch_size"), (dict(val_split=20), "differ in val_split"),
+                         (dict(batch_size=32), "differ in batch_size"), (dict(val_split=20), "differ in val_split"),
                          (dict(seed=0), "would be the same run")]:
         with pytest.raises(UsageError, match=words):
             train_group([a, tiny_config(tiny_tree, tmp_path / "b", **{"seed": 1, **other})])
@@ -404,7 +404,7 @@ def test_the_plan_fuses_on_a_gpu_and_not_on_a_cpu() -> None:
 
 def test_seeds_on_a_cpu_train_one_after_another_by_default(tiny_tree: Path, tmp_path: Path,
                                                           capsys: pytest.CaptureFixture) -> None:
-    argv = ["resnet8", "--data", str(tiny_tree), "--seeds", "0,1", "--iters", "10", "--batch-size", "32",
+    argv = ["resnet8", "--data", str(tiny_tree), "--seeds", "0,1", "--iters", "10", "--batch-size", "16",
             "--out", str(tmp_path), "--device", "cpu", "--progress", "none"]
     assert train_main(argv) == 0
     assert "training the 2 runs one after another (on a CPU" in capsys.readouterr().err

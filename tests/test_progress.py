@@ -143,7 +143,7 @@ def test_the_start_is_a_short_summary_and_a_resume_says_where_it_goes_on(
     facts = dict(line.split(None, 1) for line in start[1:])
     assert facts["data"].startswith(f"images: {tiny_tree}") and "160 training images" in facts["data"]
     assert "(1 threads)" in facts["device"] and facts["device"].endswith("; fp32")
-    assert facts["schedule"] == "4 iterations, lr /10 at 15, 25 (from 0.1); batch 32"
+    assert facts["schedule"] == "4 iterations, lr /10 at 15, 25 (from 0.1); batch 16"
     assert facts["config"] == str(run / rundir.CONFIG)
     assert json.loads((run / rundir.CONFIG).read_text())["model"] == "resnet8"  # the full config, in its file
     assert train_main(["--resume", str(run), "--progress", "plain"]) == 0

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.xdist_group("reliability")
 
 
 def argv(tree: Path, run: Path, *extra: str) -> list[str]:
-    return ["resnet8", "--data", str(tree), "--iters", "20", "--milestones", "15", "--batch-size", "32",
+    return ["resnet8", "--data", str(tree), "--iters", "20", "--milestones", "15", "--batch-size", "16",
             "--log-every", "5", "--eval-every", "10", "--checkpoint-every", "5", "--out", str(run), "--device", "cpu",
             "--progress", "none", *extra]
 
@@ -168,7 +168,7 @@ def test_kill_9_at_random_moments_then_resume_gives_the_unbroken_run(tiny_tree: 
     from conftest import subprocess_env
 
     args = ["--iters", "300", "--milestones", "150,225", "--log-every", "1", "--eval-every", "50",
-            "--checkpoint-every", "2", "--batch-size", "32", *(["--seeds", "0,1", "--fuse", "on"] if fused else [])]
+            "--checkpoint-every", "2", "--batch-size", "16", *(["--seeds", "0,1", "--fuse", "on"] if fused else [])]
     refs, outs = (tmp_path / "ref", tmp_path / "run")
     ref, run = (refs / "resnet8-A-seed1", outs / "resnet8-A-seed1") if fused else (refs, outs)
     env = subprocess_env(_private_cache)

@@ -72,7 +72,7 @@ def one_line_error(capsys: pytest.CaptureFixture, *words: str) -> str:
 
 
 def argv(tree: Path, out: Path | str) -> list[str]:
-    return ["resnet8", "--data", str(tree), "--iters", str(ITERS), "--milestones", "3", "--batch-size", "32",
+    return ["resnet8", "--data", str(tree), "--iters", str(ITERS), "--milestones", "3", "--batch-size", "16",
             "--log-every", "2", "--eval-every", str(ITERS), "--checkpoint-every", "2", "--out", str(out),
             "--device", "cpu", "--progress", "none"]
 

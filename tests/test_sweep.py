@@ -120,8 +120,8 @@ def test_each_run_is_updated_bit_for_bit_as_torch_sgd_with_its_own_values() -> N
 
 
 # float64, as tests/test_fused.py's group (its TRAJECTORY bound): 20 steps, every one logged.
-FP64 = dict(precision="fp64", iters=20, milestones=(10, 15), batch_size=16, log_every=1, checkpoint_every=10,
-            val_split=40, val_seed=3)
+FP64 = dict(precision="fp64", iters=20, milestones=(10, 15), batch_size=8, log_every=1, checkpoint_every=10,
+            val_split=20, val_seed=3)  # on small_tree: 60 images to train on, 7 steps an epoch
 LRS = (0.05, 0.2)
 
 
@@ -130,20 +130,20 @@ def sweep_configs(tree: Path, folder: Path, **kw) -> list[RunConfig]:
 
 
 @pytest.fixture(scope="session")
-def fp64_sweep(tiny_tree: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def fp64_sweep(small_tree: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A fused sweep of two learning rates on one seed, in float64, with a validation split."""
     folder = tmp_path_factory.mktemp("fp64-sweep")
-    train_group(sweep_configs(tiny_tree, folder))
+    train_group(sweep_configs(small_tree, folder))
     return folder
 
 
 @SWEEP_GROUP
-def test_each_run_of_a_fused_sweep_is_the_run_its_values_train_alone(tiny_tree: Path, tmp_path: Path,
+def test_each_run_of_a_fused_sweep_is_the_run_its_values_train_alone(small_tree: Path, tmp_path: Path,
                                                                       fp64_sweep: Path) -> None:
     """Same seed, other lrs: each run's losses agree with the run trained alone with its lr
     (TRAJECTORY), its val and test errors are the alone run's, and the two runs differ."""
     for lr in LRS:
-        alone = train(tiny_config(tiny_tree, tmp_path / f"alone{lr}", lr=lr, **FP64))
+        alone = train(tiny_config(small_tree, tmp_path / f"alone{lr}", lr=lr, **FP64))
         assert rel(losses(fp64_sweep / f"lr{lr}"), losses(tmp_path / f"alone{lr}")) < TRAJECTORY
         result = json.loads((fp64_sweep / f"lr{lr}" / "results.json").read_text())
         assert (result["val_error"], result["test_error"]) == (alone["val_error"], alone["test_error"])
@@ -167,9 +167,9 @@ def test_every_run_validates_on_the_same_images_whatever_its_seed(tiny_tree: Pat
 
 
 @SWEEP_GROUP
-def test_a_stopped_sweep_resumes_bit_for_bit(tiny_tree: Path, tmp_path: Path, fp64_sweep: Path) -> None:
+def test_a_stopped_sweep_resumes_bit_for_bit(small_tree: Path, tmp_path: Path, fp64_sweep: Path) -> None:
     folder = tmp_path / "sweep"
-    assert train_group(sweep_configs(tiny_tree, folder), stop_at=10) is None
+    assert train_group(sweep_configs(small_tree, folder), stop_at=10) is None
     assert json.loads((folder / "lr0.2" / "group.json").read_text())["runs"] == ["../lr0.05", "."]
     results = resume([str(folder / "lr0.2")])
     assert [r["config"]["lr"] for r in results] == list(LRS)
@@ -178,21 +178,21 @@ def test_a_stopped_sweep_resumes_bit_for_bit(tiny_tree: Path, tmp_path: Path, fp
 
 
 @SWEEP_GROUP
-def test_a_run_that_ends_first_leaves_the_group_and_the_others_go_on(tiny_tree: Path, tmp_path: Path) -> None:
+def test_a_run_that_ends_first_leaves_the_group_and_the_others_go_on(small_tree: Path, tmp_path: Path) -> None:
     """--sweep iters=10,20: the run of 10 writes its results at 10 and leaves; the run of 20
     goes on alone and is the run its values train alone (TRAJECTORY); stopped after 10 and
     resumed from either directory, the group is the one run left."""
-    cfgs = [tiny_config(tiny_tree, tmp_path / f"it{n}", **{**FP64, "iters": n}) for n in (10, 20)]
+    cfgs = [tiny_config(small_tree, tmp_path / f"it{n}", **{**FP64, "iters": n}) for n in (10, 20)]
     short, long = train_group(cfgs)
     assert (short["iters"], long["iters"]) == (10, 20)
     assert [r["iter"] for r in rundir.MetricsLog(tmp_path / "it10").read()][-1] == 10
-    alone = train(tiny_config(tiny_tree, tmp_path / "alone", **FP64))
+    alone = train(tiny_config(small_tree, tmp_path / "alone", **FP64))
     assert rel(losses(tmp_path / "it20"), losses(tmp_path / "alone")) < TRAJECTORY
     assert long["test_error"] == alone["test_error"]
     assert RunDir(tmp_path / "it20").group() == [tmp_path / "it20"]  # alone since iteration 10
 
     stopped = tmp_path / "stopped"
-    cfgs = [tiny_config(tiny_tree, stopped / f"it{n}", **{**FP64, "iters": n}) for n in (10, 20)]
+    cfgs = [tiny_config(small_tree, stopped / f"it{n}", **{**FP64, "iters": n}) for n in (10, 20)]
     assert train_group(cfgs, stop_at=15) is None
     assert (stopped / "it10" / "results.json").is_file() and not (stopped / "it20" / "results.json").is_file()
     [result] = resume([str(stopped / "it10")])  # its group.json names both: the finished one is left out
@@ -207,7 +207,7 @@ def test_a_group_that_stops_at_different_iters_must_stop_on_log_points(tiny_tree
 
 
 def test_a_sweep_trains_from_the_command_line(tiny_tree: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    argv = ["resnet8", "--data", str(tiny_tree), "--sweep", "lr=0.05,0.2", "--iters", "10", "--batch-size", "32",
+    argv = ["resnet8", "--data", str(tiny_tree), "--sweep", "lr=0.05,0.2", "--iters", "10", "--batch-size", "16",
             "--val-split", "20", "--out", str(tmp_path), "--device", "cpu", "--progress", "plain", "--log-every", "5",
             "--fuse", "on"]
     assert train_main(argv) == 0
