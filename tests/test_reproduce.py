@@ -22,6 +22,7 @@ def argv(tree: Path, out: Path) -> list[str]:
             "--device", "cpu", "--progress", "none"]
 
 
+@pytest.mark.long
 def test_reproduce_trains_resumes_skips_and_reports(tiny_tree: Path, tmp_path: Path,
                                                     capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "repro"
@@ -68,7 +69,7 @@ def test_reproduce_fuses_the_seeds_of_each_model_and_resumes_a_group(tiny_tree: 
 
 
 def test_report_cli_on_run_dirs(tiny_tree: Path, tmp_path: Path) -> None:
-    # any finished run: 2 iterations at tiny_config's batch of 32 (reproduce's runs train at
+    # any finished run: 2 iterations at tiny_config's batch of 16 (reproduce's runs train at
     # the paper's 128, and the report reads what any run writes)
     train(tiny_config(tiny_tree, tmp_path / "r" / "run", iters=2, eval_every=2))
     assert run_main(report.main, [str(tmp_path / "r"), "--out", str(tmp_path / "rep")]) == 0
