@@ -131,9 +131,13 @@ class Check:
     def save(self) -> None:
         write_json(self.out / JSON, self.summary)
 
-    def part(self, name: str, fn: Callable[[], Any]) -> Any:
-        if self.left() <= 0:
-            self.summary[name] = {"ok": False, "skipped": "budget spent"}
+    def part(self, name: str, fn: Callable[[], Any], needs_s: float = 0.0) -> Any:
+        """Run part `name`, unless less than `needs_s` seconds (an estimate from what earlier
+        parts measured) are left of the budget: a part started near the end would be killed
+        with the command, and take the compile caches' packing with it."""
+        if self.left() <= max(needs_s, 0.0):
+            why = "budget spent" if self.left() <= 0 else f"needs about {needs_s:.0f} s, {self.left():.0f} s left"
+            self.summary[name] = {"ok": False, "skipped": why}
             self.save()
             return None
         t = time.perf_counter()
@@ -151,6 +155,15 @@ class Check:
         print(f"{name}: {'ok' if self.summary[name]['ok'] else 'FAILED'} in {self.summary[name]['seconds']} s",
               flush=True)
         return result
+
+
+def cold_compile_s(summary: dict[str, Any]) -> float:
+    """What a part that compiles a new model cold (the agreement parts: ResNet-8, smaller
+    than the smoke test's ResNet-20) is given to need: the smoke test's first step, its cold
+    compile; FALLBACK_ROW_S when the smoke test measured none."""
+    smoke_part = summary.get("smoke", {})
+    found = smoke_part.get("result") or smoke_part.get("partial") or {}
+    return found.get("first_step_s") or FALLBACK_ROW_S
 
 
 def longest_row_s(summary: dict[str, Any]) -> float:
@@ -429,6 +442,8 @@ def figures(summary: dict[str, Any]) -> dict[str, Any]:
             "warm_first_steps_s": row_of(summary, "resnet20", "compile").get("first_steps_s"),  # its graph reused
             "it_s": it_s,
             "baseline_ratio": {p: row_of(summary, p, "compile").get("speedup") for p in ("resnet20", "resnet56")},
+            "fused_speedup": {tag: row_of(summary, "fused", tag).get("fused_speedup")  # over x1, in run-iterations
+                              for tag in ("fused-x8", "fused-x8-nchw")},
             "meets_target": {f"{part} {tag}": row_of(summary, part, tag).get("meets_target") for part, tag in targeted},
             "full_run_iters": full.get("iters_done"), "full_run_final_test_error": full.get("final_test_error"),
             "full_run_new_graphs": full.get("new_graphs"), "fused_layout": summary.get("fused_layout"),
@@ -457,7 +472,7 @@ def run_parts(check: Check, data: str, device: torch.device, gpu: bool) -> None:
     # row (CUDA only: the rehearsal's bench records that row skipped)
     if gpu:
         check.part("agreement_whole_step", lambda: Pair(data, device, "resnet8", "fp32", whole_step=True)
-                   .compare(12, lr_drop_at=6))
+                   .compare(12, lr_drop_at=6), needs_s=cold_compile_s(check.summary))
     check.part("ablation", lambda: bench_part(check, "ablation", data, gpu, small,
                                               "whole-step,eager,channels-last,amp,host",
                                               loaders_alone="baseline,eager,amp,host"))
@@ -465,7 +480,8 @@ def run_parts(check: Check, data: str, device: torch.device, gpu: bool) -> None:
     # channels_last step crashes with SIGSEGV when ATen is capped at AVX2), judged to AGREE_REL
     agree = "fp32" if gpu else "fp64"
     check.part(f"agreement_{agree}", lambda: agreement(data, device, "resnet8", 20 if gpu else 3, agree,
-                                                       channels_last=gpu))
+                                                       batch_size=recipe.BATCH_SIZE if gpu else 32,
+                                                       channels_last=gpu), needs_s=cold_compile_s(check.summary))
     check.summary["figures"] = figures(check.summary)
 
 

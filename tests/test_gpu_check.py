@@ -50,7 +50,8 @@ def test_rehearsal_runs_every_part_and_keeps_what_it_measured(tiny_tree: Path, t
     figures = summary["figures"]  # every GPU figure has its field, null where the CPU cannot measure it
     assert set(figures) >= {"smoke_ok", "smoke_counters", "kernels_per_step", "cpu_ms_per_step", "gpu_ms_per_step",
                             "cold_first_step_s", "warm_first_steps_s", "it_s", "baseline_ratio", "meets_target",
-                            "full_run_final_test_error", "fused_layout", "whole_step_agrees"}
+                            "full_run_final_test_error", "fused_layout", "whole_step_agrees", "fused_speedup"}
+    assert figures["fused_speedup"] == {"fused-x8": None, "fused-x8-nchw": None}  # x8: a GPU's rows
     assert figures["whole_step_agrees"] is None and "agreement_whole_step" not in summary  # a GPU's part
     assert figures["it_s"]["resnet20 compile"] > 0 and figures["baseline_ratio"]["resnet20"] > 0
     assert set(figures["meets_target"].values()) == {None}  # targets are checked on a GPU only
@@ -113,6 +114,20 @@ def test_a_failing_smoke_test_fails_the_check(tmp_path: Path) -> None:
     assert check.summary["smoke"]["ok"] is False and check.summary["smoke"]["partial"] == seen
     assert "CUDA-graph skip" in check.summary["smoke"]["error"] and gpu_check.failed_parts(check.summary) == ["smoke"]
     assert json.loads((tmp_path / gpu_check.JSON).read_text())["smoke"]["ok"] is False  # saved at once
+
+
+def test_a_part_that_would_not_end_in_time_is_skipped_and_says_why(tmp_path: Path) -> None:
+    """A part is given what a cold compile took in the smoke test; with less left it never
+    starts (a kill at the command's limit would lose the caches' packing after it)."""
+    summary = {"smoke": {"ok": True, "result": {"first_step_s": 40.0}}}
+    assert gpu_check.cold_compile_s(summary) == 40.0 and gpu_check.cold_compile_s({}) == gpu_check.FALLBACK_ROW_S
+    check = gpu_check.Check(tmp_path, time.monotonic(), 30.0, summary)
+    ran = []
+    check.part("agreement_fp32", lambda: ran.append(1), needs_s=gpu_check.cold_compile_s(summary))
+    assert ran == [] and check.summary["agreement_fp32"]["skipped"].startswith("needs about 40 s, ")
+    assert gpu_check.failed_parts(check.summary) == []  # skipped for time: not failed
+    check.part("loaders", lambda: ran.append(2), needs_s=10.0)
+    assert ran == [2] and check.summary["loaders"]["ok"]
 
 
 def test_the_fused_layout_is_the_faster_of_the_two() -> None:
