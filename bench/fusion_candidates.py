@@ -35,8 +35,8 @@ from fastres import recipe  # noqa: E402
 from fastres.atomic import write_json  # noqa: E402
 from fastres.fused import fuse  # noqa: E402
 from fastres.models import ModelSpec  # noqa: E402
-from fastres.runtime import device_name, pick_device, versions  # noqa: E402
 from fastres.optim import make_optimizer  # noqa: E402
+from fastres.runtime import device_name, pick_device, versions  # noqa: E402
 
 
 def sequential(models: list[torch.nn.Module], device: torch.device) -> Callable[[torch.Tensor, torch.Tensor], None]:

@@ -12,7 +12,6 @@ import json
 import statistics
 from collections import defaultdict
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from fastres.config import SWEEPS, comparable

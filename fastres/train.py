@@ -476,7 +476,8 @@ def log(s: Session, files: Files, reporter: Reporter, p: Progress, done: int, lr
     evaluation made because another run of the group ends here is not logged for a run
     whose own schedule has none here: each run logs what it would alone."""
     head = {"iter": done, "epoch": round(done / s.data.train.steps_per_epoch, 4)}
-    p.records = [{**head, "lr": lr, **r, "wall_s": round(clock.wall(), 3)} for r, lr in zip(p.records, lrs, strict=True)]
+    p.records = [{**head, "lr": lr, **r, "wall_s": round(clock.wall(), 3)}
+                 for r, lr in zip(p.records, lrs, strict=True)]
     for k, record in enumerate(p.records):
         if done % s.cfg.eval_every and done != s.cfgs[k].iters:
             for name in s.data.evals:

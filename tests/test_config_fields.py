@@ -29,7 +29,8 @@ def test_each_flag_is_the_option_that_sets_its_field() -> None:
             assert role.flag in options.get(name, set()), (name, role.flag)
         else:
             assert name not in options, (name, options.get(name))
-    assert config.flag("weight_decay") == "--wd" and config.flag("warmup_lr") == "--warmup-lr" and config.flag("precision") == "the precision"
+    assert config.flag("weight_decay") == "--wd" and config.flag("warmup_lr") == "--warmup-lr"
+    assert config.flag("precision") == "the precision"
 
 
 def test_the_derived_lists() -> None:

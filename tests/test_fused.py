@@ -22,7 +22,6 @@ from fastres.errors import UsageError
 from fastres.evaluate import main as evaluate_main
 from fastres.models import ModelSpec
 from fastres.rundir import RunDir
-from fastres.optim import make_optimizer
 from fastres.step import TrainStep
 from fastres.train import main as train_main
 from fastres.train import train, train_group

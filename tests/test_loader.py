@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 from conftest import coordinate_images, decode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastres.data import pixels, torch_loader
 from fastres.data.dataset import Split

@@ -246,9 +246,9 @@ def test_paths_that_are_not_utf8_print_under_strict_utf8_streams(tiny_tree: Path
     data = os.path.join(os.fsencode(tmp_path), b"data-\xff")
     shutil.copytree(tiny_tree, os.fsdecode(data))
     out = os.path.join(os.fsencode(tmp_path), b"run-\xfe")
-    proc = forked_main(train_main, ["resnet8", "--data", os.fsdecode(data), "--out", os.fsdecode(out), "--iters", "2",
-                                    "--eval-every", "2", "--batch-size", "16", "--device", "cpu", "--progress", "plain"],
-                       stdout_errors="strict")
+    argv = ["resnet8", "--data", os.fsdecode(data), "--out", os.fsdecode(out), "--iters", "2", "--eval-every", "2",
+            "--batch-size", "16", "--device", "cpu", "--progress", "plain"]
+    proc = forked_main(train_main, argv, stdout_errors="strict")
     assert proc.wait(120) == 0, proc.stderr
     assert "results in " in proc.stdout and "run-\\udcfe" in proc.stdout  # escaped, not an encoding error
     assert os.path.exists(os.path.join(out, b"results.json"))

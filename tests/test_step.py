@@ -191,7 +191,8 @@ def test_checkpointed_lrs_are_floats_and_come_back_into_the_tensors() -> None:
     sgd = RunsSGD(model, 1, CPU, None, [(0.9, 1e-4)])
     sgd.set_lr([0.01])
     states = sgd.state_dicts()
-    assert states[0]["param_groups"][0]["lr"] == 0.01 and isinstance(sgd.optimizers[0].param_groups[0]["lr"], torch.Tensor)
+    assert states[0]["param_groups"][0]["lr"] == 0.01
+    assert isinstance(sgd.optimizers[0].param_groups[0]["lr"], torch.Tensor)
     again = RunsSGD(model, 1, CPU, None, [(0.9, 1e-4)])
     again.load_state_dicts(states)
     assert again.optimizers[0].param_groups[0]["lr"] is again.lrs[0] and again.lrs[0].item() == 0.01
