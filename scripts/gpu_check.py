@@ -278,9 +278,10 @@ def smoke_verdict(counters: dict[str, dict[str, int]], graphs: int = SMOKE_GRAPH
 
 def smoke(check: Check, data: str, device: torch.device, model_name: str, precision: str) -> dict[str, Any]:
     """The compiled step in the training configuration at batch 128: eager against compiled
-    for SMOKE_STEPS steps, then PROFILE_STEPS compiled steps under torch.profiler; loud on
-    any CUDA-graph skip, graph break or recompile. Its cold compile is the one the later
-    ResNet-20 rows and the full run reuse (same process, same compile_model)."""
+    for SMOKE_STEPS steps, then PROFILE_STEPS compiled steps under torch.profiler (2 in the
+    CPU rehearsal); loud on any CUDA-graph skip, graph break or recompile. Its cold compile
+    is the one the later ResNet-20 rows and the full run reuse (same process, same
+    compile_model)."""
     from torch._dynamo.utils import counters
 
     counters.clear()
@@ -293,7 +294,7 @@ def smoke(check: Check, data: str, device: torch.device, model_name: str, precis
     def steps(n: int) -> None:
         for _ in range(n):
             pair.compiled(*next(pair.batches))
-    profiled = throughput.profile_steps(steps, device, PROFILE_STEPS)
+    profiled = throughput.profile_steps(steps, device, PROFILE_STEPS if device.type == "cuda" else 2)  # 2: rehearsed
     seen = counted()
     problems = smoke_verdict(seen)
     result = {**pair.about, "steps": SMOKE_STEPS, "first_step_s": round(cold_s, 2),
