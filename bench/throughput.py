@@ -212,6 +212,12 @@ class FirstBatches:
         return itertools.islice(self.loader.epoch(epoch, start), self.n)
 
 
+def evaluated_images(test_images: int, batches: int | None, batch: int) -> int:
+    """How many images `FirstBatches(loader, batches)` holds: an evaluation loader keeps its
+    last, smaller batch, so the first `batches` of `batch` images, or all of them."""
+    return test_images if batches is None else min(test_images, batches * batch)
+
+
 def order_rows(models: list[str], setups: list[Setup]) -> list[tuple[str, Setup]]:
     """Every model's key rows (baseline, full fastres step) first, then the rest: a run
     cut short still has each model's headline speedup."""
@@ -318,9 +324,7 @@ class Bench:
             # eager on CUDA (fastres/step.py, _predictions): the first pass pays cuDNN's autotuning
             # and the allocator's growth; on a CPU the compiled forward's eval-mode compile
             row["eval_first_s"] = round(timed(evaluate, device), 3)
-            images = len(self.data.splits.test)  # the whole test set, or its first --eval-batches
-            if args.eval_batches is not None:
-                images = min(images, args.eval_batches * args.eval_batch)
+            images = evaluated_images(len(self.data.splits.test), args.eval_batches, args.eval_batch)
             row["eval_img_s"] = images / timed(evaluate, device)
         if device.type == "cuda":
             row["peak_mem_mib"] = round((torch.cuda.max_memory_allocated(device) - held) / 2**20, 1)

@@ -25,10 +25,11 @@ _BACKEND = contextvars.ContextVar("fastres_compile_backend", default="inductor")
 @contextlib.contextmanager
 def compiler_backend(name: str) -> Iterator[None]:
     """Every compile_model inside the block uses torch.compile's backend `name` instead of
-    Inductor. For the GPU check's CPU rehearsal ("aot_eager"): Dynamo and AOTAutograd trace,
-    partition and count graphs, breaks and recompiles as on a GPU, and only Inductor's code
-    generation is skipped. On a CPU that is C++ (tens of seconds per graph), which shares
-    nothing with the Triton kernels a GPU gets, so the rehearsal loses nothing of the GPU run."""
+    Inductor. For the GPU check's CPU rehearsal ("aot_eager_decomp_partition"): Dynamo and
+    AOTAutograd trace the graphs, with Inductor's decompositions and its partition of forward
+    and backward, and count breaks and recompiles as on a GPU; the graphs then run op by op.
+    What is skipped is Inductor's own graph passes, fusion and code generation: C++ on a CPU
+    (tens of seconds a graph), Triton on a GPU, which only a GPU can rehearse."""
     token = _BACKEND.set(name)
     try:
         yield

@@ -27,8 +27,8 @@ FAILING = "+ channels_last"  # the row the shared run breaks on purpose (test_a_
 def bench_run(tiny_tree: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """One run of the harness for every check below: the baseline and the eager rows, one of
     them made to fail (the compiled rows, fused ones included, are the GPU check rehearsal's:
-    tests/test_gpu_check.py). It counts the passes over the training images (the mean) and the JSON rewrites as
-    they happen."""
+    tests/test_gpu_check.py, traced by Dynamo and AOTAutograd without Inductor's code generation).
+    It counts the passes over the training images (the mean) and the JSON rewrites as they happen."""
     from fastres.data import pixels
 
     out, saved, mean_passes = tmp_path_factory.mktemp("bench") / "bench.json", [], []
@@ -142,6 +142,18 @@ def test_host_batches_reach_the_device_in_training_and_evaluation(tiny_tree: Pat
     assert x.device.type == "cpu" and x.shape == (32, 3, 32, 32)
 
 
+def test_a_row_evaluates_the_first_eval_batches_only(tiny_tree: Path) -> None:
+    """--eval-batches 2 of 16: the first 32 of tiny_tree's 40 test images, the very batches a
+    whole pass starts with; without it, all 40 (the last batch smaller)."""
+    test = loaders.build(loaders.prepare(str(tiny_tree)), loaders.Placement(torch.device("cpu")), batch_size=32,
+                         eval_batch_size=16).evals["test"]
+    whole, first = list(test.epoch(0)), list(throughput.FirstBatches(test, 2).epoch(0))
+    assert [len(y) for _, y in whole] == [16, 16, 8] and len(first) == 2
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(first, whole, strict=False))
+    assert [len(y) for _, y in throughput.FirstBatches(test, None).epoch(0)] == [16, 16, 8]
+    assert [throughput.evaluated_images(40, n, 16) for n in (None, 1, 2, 3, 9)] == [40, 16, 32, 40, 40]
+
+
 def test_every_compile_is_static(monkeypatch: pytest.MonkeyPatch) -> None:
     from fastres import step
     from fastres.models import build_model
@@ -156,7 +168,7 @@ def test_every_compile_is_static(monkeypatch: pytest.MonkeyPatch) -> None:
     ["--rows", "99"], ["--rows", "eager,compiled"], ["--rows", "eager,eager"], ["--rows", ""],
     ["--models", "resnet21"], ["--models", "resnet20,"], ["--models", "resnet20,resnet20"],
     ["--steps", "0"], ["--steps", "many"], ["--repeats", "0"], ["--warmup", "-1"], ["--loader-batches", "0"],
-    ["--eval-batch", "0"], ["--budget-s", "-1"], ["--budget-s", "nan"],
+    ["--eval-batch", "0"], ["--eval-batches", "0"], ["--budget-s", "-1"], ["--budget-s", "nan"],
     ["--device", "tpu"], ["--data", "nowhere"],
 ])
 def test_a_bad_value_is_one_line_and_exit_2_before_any_work(argv: list[str], tmp_path: Path,

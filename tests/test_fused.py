@@ -418,7 +418,8 @@ def test_seeds_on_a_cpu_train_one_after_another_by_default(tiny_tree: Path, tmp_
 
 def test_fp16_trains_fused_with_one_scaler(micro_tree: Path, tmp_path: Path) -> None:
     """fp16 with one GradScaler for the group (an overflow in any run skips the group's
-    step). The compiled fused step is the benchmark's fused rows' (tests/test_bench.py)."""
+    step). The fused step under torch.compile: the GPU check rehearsal's fused rows
+    (tests/test_gpu_check.py; traced by Dynamo and AOTAutograd, without Inductor's codegen)."""
     cfgs = [tiny_config(micro_tree, tmp_path / f"s{s}", seed=s, iters=2, eval_every=2, log_every=2, batch_size=4,
                         amp=True, amp_dtype="fp16") for s in (0, 1)]
     results = train_group(cfgs)

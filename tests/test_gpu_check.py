@@ -29,6 +29,7 @@ def test_rehearsal_runs_every_part_and_keeps_what_it_measured(tiny_tree: Path, t
     (inductor / "fxgraph").mkdir(parents=True)  # a cache entry of an earlier compile, for the packing to bring home
     (inductor / "fxgraph" / "entry").write_bytes(b"compiled")
     env = {**subprocess_env(_private_cache), "TORCHINDUCTOR_CACHE_DIR": str(inductor)}
+    env.pop("TRITON_CACHE_DIR", None)  # Triton's cache inside Inductor's: only the entry above is packed
     proc = subprocess.run([sys.executable, str(SCRIPT), str(out), "--data", str(tiny_tree), "--rehearse",
                            # a budget no machine spends, so no part is ever skipped for time on a slow or busy
                            # one (the rehearsal's prefix run has its own bound, REHEARSAL_RUN_S): what is checked
@@ -38,7 +39,7 @@ def test_rehearsal_runs_every_part_and_keeps_what_it_measured(tiny_tree: Path, t
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((out / "gpu_check.json").read_text())
     assert summary["mode"] == "cpu rehearsal" and summary["versions"]["torch"]
-    assert summary["compiler"] == gpu_check.REHEARSAL_BACKEND == "aot_eager"  # Dynamo and AOTAutograd, no Inductor
+    assert summary["compiler"] == gpu_check.REHEARSAL_BACKEND == "aot_eager_decomp_partition"  # no Inductor codegen
     assert all(summary[k]["ok"] for k in PARTS)
     log = (out / "gpu_check.log").read_text()
     assert [log.index(f"== {k} (") for k in PARTS] == sorted(log.index(f"== {k} (") for k in PARTS)  # run in order
@@ -128,6 +129,12 @@ def test_a_part_that_would_not_end_in_time_is_skipped_and_says_why(tmp_path: Pat
     assert gpu_check.failed_parts(check.summary) == []  # skipped for time: not failed
     check.part("loaders", lambda: ran.append(2), needs_s=10.0)
     assert ran == [2] and check.summary["loaders"]["ok"]
+
+
+def test_a_skipped_or_absent_agreement_is_no_verdict() -> None:
+    assert gpu_check.agrees(None) is None and gpu_check.agrees({"ok": False, "skipped": "needs about 40 s"}) is None
+    assert gpu_check.agrees({"ok": False, "error": "AssertionError: differ"}) is False
+    assert gpu_check.agrees({"ok": True, "result": {}}) is True
 
 
 def test_the_fused_layout_is_the_faster_of_the_two() -> None:
