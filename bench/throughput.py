@@ -514,7 +514,8 @@ def build_parser() -> argparse.ArgumentParser:
                    f"{', '.join(s.tag for _, s in LOADERS)}); '' for none")
     p.add_argument("--eval-batch", type=int, default=1000, metavar="N", help="evaluation batch (default 1000)")
     p.add_argument("--eval-batches", type=int, metavar="N",
-                   help="evaluate each row on the test set's first N batches only (default: all of it)")
+                   help="evaluate each row on the test set's first N batches of --eval-batch images only, for "
+                   "its eval img/s (default: all of it)")
     p.add_argument("--quick", action="store_true",
                    help=f"the CPU-sized matrix (the default without a GPU): {flags(QUICK_SIZES)} --models "
                    f"{QUICK_MODELS}, no {', '.join(QUICK_LEAVES_OUT)} row; a flag given explicitly wins")

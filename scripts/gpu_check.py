@@ -97,6 +97,9 @@ LOG_EVERY = 100
 # ResNet-56 compile on a GPU is tens of seconds. Once rows are measured, the longest is used.
 FALLBACK_ROW_S = 60.0
 REHEARSAL_BACKEND = "aot_eager_decomp_partition"  # the rehearsal's compiler (see the module's docstring)
+REHEARSAL_NOTE = ("a CPU rehearsal: ResNet-8 in every model's place (the parts and figures keep the GPU's names), "
+                  "fused x2 for x8, one timed step a row: it checks that every part runs and every field is filled; "
+                  "its speeds are not measurements")
 REHEARSAL_RUN_S = 3.0  # the rehearsal's full run: long enough to cross log points and a deadline check
 
 
@@ -377,9 +380,11 @@ def full_run(check: Check, data: str, model_name: str, run_dir: Path, cap_s: flo
     run = RunDir(run_dir)
     metrics, saved = run.metrics.read(), run.checkpoint_files()
     kept = None
-    if results is None and saved:  # unfinished: keep it to resume elsewhere
+    if results is None and saved:  # unfinished: keep its checkpoint (the run's folder is temporary)
         kept = f"{model_name}-{saved[0].name}"
         shutil.copyfile(saved[0], check.out / kept)
+        print(f"the run's folder above is temporary and goes when the check ends; its last checkpoint is "
+              f"{check.out / kept} (python -m fastres.evaluate {check.out / kept})", flush=True)
     step = run.checkpoint().step if saved else 0
     return {**plan, "finished": results is not None, "iters_done": step, "seconds": round(seconds_taken, 1),
             "it_s": step / seconds_taken if seconds_taken else None,
@@ -515,7 +520,8 @@ def main(argv: list[str] | None = None) -> int:
         "mode": "gpu" if gpu else "cpu rehearsal", "device": device_name(device), "versions": versions(),
         "driver": driver_version() if gpu else None, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "data": loaders.prepare(args.data).source.describe(), "compile_cache_in": warm,
-        "compiler": "inductor" if gpu else REHEARSAL_BACKEND}
+        "compiler": "inductor" if gpu else REHEARSAL_BACKEND,
+        "note": None if gpu else REHEARSAL_NOTE}
     check = Check(args.out, started, args.budget_s or (420.0 if gpu else 300.0), summary)
     with open(args.out / LOG, "a") as log, contextlib.redirect_stdout(Tee(sys.stdout, log)), \
             contextlib.redirect_stderr(Tee(sys.stderr, log)):

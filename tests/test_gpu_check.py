@@ -40,6 +40,7 @@ def test_rehearsal_runs_every_part_and_keeps_what_it_measured(tiny_tree: Path, t
     summary = json.loads((out / "gpu_check.json").read_text())
     assert summary["mode"] == "cpu rehearsal" and summary["versions"]["torch"]
     assert summary["compiler"] == gpu_check.REHEARSAL_BACKEND == "aot_eager_decomp_partition"  # no Inductor codegen
+    assert summary["note"] == gpu_check.REHEARSAL_NOTE  # its figures are no measurements
     assert all(summary[k]["ok"] for k in PARTS)
     log = (out / "gpu_check.log").read_text()
     assert [log.index(f"== {k} (") for k in PARTS] == sorted(log.index(f"== {k} (") for k in PARTS)  # run in order
@@ -89,7 +90,7 @@ def test_rehearsal_runs_every_part_and_keeps_what_it_measured(tiny_tree: Path, t
         assert tar.extractfile("inductor/fxgraph/entry").read() == b"compiled"
     assert files == sorted(["gpu_check.json", "gpu_check.log", "resnet8-checkpoint.pt", compile_cache.ARCHIVE])
     assert len(files) <= 8 and all((out / f).stat().st_size <= 16 << 20 for f in files)
-    assert "full run plan" in log
+    assert "full run plan" in log and f"its last checkpoint is {out / 'resnet8-checkpoint.pt'}" in log
 
 
 def counters(skips: int = 0, breaks: dict[str, int] | None = None, graphs: int = 1) -> dict[str, dict[str, int]]:
