@@ -38,10 +38,6 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    # The tests marked long first (a stable sort: otherwise in file order): pytest-xdist hands
-    # tests out in this order (--no-loadscope-reorder, pyproject.toml), and a long one started
-    # last would leave one worker idle while the other finishes it.
-    items.sort(key=lambda item: "long" not in item.keywords)
     if config.getoption("--runslow"):
         return
     skip = pytest.mark.skip(reason="slow: opt in with --runslow")

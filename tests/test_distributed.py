@@ -59,7 +59,6 @@ def run_args(tree: Path, out: Path) -> list[str]:
             "--log-every", "1", "--eval-every", "20", "--out", str(out), "--device", "cpu", "--progress", "plain"]
 
 
-@pytest.mark.long
 def test_two_processes_stop_together_and_resume_exactly(tiny_tree: Path, tmp_path: Path, _private_cache: Path,
                                                         capsys: pytest.CaptureFixture) -> None:
     full = tmp_path / "full"

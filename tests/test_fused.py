@@ -232,7 +232,6 @@ def test_run_k_of_a_group_is_the_run_seed_k_trains_alone(small_tree: Path, tmp_p
 
 
 @FP32_GROUP
-@pytest.mark.long  # its group's tests, together
 def test_a_group_resumes_bit_for_bit_from_any_of_its_runs(tiny_tree: Path, tmp_path: Path, fp32_group: Path) -> None:
     cut = group_configs(tiny_tree, tmp_path / "cut")
     assert train_group(cut, stop_at=13) is None

@@ -22,7 +22,6 @@ SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "gpu_check.py"
 PARTS = ["smoke", "resnet20", "full_run", "resnet56", "fused", "ablation", "agreement_fp64"]  # the rehearsal's
 
 
-@pytest.mark.long
 def test_rehearsal_runs_every_part_and_keeps_what_it_measured(tiny_tree: Path, tmp_path: Path,
                                                                _private_cache: Path) -> None:
     out, inductor = tmp_path / "out", tmp_path / "inductor"
@@ -194,7 +193,6 @@ def tree(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
 
 
-@pytest.mark.long
 def test_the_compile_caches_come_home_and_start_the_next_check_warm(tmp_path: Path, _private_cache: Path) -> None:
     """A real CPU compile's Inductor cache, packed and unpacked into an empty folder (the
     next machine): the same files, and there the same compile is a cache hit."""

@@ -22,7 +22,6 @@ def argv(tree: Path, out: Path) -> list[str]:
             "--device", "cpu", "--progress", "none"]
 
 
-@pytest.mark.long
 def test_reproduce_trains_resumes_skips_and_reports(tiny_tree: Path, tmp_path: Path,
                                                     capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "repro"

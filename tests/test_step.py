@@ -123,7 +123,6 @@ def test_a_compiler_backend_holds_inside_its_block_only(monkeypatch: pytest.Monk
     assert seen == [inductor, *[{"backend": "aot_eager", "dynamic": False}] * 2, inductor]
 
 
-@pytest.mark.long
 def test_the_compiled_step_agrees_with_the_eager_one_in_float64() -> None:
     """Compiled and eager steps differ only in how inductor reassociates sums (convolution,
     BN statistics, the loss's mean), each a rounding of float64's eps = 1.1e-16 relative;
