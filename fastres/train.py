@@ -182,7 +182,7 @@ def setup(cfgs: list[RunConfig], dist: distributed.DistInfo, prepared: loaders.P
     cfg.spec.check_fits(memory_bytes(device), num_classes, cfg.batch_size // dist.world_size, len(cfgs),
                         tensor_dtype(precision).itemsize)  # before any data is read or anything is built
     prepared = prepared or loaders.prepare(cfg.data, cfg.val_split, cfg.val_seed, cfg.normalize, dataset=cfg.dataset,
-                                           progress=dist.is_main and progress.resolve(cfg.progress) == "rich")
+                                           progress=progress.resolve(cfg.progress) if dist.is_main else "none")
     where = loaders.Placement(device, tensor_dtype(precision), cfg.channels_last, dist.rank, dist.world_size)
     seeds = [c.seed for c in cfgs]
     data = loaders.build(prepared, where, batch_size=cfg.batch_size, eval_batch_size=cfg.eval_batch_size,

@@ -365,7 +365,7 @@ def test_the_parallel_decode_is_the_serial_one(tmp_path: Path, tiny_tree: Path, 
     serial = images.read_decoded([data], workers=1)
     monkeypatch.setattr(images, "CHUNK_IMAGES", 16)
     started = spy_pools(monkeypatch)
-    parallel = images.read_decoded([data], workers=2, progress=True)
+    parallel = images.read_decoded([data], workers=2, progress="rich")
     assert started == [2]
     for a, b in ((serial.train, parallel.train), (serial.test, parallel.test)):
         assert np.array_equal(a.images, b.images) and np.array_equal(a.labels, b.labels) and len(a) > 0

@@ -139,6 +139,9 @@ def test_the_start_is_a_short_summary_and_a_resume_says_where_it_goes_on(
     run = tmp_path / "run"
     assert train(tiny_config(tiny_tree, run, iters=4, eval_every=4, progress="plain"), stop_at=2) is None
     start = capsys.readouterr().out.split("\niter ")[0].splitlines()
+    if start[0].startswith("fastres: decoding "):  # this test's fresh cache: the data decoded first, in 2 lines
+        assert start[1].startswith("fastres: decoded 200 images")
+        start = start[2:]
     assert start[0] == "fastres: resnet8-A, 75,290 parameters" and len(start) <= 6
     facts = dict(line.split(None, 1) for line in start[1:])
     assert facts["data"].startswith(f"images: {tiny_tree}") and "160 training images" in facts["data"]
@@ -157,7 +160,20 @@ def test_decoding_shows_a_bar_of_the_images(tiny_tree: Path, monkeypatch: pytest
     tasks, real_add = [], Progress.add_task
     monkeypatch.setattr(Progress, "add_task", lambda self, name, total=None, **kw:
                         tasks.append((name, total)) or real_add(self, name, total=total, **kw))
-    shown = images.read_decoded([tiny_tree], progress=True)
+    shown = images.read_decoded([tiny_tree], progress="rich")
     assert tasks == [("decoding train and test images", 200)]
     quiet = images.read_decoded([tiny_tree])
     assert len(tasks) == 1 and np.array_equal(shown.train.images, quiet.train.images)
+
+
+def test_decoding_in_plain_logs_is_a_line_at_its_start_and_one_at_its_end(tiny_tree: Path,
+                                                                         capsys: pytest.CaptureFixture) -> None:
+    """Without a bar (`--progress plain`), the first run's wait for the decoding is said, not
+    silent; without progress, nothing is printed."""
+    capsys.readouterr()
+    images.read_decoded([tiny_tree], progress="plain")
+    start, end = capsys.readouterr().out.splitlines()
+    assert start == f"fastres: decoding the train and test images of {tiny_tree} (once: the decoded copy is cached)"
+    assert end.startswith("fastres: decoded 200 images in ") and end.endswith(" s")
+    images.read_decoded([tiny_tree], progress="none")
+    assert capsys.readouterr().out == ""

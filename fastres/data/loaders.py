@@ -57,18 +57,18 @@ class Prepared:
 
 
 def prepare(data: str | None, val_split: int = 0, seed: int = 0, normalize: str = "pixel",
-            splits: tuple[str, ...] = SPLIT_NAMES, dataset: str = "cifar10", progress: bool = False) -> Prepared:
+            splits: tuple[str, ...] = SPLIT_NAMES, dataset: str = "cifar10", progress: str = "none") -> Prepared:
     """Resolve, load (from the decoded cache when possible), split and normalise, once per
     process for the same files and arguments: a benchmark or GPU check building many
     loaders pays for it once. `splits=("test",)` reads no training images (evaluation);
-    `progress`: a bar while images are decoded."""
+    `progress` ("rich", "plain", "none"): how decoding images is shown."""
     source = sources.resolve(data, splits=splits, dataset=dataset)
     return _prepare(source, sources.fingerprint(source), val_split, seed, normalize, progress)
 
 
 @functools.lru_cache(maxsize=2)
 def _prepare(source: sources.Source, fingerprint: str, val_split: int, seed: int, normalize: str,
-             progress: bool) -> Prepared:
+             progress: str) -> Prepared:
     splits = hold_out(sources.load(source, key=fingerprint, progress=progress), val_split, seed)
     if normalize not in pixels.NORMALIZATIONS:
         raise ValueError(f"unknown normalization {normalize!r}")

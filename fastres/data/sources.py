@@ -189,7 +189,7 @@ def _stamp(path: Path, root: Path) -> bytes:
     return name + f" {st.st_size} {st.st_mtime_ns}\n".encode()
 
 
-def _read(source: Source, progress: bool) -> Splits:
+def _read(source: Source, progress: str) -> Splits:
     cifar = DATASETS[source.dataset]
     if source.kind == "official" and source.paths[0].is_dir():
         return official.read_folder(source.paths[0], cifar)
@@ -231,10 +231,10 @@ def _cached(cache: Path) -> Splits | None:
     return Splits(Split(arrays["train_x"], arrays["train_y"]), Split(arrays["test_x"], arrays["test_y"]))
 
 
-def load(source: Source, cache_dir: Path | None = None, key: str | None = None, progress: bool = False) -> Splits:
+def load(source: Source, cache_dir: Path | None = None, key: str | None = None, progress: str = "none") -> Splits:
     """Decoded uint8 splits, from the cache when this source was decoded before; `key` is
-    the source's fingerprint when the caller has it already; `progress`: a bar while the
-    images of an image source are decoded (a cache miss)."""
+    the source's fingerprint when the caller has it already; `progress` ("rich", "plain",
+    "none"): how the decoding of an image source (a cache miss) is shown."""
     cache = (cache_dir or default_cache_dir()) / "decoded" / f"{key or fingerprint(source)}.npz"
     if cache.is_file() and (splits := _cached(cache)) is not None:
         return splits
