@@ -384,7 +384,8 @@ def full_run(check: Check, data: str, model_name: str, run_dir: Path, cap_s: flo
         kept = f"{model_name}-{saved[0].name}"
         shutil.copyfile(saved[0], check.out / kept)
         print(f"the run's folder above is temporary and goes when the check ends; its last checkpoint is "
-              f"{check.out / kept} (python -m fastres.evaluate {check.out / kept})", flush=True)
+              f"{check.out / kept} (python -m fastres.evaluate {check.out / kept} --data DIR, DIR the data "
+              "where it is evaluated)", flush=True)
     step = run.checkpoint().step if saved else 0
     return {**plan, "finished": results is not None, "iters_done": step, "seconds": round(seconds_taken, 1),
             "it_s": step / seconds_taken if seconds_taken else None,

@@ -177,3 +177,20 @@ def test_decoding_in_plain_logs_is_a_line_at_its_start_and_one_at_its_end(tiny_t
     assert end.startswith("fastres: decoded 200 images in ") and end.endswith(" s")
     images.read_decoded([tiny_tree], progress="none")
     assert capsys.readouterr().out == ""
+    with pytest.raises(ValueError, match="progress must be rich, plain or none"):
+        images.read_decoded([tiny_tree], progress=True)
+
+
+def test_a_prepared_dataset_is_reused_whatever_its_progress(tiny_tree: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """How decoding is shown is not part of what is prepared: a run with plain logs reuses
+    what a bare prepare() made (loaded once, from the cache or the source)."""
+    from fastres.data import loaders, sources
+
+    loaders._prepare.cache_clear()
+    calls, real = [], sources.load
+    monkeypatch.setattr(sources, "load", lambda *a, **kw: calls.append(kw.get("progress")) or real(*a, **kw))
+    first, again = loaders.prepare(str(tiny_tree)), loaders.prepare(str(tiny_tree), progress="plain")
+    assert again is first and calls == ["none"]
+    loaders._prepare.cache_clear()
+    loaders.prepare(str(tiny_tree), progress="plain")
+    assert calls == ["none", "plain"]  # a miss shows its decoding as asked

@@ -316,6 +316,8 @@ def _decoding(sources: list[Path], splits: tuple[str, ...], progress: str) -> It
     which are read as they stream); "plain": a line when decoding starts and one when it
     ends, so that the wait (half a minute for CIFAR-10 on 2 cores) is not taken for a hang;
     "none": nothing."""
+    if progress not in ("rich", "plain", "none"):
+        raise ValueError(f"progress must be rich, plain or none, got {progress!r}")
     if progress == "plain":
         what = f"{' and '.join(splits)} images"
         print(f"fastres: decoding the {what} of {', '.join(map(str, sources))} (once: the decoded copy is cached)",

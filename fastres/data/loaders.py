@@ -3,6 +3,7 @@ arguments: the data once prepared, batch sizes, a seed and where batches are mad
 
 from __future__ import annotations
 
+import contextvars
 import functools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -63,13 +64,21 @@ def prepare(data: str | None, val_split: int = 0, seed: int = 0, normalize: str 
     loaders pays for it once. `splits=("test",)` reads no training images (evaluation);
     `progress` ("rich", "plain", "none"): how decoding images is shown."""
     source = sources.resolve(data, splits=splits, dataset=dataset)
-    return _prepare(source, sources.fingerprint(source), val_split, seed, normalize, progress)
+    token = _PROGRESS.set(progress)
+    try:
+        return _prepare(source, sources.fingerprint(source), val_split, seed, normalize)
+    finally:
+        _PROGRESS.reset(token)
+
+
+# How a cache miss of `_prepare` shows its decoding: not in the cache's key, since it changes
+# nothing that is returned (a run with plain logs reuses what a bare prepare() made).
+_PROGRESS: contextvars.ContextVar[str] = contextvars.ContextVar("fastres_decode_progress", default="none")
 
 
 @functools.lru_cache(maxsize=2)
-def _prepare(source: sources.Source, fingerprint: str, val_split: int, seed: int, normalize: str,
-             progress: str) -> Prepared:
-    splits = hold_out(sources.load(source, key=fingerprint, progress=progress), val_split, seed)
+def _prepare(source: sources.Source, fingerprint: str, val_split: int, seed: int, normalize: str) -> Prepared:
+    splits = hold_out(sources.load(source, key=fingerprint, progress=_PROGRESS.get()), val_split, seed)
     if normalize not in pixels.NORMALIZATIONS:
         raise ValueError(f"unknown normalization {normalize!r}")
     return Prepared(source, splits, normalize, val_split, seed)
