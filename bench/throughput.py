@@ -348,8 +348,9 @@ class Bench:
         pull(2)
         return n * recipe.BATCH_SIZE / timed(lambda: pull(n), device)
 
-    def out_of_time(self) -> bool:
-        return time.monotonic() > self.deadline
+    def not_run(self, setup: Setup) -> str | None:
+        """Why a row or a loader is not run now (not available here, or the budget spent), or None."""
+        return available(setup, self.device) or ("budget spent" if time.monotonic() > self.deadline else None)
 
     def run(self, matrix: list[Setup]) -> dict[str, Any]:
         base: dict[str, float] = {}
@@ -358,7 +359,7 @@ class Bench:
         for model_name, setup in order_rows(self.args.models, matrix):
             row: dict[str, Any] = {"model": model_name, **dataclasses.asdict(setup)}
             started = time.perf_counter()
-            reason = available(setup, self.device) or ("budget spent" if self.out_of_time() else None)
+            reason = self.not_run(setup)
             if reason:
                 row["skipped"] = reason
             else:
@@ -390,9 +391,8 @@ class Bench:
         for label, setup in LOADERS:
             if setup.tag not in self.args.loaders:
                 continue
-            if available(setup, self.device) or self.out_of_time():
-                rate: float | str = available(setup, self.device) or "budget spent"
-            else:
+            rate: float | str | None = self.not_run(setup)
+            if rate is None:
                 try:
                     rate = self.loader_rate(setup)
                 except Exception as e:

@@ -165,9 +165,7 @@ def cold_compile_s(summary: dict[str, Any]) -> float:
     """What a part that compiles a new model cold (the agreement parts: ResNet-8, smaller
     than the smoke test's ResNet-20) is given to need: the smoke test's first step, its cold
     compile; FALLBACK_ROW_S when the smoke test measured none."""
-    smoke_part = summary.get("smoke", {})
-    found = smoke_part.get("result") or smoke_part.get("partial") or {}
-    return found.get("first_step_s") or FALLBACK_ROW_S
+    return measured(summary.get("smoke", {})).get("first_step_s") or FALLBACK_ROW_S
 
 
 def longest_row_s(summary: dict[str, Any]) -> float:
@@ -178,10 +176,15 @@ def longest_row_s(summary: dict[str, Any]) -> float:
     return max(seconds, default=FALLBACK_ROW_S)
 
 
+def measured(part: dict[str, Any]) -> dict[str, Any]:
+    """What a part measured, finished or partial ({} when nothing)."""
+    found = part.get("result") or part.get("partial")
+    return found if isinstance(found, dict) else {}
+
+
 def bench_rows(part: dict[str, Any]) -> list[dict[str, Any]]:
     """A bench part's rows, finished or partial (empty for any other part)."""
-    found = part.get("result") or part.get("partial")
-    return found.get("rows", []) if isinstance(found, dict) else []
+    return measured(part).get("rows", [])
 
 
 def bench_part(check: Check, name: str, data: str, gpu: bool, models: str, rows: str,
@@ -263,6 +266,11 @@ def counted() -> dict[str, dict[str, int]]:
     return {group: dict(values) for group, values in counters.items()}
 
 
+def unique_graphs(counters: dict[str, dict[str, int]]) -> int:
+    """The Dynamo graphs made so far, by `counted()`'s counters."""
+    return counters.get("stats", {}).get("unique_graphs", 0)
+
+
 def smoke_verdict(counters: dict[str, dict[str, int]], graphs: int = SMOKE_GRAPHS) -> list[str]:
     """What the counters of one compiled model's steps say went wrong (empty: nothing): a
     CUDA-graph skip (its kernels then run one by one, launch-bound), a graph break (the
@@ -274,7 +282,7 @@ def smoke_verdict(counters: dict[str, dict[str, int]], graphs: int = SMOKE_GRAPH
     breaks = counters.get("graph_break", {})
     if breaks:
         problems.append(f"{sum(breaks.values())} graph break(s): {'; '.join(breaks)}"[:500])
-    made = counters.get("stats", {}).get("unique_graphs", 0)
+    made = unique_graphs(counters)
     if made > graphs:
         problems.append(f"{made} Dynamo graphs, {graphs} expected: a recompile")
     return problems
@@ -306,7 +314,7 @@ def smoke(check: Check, data: str, device: torch.device, model_name: str, precis
               "losses": first["losses"] + rest["losses"], "profile": profiled,
               "counters": {"cudagraph_skips": seen.get("inductor", {}).get("cudagraph_skips", 0),
                            "graph_breaks": seen.get("graph_break", {}),
-                           "unique_graphs": seen.get("stats", {}).get("unique_graphs", 0),
+                           "unique_graphs": unique_graphs(seen),
                            "frames": seen.get("frames", {}), "expected_graphs": SMOKE_GRAPHS},
               "problems": problems}
     return judged(check, result)
@@ -354,8 +362,7 @@ def full_run(check: Check, data: str, model_name: str, run_dir: Path, cap_s: flo
     the rehearsal's bound; the rehearsal also runs at least `min_iters`, so every branch runs
     on any CPU). At the deadline the trainer checkpoints and returns, as on Ctrl-C (a deadline
     the loop reads, not a signal: nothing is sent to the process, so nothing can arrive late)."""
-    rows = bench_rows(check.summary.get("resnet20", {}))  # part 2: the compiled row and the baseline
-    fast = next((r for r in rows if r["tag"] == "compile" and "it_s" in r), None)
+    fast = row_of(check.summary, "resnet20", "compile")  # part 2's compiled row ({}: not measured)
     it_s = fast["it_s"] if fast else None  # warm: the median of the timed repeats
     # The run's compile: that row's first steps, which reused the smoke test's graph as the run
     # will (warm), and its first evaluation.
@@ -372,7 +379,7 @@ def full_run(check: Check, data: str, model_name: str, run_dir: Path, cap_s: flo
         return {**plan, "skipped": "no measured rate, or no time left for a single log interval"}
     cfg = RunConfig(model=model_name, shortcut="A", data=data, amp=True, channels_last=True, compile=True,
                     log_every=log_every, out=str(run_dir), progress="plain")
-    graphs = counted().get("stats", {}).get("unique_graphs", 0)
+    graphs = unique_graphs(counted())
     t = time.perf_counter()
     results = train(cfg, stop_at=None if iters == recipe.ITERS else iters,
                     deadline=time.monotonic() + max(seconds, 1.0))
@@ -389,7 +396,7 @@ def full_run(check: Check, data: str, model_name: str, run_dir: Path, cap_s: flo
     step = run.checkpoint().step if saved else 0
     return {**plan, "finished": results is not None, "iters_done": step, "seconds": round(seconds_taken, 1),
             "it_s": step / seconds_taken if seconds_taken else None,
-            "new_graphs": counted().get("stats", {}).get("unique_graphs", 0) - graphs,  # 0: part 2's graph reused
+            "new_graphs": unique_graphs(counted()) - graphs,  # 0: part 2's graph reused
             "final_test_error": results.get("test_error") if results else None,
             "results": results, "metrics": metrics, "checkpoint": kept}
 
@@ -435,7 +442,7 @@ def row_of(summary: dict[str, Any], part: str, tag: str) -> dict[str, Any]:
 def figures(summary: dict[str, Any]) -> dict[str, Any]:
     """The headline figures in one place, each null where its part did not measure it."""
     smoke_part = summary.get("smoke", {})
-    smoke_found = smoke_part.get("result") or smoke_part.get("partial") or {}
+    smoke_found = measured(smoke_part)
     profiled = smoke_found.get("profile", {})
     full = (summary.get("full_run") or {}).get("result") or {}
     it_s = {f"{part} {tag}": row_of(summary, part, tag).get("it_s")

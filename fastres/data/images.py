@@ -319,12 +319,15 @@ def _decoding(sources: list[Path], splits: tuple[str, ...], progress: str) -> It
     if progress not in ("rich", "plain", "none"):
         raise ValueError(f"progress must be rich, plain or none, got {progress!r}")
     if progress == "plain":
-        what = f"{' and '.join(splits)} images"
-        print(f"fastres: decoding the {what} of {', '.join(map(str, sources))} (once: the decoded copy is cached)",
-              flush=True)
-        count, started = [0], time.perf_counter()
-        yield lambda n: count.__setitem__(0, count[0] + n)
-        print(f"fastres: decoded {count[0]:,} images in {time.perf_counter() - started:.0f} s", flush=True)
+        print(f"fastres: decoding the {' and '.join(splits)} images of {', '.join(map(str, sources))} "
+              "(once: the decoded copy is cached)", flush=True)
+        decoded, started = 0, time.perf_counter()
+
+        def count(n: int) -> None:
+            nonlocal decoded
+            decoded += n
+        yield count
+        print(f"fastres: decoded {decoded:,} images in {time.perf_counter() - started:.0f} s", flush=True)
         return
     if progress != "rich":
         yield lambda n: None
