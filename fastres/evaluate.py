@@ -12,11 +12,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from fastres import peers, rundir, weights
+from fastres import peers, progress, rundir, weights
 from fastres.atomic import write_json
 from fastres.checkpoint import Normalization
 from fastres.cli import Parser, run_main
-from fastres.config import LOADERS, RunConfig
+from fastres.config import LOADERS, PROGRESS, RunConfig
 from fastres.data import loaders
 from fastres.data.dataset import DATASETS
 from fastres.errors import UsageError
@@ -88,6 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--loader", choices=LOADERS, help="input pipeline (default: the run's)")
     p.add_argument("--per-class", action="store_true", help="also print the error of every class (a rich table)")
     p.add_argument("--json", type=Path, help="write the errors, overall and per class, to this JSON file")
+    p.add_argument("--progress", choices=PROGRESS, default="auto",
+                   help="how decoding the data on its first use is shown: rich bar, plain log lines, or none "
+                   "(default auto)")
     args = p.parse_args(argv)
     path = Path(args.checkpoint)
     loaded = load_peer(path) if args.peer else load_export(path) if is_export(path) else load_run(args.checkpoint)
@@ -102,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     # from the training split) or an old checkpoint lacks its normalisation.
     need_train = loaded.normalization is None or (cfg.val_split > 0 and not args.data)
     prepared = loaders.prepare(cfg.data, cfg.val_split if need_train else 0, cfg.seed, cfg.normalize,
-                               splits=("train", "test") if need_train else ("test",), dataset=cfg.dataset)
+                               splits=("train", "test") if need_train else ("test",), dataset=cfg.dataset,
+                               progress=progress.resolve(args.progress))
     mean, std = normalization_of(loaded, prepared)
     evals = loaders.build_evals(prepared, loaders.Placement(device, tensor_dtype(precision), cfg.channels_last),
                                 mean=mean, std=std, eval_batch_size=cfg.eval_batch_size, loader=cfg.loader)

@@ -86,8 +86,11 @@ def test_evaluate_imports_the_peer_checkpoint(tmp_path: Path, tiny_tree: Path,
                                               capsys: pytest.CaptureFixture) -> None:
     path = tmp_path / "resnet8.th"
     torch.save({"state_dict": peer_state(1, torch.Generator().manual_seed(0))}, path)
-    assert run_main(evaluate_main, [str(path), "--import", "akamaster", "--data", str(tiny_tree)]) == 0
-    assert "resnet8-A: test error" in capsys.readouterr().out
+    assert run_main(evaluate_main, [str(path), "--import", "akamaster", "--data", str(tiny_tree),
+                                    "--progress", "plain"]) == 0
+    out = capsys.readouterr().out.splitlines()  # this test's fresh cache: the test split is decoded first
+    assert out[0] == f"fastres: decoding the test images of {tiny_tree} (once: the decoded copy is cached)"
+    assert out[1].startswith("fastres: decoded 40 images in ") and out[-1].startswith("resnet8-A: test error")
     bad = tmp_path / "bad.th"
     torch.save({"state_dict": {"module.conv1.weight": torch.zeros(16, 3, 3, 3)}}, bad)
     assert run_main(evaluate_main, [str(bad), "--import", "akamaster"]) == 2
