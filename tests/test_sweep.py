@@ -122,7 +122,7 @@ def test_each_run_is_updated_bit_for_bit_as_torch_sgd_with_its_own_values() -> N
 # float64, as tests/test_fused.py's group (its TRAJECTORY bound): 20 steps, every one logged.
 FP64 = dict(precision="fp64", iters=20, milestones=(10, 15), batch_size=8, log_every=1, checkpoint_every=10,
             val_split=20, val_seed=3)  # on small_tree: 60 images to train on, 7 steps an epoch
-LRS = (0.05, 0.2)
+LRS = (0.1, 0.2)  # 0.1: the default, so the run of 20 in a sweep of iters is the alone run of LRS[0]
 
 
 def sweep_configs(tree: Path, folder: Path, **kw) -> list[RunConfig]:
@@ -137,20 +137,28 @@ def fp64_sweep(small_tree: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
     return folder
 
 
+@pytest.fixture(scope="session")
+def fp64_alone(small_tree: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[float, tuple[Path, dict]]:
+    """Each lr of LRS trained alone (FP64): its directory and results, for the checks that a
+    run of a group is the run its values train alone."""
+    folder = tmp_path_factory.mktemp("fp64-alone")
+    return {lr: (folder / f"lr{lr}", train(tiny_config(small_tree, folder / f"lr{lr}", lr=lr, **FP64))) for lr in LRS}
+
+
 @SWEEP_GROUP
-def test_each_run_of_a_fused_sweep_is_the_run_its_values_train_alone(small_tree: Path, tmp_path: Path,
-                                                                      fp64_sweep: Path) -> None:
+def test_each_run_of_a_fused_sweep_is_the_run_its_values_train_alone(fp64_sweep: Path,
+                                                                      fp64_alone: dict[float, tuple[Path, dict]]) -> None:
     """Same seed, other lrs: each run's losses agree with the run trained alone with its lr
     (TRAJECTORY), its val and test errors are the alone run's, and the two runs differ."""
     for lr in LRS:
-        alone = train(tiny_config(small_tree, tmp_path / f"alone{lr}", lr=lr, **FP64))
-        assert rel(losses(fp64_sweep / f"lr{lr}"), losses(tmp_path / f"alone{lr}")) < TRAJECTORY
+        run, alone = fp64_alone[lr]
+        assert rel(losses(fp64_sweep / f"lr{lr}"), losses(run)) < TRAJECTORY
         result = json.loads((fp64_sweep / f"lr{lr}" / "results.json").read_text())
         assert (result["val_error"], result["test_error"]) == (alone["val_error"], alone["test_error"])
         assert result["config"]["lr"] == lr and result["val_error"] is not None
         records = rundir.MetricsLog(fp64_sweep / f"lr{lr}").read()
         assert {r["lr"] for r in records} == {lr, lr / 10, lr / 100}
-    assert rel(losses(fp64_sweep / "lr0.05"), losses(fp64_sweep / "lr0.2")) > 1e-3
+    assert rel(losses(fp64_sweep / f"lr{LRS[0]}"), losses(fp64_sweep / f"lr{LRS[1]}")) > 1e-3
 
 
 def test_every_run_validates_on_the_same_images_whatever_its_seed(tiny_tree: Path) -> None:
@@ -170,7 +178,7 @@ def test_every_run_validates_on_the_same_images_whatever_its_seed(tiny_tree: Pat
 def test_a_stopped_sweep_resumes_bit_for_bit(small_tree: Path, tmp_path: Path, fp64_sweep: Path) -> None:
     folder = tmp_path / "sweep"
     assert train_group(sweep_configs(small_tree, folder), stop_at=10) is None
-    assert json.loads((folder / "lr0.2" / "group.json").read_text())["runs"] == ["../lr0.05", "."]
+    assert json.loads((folder / "lr0.2" / "group.json").read_text())["runs"] == [f"../lr{LRS[0]}", "."]
     results = resume([str(folder / "lr0.2")])
     assert [r["config"]["lr"] for r in results] == list(LRS)
     for lr in LRS:
@@ -178,7 +186,8 @@ def test_a_stopped_sweep_resumes_bit_for_bit(small_tree: Path, tmp_path: Path, f
 
 
 @SWEEP_GROUP
-def test_a_run_that_ends_first_leaves_the_group_and_the_others_go_on(small_tree: Path, tmp_path: Path) -> None:
+def test_a_run_that_ends_first_leaves_the_group_and_the_others_go_on(
+        small_tree: Path, tmp_path: Path, fp64_alone: dict[float, tuple[Path, dict]]) -> None:
     """--sweep iters=10,20: the run of 10 writes its results at 10 and leaves; the run of 20
     goes on alone and is the run its values train alone (TRAJECTORY); stopped after 10 and
     resumed from either directory, the group is the one run left."""
@@ -186,8 +195,8 @@ def test_a_run_that_ends_first_leaves_the_group_and_the_others_go_on(small_tree:
     short, long = train_group(cfgs)
     assert (short["iters"], long["iters"]) == (10, 20)
     assert [r["iter"] for r in rundir.MetricsLog(tmp_path / "it10").read()][-1] == 10
-    alone = train(tiny_config(small_tree, tmp_path / "alone", **FP64))
-    assert rel(losses(tmp_path / "it20"), losses(tmp_path / "alone")) < TRAJECTORY
+    run, alone = fp64_alone[0.1]  # the default lr, as here
+    assert rel(losses(tmp_path / "it20"), losses(run)) < TRAJECTORY
     assert long["test_error"] == alone["test_error"]
     assert RunDir(tmp_path / "it20").group() == [tmp_path / "it20"]  # alone since iteration 10
 
