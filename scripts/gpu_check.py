@@ -98,8 +98,11 @@ LOG_EVERY = 100
 FALLBACK_ROW_S = 60.0
 REHEARSAL_BACKEND = "aot_eager_decomp_partition"  # the rehearsal's compiler (see the module's docstring)
 REHEARSAL_NOTE = ("a CPU rehearsal: ResNet-8 in every model's place (the parts and figures keep the GPU's names), "
-                  "fused x2 for x8, one timed step a row: it checks that every part runs and every field is filled; "
+                  "fused x2 for x8, batches of 32, one timed step a row: it checks that every part runs and every field is filled; "
                   "its speeds are not measurements")
+# The rehearsal's training batch: its steps check that each part runs and fills its fields, which
+# no batch size changes, and a step's cost is linear in it (fused x2 at 128 is 256 images a step)
+REHEARSAL_BATCH = 32
 REHEARSAL_RUN_S = 3.0  # the rehearsal's full run: long enough to cross log points and a deadline check
 
 
@@ -191,11 +194,11 @@ def bench_part(check: Check, name: str, data: str, gpu: bool, models: str, rows:
                loaders_alone: str = "") -> dict[str, Any]:
     """Rows of the benchmark matrix (bench/throughput.py), each saved into the summary as it
     is measured; no row starts unless the longest measured so far would still end in time."""
-    # The rehearsal: one timed step a row and one profiled (a rate is measured all the same,
-    # and each step is one at batch 128), the evaluation on 2 batches of 100.
+    # The rehearsal: one timed step a row and one profiled (a rate is measured all the same),
+    # in batches of REHEARSAL_BATCH, the evaluation on 2 batches of 100.
     sizes = (["--warmup", "30", "--steps", "100", "--repeats", "5", "--profile-steps", str(PROFILE_STEPS)] if gpu
              else ["--warmup", "1", "--steps", "1", "--repeats", "1", "--profile-steps", "1", "--loader-batches", "2",
-                   "--eval-batch", "100", "--eval-batches", "2"])
+                   "--batch-size", str(REHEARSAL_BATCH), "--eval-batch", "100", "--eval-batches", "2"])
     budget = max(check.left() - longest_row_s(check.summary), 0.0)
     argv = ["--device", "auto" if gpu else "cpu", "--data", data, "--budget-s", f"{budget:.0f}",
             "--models", models, "--rows", rows, "--loaders", loaders_alone, *sizes]
@@ -288,8 +291,9 @@ def smoke_verdict(counters: dict[str, dict[str, int]], graphs: int = SMOKE_GRAPH
     return problems
 
 
-def smoke(check: Check, data: str, device: torch.device, model_name: str, precision: str) -> dict[str, Any]:
-    """The compiled step in the training configuration at batch 128: eager against compiled
+def smoke(check: Check, data: str, device: torch.device, model_name: str, precision: str,
+          batch_size: int = recipe.BATCH_SIZE) -> dict[str, Any]:
+    """The compiled step in the training configuration (at batch 128 on a GPU): eager against compiled
     for SMOKE_STEPS steps, then PROFILE_STEPS compiled steps under torch.profiler (2 in the
     CPU rehearsal); loud on any CUDA-graph skip, graph break or recompile. Its cold compile
     is the one the later ResNet-20 rows and the full run reuse (same process, same
@@ -297,7 +301,7 @@ def smoke(check: Check, data: str, device: torch.device, model_name: str, precis
     from torch._dynamo.utils import counters
 
     counters.clear()
-    pair = Pair(data, device, model_name, precision)
+    pair = Pair(data, device, model_name, precision, batch_size)
     t = time.perf_counter()
     first = pair.compare(1)  # the cold compile (and graph capture) is in this first step
     cold_s = time.perf_counter() - t
@@ -357,7 +361,8 @@ def full_run_length(it_s: float | None, first_s: float, eval_s: float, left_s: f
 
 
 def full_run(check: Check, data: str, model_name: str, run_dir: Path, cap_s: float | None = None,
-             margin_s: float = FULL_RUN_OVERHEAD_S, log_every: int = LOG_EVERY, min_iters: int = 0) -> dict[str, Any]:
+             margin_s: float = FULL_RUN_OVERHEAD_S, log_every: int = LOG_EVERY, min_iters: int = 0,
+             batch_size: int = recipe.BATCH_SIZE) -> dict[str, Any]:
     """The paper's 64k-iteration run, or its longest prefix that fits the budget (and `cap_s`,
     the rehearsal's bound; the rehearsal also runs at least `min_iters`, so every branch runs
     on any CPU). At the deadline the trainer checkpoints and returns, as on Ctrl-C (a deadline
@@ -378,7 +383,7 @@ def full_run(check: Check, data: str, model_name: str, run_dir: Path, cap_s: flo
     if iters == 0:
         return {**plan, "skipped": "no measured rate, or no time left for a single log interval"}
     cfg = RunConfig(model=model_name, shortcut="A", data=data, amp=True, channels_last=True, compile=True,
-                    log_every=log_every, out=str(run_dir), progress="plain")
+                    batch_size=batch_size, log_every=log_every, out=str(run_dir), progress="plain")
     graphs = unique_graphs(counted())
     t = time.perf_counter()
     results = train(cfg, stop_at=None if iters == recipe.ITERS else iters,
@@ -478,14 +483,16 @@ def run_parts(check: Check, data: str, device: torch.device, gpu: bool) -> None:
     as on a GPU. The rehearsal runs ResNet-8 in every model's place, and fuses 2 runs instead
     of 8 (x8 takes minutes on a CPU)."""
     small, deep = ("resnet20", "resnet56") if gpu else ("resnet8", "resnet8")
+    batch = recipe.BATCH_SIZE if gpu else REHEARSAL_BATCH
     amp = requested_precision(True, "auto")  # the training configuration: bf16 where native
-    check.part("smoke", lambda: smoke(check, data, device, small, amp))
+    check.part("smoke", lambda: smoke(check, data, device, small, amp, batch))
     check.part("resnet20", lambda: bench_part(check, "resnet20", data, gpu, small, "compile,baseline"))
     with tempfile.TemporaryDirectory(prefix="fastres-gpu-check-") as tmp:
         check.part("full_run", lambda: full_run(check, data, small, Path(tmp) / "run",
                                                 cap_s=None if gpu else REHEARSAL_RUN_S,
                                                 margin_s=FULL_RUN_OVERHEAD_S if gpu else 2.0,
-                                                log_every=LOG_EVERY if gpu else 1, min_iters=0 if gpu else 10))
+                                                log_every=LOG_EVERY if gpu else 1, min_iters=0 if gpu else 10,
+                                                batch_size=batch))
     check.part("resnet56", lambda: bench_part(check, "resnet56", data, gpu, deep, "compile,baseline"))
     fused_rows = "fused-x1,fused-x8,fused-x8-nchw" if gpu else "fused-x1,fused-x2"
     check.part("fused", lambda: bench_part(check, "fused", data, gpu, small, fused_rows))
@@ -503,7 +510,7 @@ def run_parts(check: Check, data: str, device: torch.device, gpu: bool) -> None:
     # channels_last step crashes with SIGSEGV when ATen is capped at AVX2), judged to AGREE_REL
     agree = "fp32" if gpu else "fp64"
     check.part(f"agreement_{agree}", lambda: agreement(data, device, "resnet8", 20 if gpu else 3, agree,
-                                                       batch_size=recipe.BATCH_SIZE if gpu else 32,
+                                                       batch_size=batch,
                                                        channels_last=gpu), needs_s=cold_compile_s(check.summary))
     check.summary["figures"] = figures(check.summary)
 

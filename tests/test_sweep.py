@@ -137,8 +137,11 @@ def fp64_sweep(small_tree: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
     return folder
 
 
+Alone = dict[float, tuple[Path, dict]]  # each lr's run trained alone: its directory and results
+
+
 @pytest.fixture(scope="session")
-def fp64_alone(small_tree: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[float, tuple[Path, dict]]:
+def fp64_alone(small_tree: Path, tmp_path_factory: pytest.TempPathFactory) -> Alone:
     """Each lr of LRS trained alone (FP64): its directory and results, for the checks that a
     run of a group is the run its values train alone."""
     folder = tmp_path_factory.mktemp("fp64-alone")
@@ -146,8 +149,7 @@ def fp64_alone(small_tree: Path, tmp_path_factory: pytest.TempPathFactory) -> di
 
 
 @SWEEP_GROUP
-def test_each_run_of_a_fused_sweep_is_the_run_its_values_train_alone(fp64_sweep: Path,
-                                                                      fp64_alone: dict[float, tuple[Path, dict]]) -> None:
+def test_each_run_of_a_fused_sweep_is_the_run_its_values_train_alone(fp64_sweep: Path, fp64_alone: Alone) -> None:
     """Same seed, other lrs: each run's losses agree with the run trained alone with its lr
     (TRAJECTORY), its val and test errors are the alone run's, and the two runs differ."""
     for lr in LRS:
@@ -186,8 +188,8 @@ def test_a_stopped_sweep_resumes_bit_for_bit(small_tree: Path, tmp_path: Path, f
 
 
 @SWEEP_GROUP
-def test_a_run_that_ends_first_leaves_the_group_and_the_others_go_on(
-        small_tree: Path, tmp_path: Path, fp64_alone: dict[float, tuple[Path, dict]]) -> None:
+def test_a_run_that_ends_first_leaves_the_group_and_the_others_go_on(small_tree: Path, tmp_path: Path,
+                                                                    fp64_alone: Alone) -> None:
     """--sweep iters=10,20: the run of 10 writes its results at 10 and leaves; the run of 20
     goes on alone and is the run its values train alone (TRAJECTORY); stopped after 10 and
     resumed from either directory, the group is the one run left."""
