@@ -98,8 +98,8 @@ LOG_EVERY = 100
 FALLBACK_ROW_S = 60.0
 REHEARSAL_BACKEND = "aot_eager_decomp_partition"  # the rehearsal's compiler (see the module's docstring)
 REHEARSAL_NOTE = ("a CPU rehearsal: ResNet-8 in every model's place (the parts and figures keep the GPU's names), "
-                  "fused x2 for x8, batches of 32, one timed step a row: it checks that every part runs and every field is filled; "
-                  "its speeds are not measurements")
+                  "fused x2 for x8, batches of 32, one timed step a row: it checks that every part runs and every "
+                  "field is filled; its speeds are not measurements")
 # The rehearsal's training batch: its steps check that each part runs and fills its fields, which
 # no batch size changes, and a step's cost is linear in it (fused x2 at 128 is 256 images a step)
 REHEARSAL_BATCH = 32
