@@ -7,9 +7,9 @@
 Without a GPU, no arguments mean `--quick`: the full matrix on a CPU takes hours. With no
 `--data`, CIFAR-10 is the official archive, downloaded to the cache, as training does.
 
-Steady-state iterations/s at batch 128 for each configuration (warm-up, compilation and
-graph capture timed apart; the device is synchronised around every timed block; median and
-spread of several repeats), each row's speedup over the baseline of the same model
+Steady-state iterations/s at batch 128 (or --batch-size) for each configuration (warm-up,
+compilation and graph capture timed apart; the device is synchronised around every timed
+block; median and spread of several repeats), each row's speedup over the baseline of the same model
 measured in the same run; loader-only images/s; evaluation images/s (warmed up first in
 every row); each row's own peak device memory over what was held before it. The baseline
 and the full fastres step of every model run first, so a run cut short keeps the headline
@@ -71,7 +71,8 @@ from fastres.step import TrainStep, error_rates  # noqa: E402
 
 SPREAD = 1.2  # a row whose fastest repeat is this much faster than its slowest was measured on a busy machine
 # The GPU targets (one H100 or H200, batch 128, data loading included): (model, row) -> (the
-# row's figure, its minimum). Checked on a GPU only (`meets_target`; null on a CPU). There is
+# row's figure, its minimum). Checked on a GPU at batch 128 only (`meets_target`; null on a CPU
+# or at another --batch-size). There is
 # no target over the baseline: an earlier ">= 5x the baseline" assumed a slower baseline than
 # an H100 gives, and what the baseline measures is its own DataLoader and eager step, not
 # fastres; its ratio is still measured in the same run (`speedup`).
@@ -446,7 +447,8 @@ def figure(value: float | None, spec: str) -> str:
 
 
 def target_cell(row: dict[str, Any]) -> str:
-    """`>=1000 it/s: yes`, `no`, or `?` where it is not checked (on a CPU); `-` without a target."""
+    """`>=1000 it/s: yes`, `no`, or `?` where it is not checked (on a CPU, or at another batch
+    than 128); `-` without a target."""
     if row.get("target") is None:
         return "-"
     met = {True: "yes", False: "no", None: "?"}[row["meets_target"]]

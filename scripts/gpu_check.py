@@ -97,12 +97,12 @@ LOG_EVERY = 100
 # ResNet-56 compile on a GPU is tens of seconds. Once rows are measured, the longest is used.
 FALLBACK_ROW_S = 60.0
 REHEARSAL_BACKEND = "aot_eager_decomp_partition"  # the rehearsal's compiler (see the module's docstring)
-REHEARSAL_NOTE = ("a CPU rehearsal: ResNet-8 in every model's place (the parts and figures keep the GPU's names), "
-                  "fused x2 for x8, batches of 32, one timed step a row: it checks that every part runs and every "
-                  "field is filled; its speeds are not measurements")
 # The rehearsal's training batch: its steps check that each part runs and fills its fields, which
 # no batch size changes, and a step's cost is linear in it (fused x2 at 128 is 256 images a step)
 REHEARSAL_BATCH = 32
+REHEARSAL_NOTE = ("a CPU rehearsal: ResNet-8 in every model's place (the parts and figures keep the GPU's names), "
+                  f"fused x2 for x8, batches of {REHEARSAL_BATCH}, one timed step a row: it checks that every part "
+                  "runs and every field is filled; its speeds are not measurements")
 REHEARSAL_RUN_S = 3.0  # the rehearsal's full run: long enough to cross log points and a deadline check
 
 
@@ -377,8 +377,8 @@ def full_run(check: Check, data: str, model_name: str, run_dir: Path, cap_s: flo
     eval_s = test_images / fast["eval_img_s"] if fast and fast.get("eval_img_s") else 1.0
     seconds = min(check.left(), cap_s or float("inf"))
     iters = max(full_run_length(it_s, first_s, eval_s, seconds, margin_s, log_every), min_iters if it_s else 0)
-    plan = {"model": model_name, "measured_it_s": it_s, "warm_first_s": first_s, "eval_s": eval_s,
-            "planned_iters": iters, "full": iters == recipe.ITERS, "budget_left_s": round(check.left(), 1)}
+    plan = {"model": model_name, "batch_size": batch_size, "measured_it_s": it_s, "warm_first_s": first_s,
+            "eval_s": eval_s, "planned_iters": iters, "full": iters == recipe.ITERS, "budget_left_s": round(check.left(), 1)}
     print(f"full run plan: {plan}", flush=True)
     if iters == 0:
         return {**plan, "skipped": "no measured rate, or no time left for a single log interval"}
@@ -480,8 +480,8 @@ def agrees(part: dict[str, Any] | None) -> bool | None:
 
 def run_parts(check: Check, data: str, device: torch.device, gpu: bool) -> None:
     """Parts 1-6, most valuable first (see the module's docstring), each named in the JSON
-    as on a GPU. The rehearsal runs ResNet-8 in every model's place, and fuses 2 runs instead
-    of 8 (x8 takes minutes on a CPU)."""
+    as on a GPU. The rehearsal runs ResNet-8 in every model's place, fuses 2 runs instead of 8
+    (x8 takes minutes on a CPU), and trains in batches of REHEARSAL_BATCH instead of 128."""
     small, deep = ("resnet20", "resnet56") if gpu else ("resnet8", "resnet8")
     batch = recipe.BATCH_SIZE if gpu else REHEARSAL_BATCH
     amp = requested_precision(True, "auto")  # the training configuration: bf16 where native

@@ -234,9 +234,9 @@ def printed_rows(text: str) -> list[tuple[str, str]]:
     return found
 
 
-def table_result(models: list[str], rows: list[dict]) -> dict:
+def table_result(models: list[str], rows: list[dict], batch_size: int = 128) -> dict:
     """A benchmark's result as `print_table` reads it, with these rows."""
-    return {"device": "cpu", "batch_size": 128, "args": {"models": models}, "rows": rows, "loaders": {}}
+    return {"device": "cpu", "batch_size": batch_size, "args": {"models": models}, "rows": rows, "loaders": {}}
 
 
 def test_the_table_lists_rows_in_the_matrix_order_whatever_order_they_ran_in(capsys: pytest.CaptureFixture,
@@ -251,11 +251,12 @@ def test_the_table_lists_rows_in_the_matrix_order_whatever_order_they_ran_in(cap
                                                                                           "compile")]
 
 
-def test_the_table_prints_the_trainers_precision_names(capsys: pytest.CaptureFixture) -> None:
+def test_the_table_prints_the_trainers_precision_names_and_its_batch(capsys: pytest.CaptureFixture) -> None:
     rows = [table_row("resnet20", "baseline"), {**table_row("resnet20", "amp"), "precision": "bf16"}]
-    throughput.print_table(table_result(["resnet20"], rows))
+    throughput.print_table(table_result(["resnet20"], rows, batch_size=32))
     text = capsys.readouterr().out
     assert "bf16" in text and "fp32" in text and "float32" not in text and "bfloat16" not in text
+    assert "fastres throughput, batch 32, cpu" in text
 
 
 def test_a_wide_spread_is_named_under_the_table(capsys: pytest.CaptureFixture) -> None:

@@ -44,6 +44,10 @@ def test_rehearsal_runs_every_part_and_keeps_what_it_measured(tiny_tree: Path, t
     log = (out / "gpu_check.log").read_text()
     assert [log.index(f"== {k} (") for k in PARTS] == sorted(log.index(f"== {k} (") for k in PARTS)  # run in order
     smoke = summary["smoke"]["result"]
+    batches = {smoke["batch_size"], summary["agreement_fp64"]["result"]["batch_size"],
+               summary["full_run"]["result"]["batch_size"],
+               *(summary[part]["result"]["batch_size"] for part in ("resnet20", "resnet56", "fused", "ablation"))}
+    assert batches == {gpu_check.REHEARSAL_BATCH}  # every part's training batch (the GPU's: 128)
     assert smoke["problems"] == [] and smoke["counters"]["unique_graphs"] == gpu_check.SMOKE_GRAPHS
     profile = smoke["profile"]  # on a CPU: no kernels (null, with the reason), host figures measured
     assert profile["kernels_per_step"] is None and profile["kernels_note"] and profile["gpu_ms_per_step"] is None

@@ -122,7 +122,7 @@ def test_each_run_is_updated_bit_for_bit_as_torch_sgd_with_its_own_values() -> N
 # float64, as tests/test_fused.py's group (its TRAJECTORY bound): 20 steps, every one logged.
 FP64 = dict(precision="fp64", iters=20, milestones=(10, 15), batch_size=8, log_every=1, checkpoint_every=10,
             val_split=20, val_seed=3)  # on small_tree: 60 images to train on, 7 steps an epoch
-LRS = (0.1, 0.2)  # 0.1: the default, so the run of 20 in a sweep of iters is the alone run of LRS[0]
+LRS = (0.05, 0.2)  # neither the default 0.1: a run that trained at the default instead would fail
 
 
 def sweep_configs(tree: Path, folder: Path, **kw) -> list[RunConfig]:
@@ -193,17 +193,17 @@ def test_a_run_that_ends_first_leaves_the_group_and_the_others_go_on(small_tree:
     """--sweep iters=10,20: the run of 10 writes its results at 10 and leaves; the run of 20
     goes on alone and is the run its values train alone (TRAJECTORY); stopped after 10 and
     resumed from either directory, the group is the one run left."""
-    cfgs = [tiny_config(small_tree, tmp_path / f"it{n}", **{**FP64, "iters": n}) for n in (10, 20)]
+    cfgs = [tiny_config(small_tree, tmp_path / f"it{n}", lr=LRS[0], **{**FP64, "iters": n}) for n in (10, 20)]
     short, long = train_group(cfgs)
     assert (short["iters"], long["iters"]) == (10, 20)
     assert [r["iter"] for r in rundir.MetricsLog(tmp_path / "it10").read()][-1] == 10
-    run, alone = fp64_alone[0.1]  # the default lr, as here
+    run, alone = fp64_alone[LRS[0]]  # the run of 20's values, trained alone
     assert rel(losses(tmp_path / "it20"), losses(run)) < TRAJECTORY
     assert long["test_error"] == alone["test_error"]
     assert RunDir(tmp_path / "it20").group() == [tmp_path / "it20"]  # alone since iteration 10
 
     stopped = tmp_path / "stopped"
-    cfgs = [tiny_config(small_tree, stopped / f"it{n}", **{**FP64, "iters": n}) for n in (10, 20)]
+    cfgs = [tiny_config(small_tree, stopped / f"it{n}", lr=LRS[0], **{**FP64, "iters": n}) for n in (10, 20)]
     assert train_group(cfgs, stop_at=15) is None
     assert (stopped / "it10" / "results.json").is_file() and not (stopped / "it20" / "results.json").is_file()
     [result] = resume([str(stopped / "it10")])  # its group.json names both: the finished one is left out
