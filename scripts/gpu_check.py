@@ -378,7 +378,8 @@ def full_run(check: Check, data: str, model_name: str, run_dir: Path, cap_s: flo
     seconds = min(check.left(), cap_s or float("inf"))
     iters = max(full_run_length(it_s, first_s, eval_s, seconds, margin_s, log_every), min_iters if it_s else 0)
     plan = {"model": model_name, "batch_size": batch_size, "measured_it_s": it_s, "warm_first_s": first_s,
-            "eval_s": eval_s, "planned_iters": iters, "full": iters == recipe.ITERS, "budget_left_s": round(check.left(), 1)}
+            "eval_s": eval_s, "planned_iters": iters, "full": iters == recipe.ITERS,
+            "budget_left_s": round(check.left(), 1)}
     print(f"full run plan: {plan}", flush=True)
     if iters == 0:
         return {**plan, "skipped": "no measured rate, or no time left for a single log interval"}
