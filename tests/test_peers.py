@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from fastres import peers
+from fastres.data import loaders
 from fastres.cli import run_main
 from fastres.evaluate import main as evaluate_main
 
@@ -86,9 +87,10 @@ def test_evaluate_imports_the_peer_checkpoint(tmp_path: Path, tiny_tree: Path,
                                               capsys: pytest.CaptureFixture) -> None:
     path = tmp_path / "resnet8.th"
     torch.save({"state_dict": peer_state(1, torch.Generator().manual_seed(0))}, path)
+    loaders._prepare.cache_clear()  # nothing this process prepared before, and this test's own disk cache:
     assert run_main(evaluate_main, [str(path), "--import", "akamaster", "--data", str(tiny_tree),
                                     "--progress", "plain"]) == 0
-    out = capsys.readouterr().out.splitlines()  # this test's fresh cache: the test split is decoded first
+    out = capsys.readouterr().out.splitlines()  # so the test split is decoded first, and says so
     assert out[0] == f"fastres: decoding the test images of {tiny_tree} (once: the decoded copy is cached)"
     assert out[1].startswith("fastres: decoded 40 images in ") and out[-1].startswith("resnet8-A: test error")
     bad = tmp_path / "bad.th"
