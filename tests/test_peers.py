@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from fastres import peers
-from fastres.data import loaders
 from fastres.cli import run_main
+from fastres.data import loaders
 from fastres.evaluate import main as evaluate_main
 
 
