@@ -54,7 +54,7 @@ from fastres import fused, recipe  # noqa: E402
 from fastres.atomic import write_json  # noqa: E402
 from fastres.cli import Parser, run_main  # noqa: E402
 from fastres.config import parse_spec  # noqa: E402
-from fastres.data import loaders  # noqa: E402
+from fastres.data import augmentation, loaders  # noqa: E402
 from fastres.errors import RunError, UsageError  # noqa: E402
 from fastres.models import build_model  # noqa: E402
 from fastres.runtime import (  # noqa: E402
@@ -251,6 +251,9 @@ class Bench:
             torch.profiler._utils._init_for_cuda_graphs()
         self.deadline = time.monotonic() + args.budget_s
         self.data = loaders.prepare(args.data)
+        # a batch the training split cannot fill: one line now (the baseline's DataLoader, whose
+        # partial batch is dropped, would otherwise yield nothing, forever)
+        augmentation.steps_per_epoch(len(self.data.splits.train), args.batch_size, train=True)
         self.on_save = on_save
         self.result: dict[str, Any] = {
             "device": device_name(self.device), "versions": versions(), "batch_size": args.batch_size,

@@ -57,6 +57,7 @@ from fastres.atomic import write_json  # noqa: E402
 from fastres.cli import Parser, run_main  # noqa: E402
 from fastres.config import RunConfig  # noqa: E402
 from fastres.data import loaders  # noqa: E402
+from fastres.errors import DataError  # noqa: E402
 from fastres.models import build_model  # noqa: E402
 from fastres.rundir import RunDir  # noqa: E402
 from fastres.runtime import (  # noqa: E402
@@ -521,11 +522,19 @@ def failed_parts(summary: dict[str, Any]) -> list[str]:
     return [k for k, v in summary.items() if isinstance(v, dict) and v.get("ok") is False and "skipped" not in v]
 
 
+def check_batch(train_images: int, batch_size: int) -> None:
+    """Every part trains in batches of `batch_size`: refuse data that cannot fill one."""
+    if train_images < batch_size:
+        raise DataError(f"--data: {train_images} training images make no batch of {batch_size}; "
+                        f"the check needs at least {batch_size}")
+
+
 def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     args = parse_args(argv)
     gpu = torch.cuda.is_available() and not args.rehearse
-    loaders.prepare(args.data)  # bad or missing data: one line and exit 2, before anything is written
+    # bad or missing data, or too few images for a batch: one line and exit 2, before anything is written
+    check_batch(len(loaders.prepare(args.data).splits.train), recipe.BATCH_SIZE if gpu else REHEARSAL_BATCH)
     warm = compile_cache.unpack(args.compile_cache, compile_cache.cache_dirs()) if args.compile_cache else None
     args.out.mkdir(parents=True, exist_ok=True)
     device = pick_device("cuda" if gpu else "cpu")

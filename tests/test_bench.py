@@ -183,6 +183,18 @@ def test_a_bad_value_is_one_line_and_exit_2_before_any_work(argv: list[str], tmp
     assert captured.out == "" and not out.parent.exists()
 
 
+def test_a_batch_the_training_images_cannot_fill_is_one_line(micro_tree: Path, tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture) -> None:
+    """micro_tree's 20 training images make no batch of 32 (the baseline's DataLoader drops a
+    partial batch: it would yield nothing, forever)."""
+    out = tmp_path / "out" / "bench.json"
+    argv = ["--device", "cpu", "--data", str(micro_tree), "--rows", "baseline", "--batch-size", "32", "--out", str(out)]
+    assert run_main(throughput.main, argv) == 2
+    err = capsys.readouterr().err
+    assert err == "fastres: error: 20 training images make no batch of 32: use a smaller --batch-size\n"
+    assert not out.parent.exists()
+
+
 def test_an_unwritable_out_is_refused_before_any_work(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert run_main(throughput.main, ["--device", "cpu", "--data", str(tmp_path), "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err

@@ -148,6 +148,15 @@ def test_the_fused_layout_is_the_faster_of_the_two() -> None:
     assert gpu_check.fused_layout(rows[:1])["faster"] is None
 
 
+def test_data_too_small_for_a_batch_is_refused_at_once(micro_tree: Path, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture) -> None:
+    assert run_main(gpu_check.main, [str(tmp_path / "out"), "--data", str(micro_tree), "--rehearse"]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"fastres: error: --data: 20 training images make no batch of {gpu_check.REHEARSAL_BATCH}; "
+                   f"the check needs at least {gpu_check.REHEARSAL_BATCH}\n")
+    assert not (tmp_path / "out").exists()
+
+
 def test_missing_data_is_refused_at_once(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert run_main(gpu_check.main, [str(tmp_path / "out"), "--data", str(tmp_path / "nowhere")]) == 2
     err = capsys.readouterr().err
