@@ -9,8 +9,8 @@ Without a GPU, no arguments mean `--quick`: the full matrix on a CPU takes hours
 
 Steady-state iterations/s at batch 128 (or --batch-size) for each configuration (warm-up,
 compilation and graph capture timed apart; the device is synchronised around every timed
-block; median and spread of several repeats), each row's speedup over the baseline of the same model
-measured in the same run; loader-only images/s; evaluation images/s (warmed up first in
+block; median and spread of several repeats), each row's speedup over the baseline of the
+same model measured in the same run; loader-only images/s; evaluation images/s (warmed up first in
 every row); each row's own peak device memory over what was held before it. The baseline
 and the full fastres step of every model run first, so a run cut short keeps the headline
 figures. Each row runs on its own: a row that fails is recorded with its error and the

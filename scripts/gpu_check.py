@@ -294,9 +294,9 @@ def smoke_verdict(counters: dict[str, dict[str, int]], graphs: int = SMOKE_GRAPH
 
 def smoke(check: Check, data: str, device: torch.device, model_name: str, precision: str,
           batch_size: int = recipe.BATCH_SIZE) -> dict[str, Any]:
-    """The compiled step in the training configuration (at batch 128 on a GPU): eager against compiled
-    for SMOKE_STEPS steps, then PROFILE_STEPS compiled steps under torch.profiler (2 in the
-    CPU rehearsal); loud on any CUDA-graph skip, graph break or recompile. Its cold compile
+    """The compiled step in the training configuration (at batch 128 on a GPU): eager against
+    compiled for SMOKE_STEPS steps, then PROFILE_STEPS compiled steps under torch.profiler (2
+    in the CPU rehearsal); loud on any CUDA-graph skip, graph break or recompile. Its cold compile
     is the one the later ResNet-20 rows and the full run reuse (same process, same
     compile_model)."""
     from torch._dynamo.utils import counters
