@@ -50,7 +50,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 from bench import baseline  # noqa: E402
-from fastres import fused, recipe  # noqa: E402
+from fastres import fused, progress, recipe  # noqa: E402
 from fastres.atomic import write_json  # noqa: E402
 from fastres.cli import Parser, run_main  # noqa: E402
 from fastres.config import parse_spec  # noqa: E402
@@ -250,7 +250,7 @@ class Bench:
         if self.device.type == "cuda":  # the profiler's CUDA side set up before any graph is captured (pytorch#75504)
             torch.profiler._utils._init_for_cuda_graphs()
         self.deadline = time.monotonic() + args.budget_s
-        self.data = loaders.prepare(args.data)
+        self.data = loaders.prepare(args.data, progress=progress.resolve("auto"))  # first use: decoding shown
         # a batch the training split cannot fill: one line now (the baseline's DataLoader, whose
         # partial batch is dropped, would otherwise yield nothing, forever)
         augmentation.steps_per_epoch(len(self.data.splits.train), args.batch_size, train=True)
@@ -459,6 +459,14 @@ def target_cell(row: dict[str, Any]) -> str:
     return f">={row['target']['min']:g} {unit}: {met}"
 
 
+def unchecked_note(rows: list[dict[str, Any]]) -> str | None:
+    """The line under the table that says why a target shows `?`."""
+    if not any(r.get("target") is not None and r.get("meets_target") is None for r in rows):
+        return None
+    return (f"target ?: not checked; the targets are for one GPU at batch {recipe.BATCH_SIZE} "
+            "(docs/benchmarks.md)")
+
+
 def print_table(result: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -481,17 +489,18 @@ def print_table(result: dict[str, Any]) -> None:
                       figure(r.get("kernels_per_step"), ".0f"), figure(r.get("cpu_ms_per_step"), ".2f"),
                       figure(r.get("gpu_ms_per_step"), ".2f"), f"{r['first_steps_s']:.1f}",
                       str(r.get("peak_mem_mib", "-")), f"{r['eval_img_s']:.0f}" if "eval_img_s" in r else "-")
-    loaders_table = Table(title="loaders alone (images/s)")
-    loaders_table.add_column("loader")
-    loaders_table.add_column("images/s", justify="right")
-    for name, rate in result["loaders"].items():
-        loaders_table.add_row(name, rate if isinstance(rate, str) else f"{rate:,.0f}")
     console = Console(width=max(200, Console().width))  # the table (15 columns) stays readable in logs
     console.print(table)
-    busy = spread_warning(rows)
-    if busy:
-        console.print(busy, soft_wrap=True, markup=False, highlight=False)  # one line, however long
-    console.print(loaders_table)
+    for line in (unchecked_note(rows), spread_warning(rows)):
+        if line:
+            console.print(line, soft_wrap=True, markup=False, highlight=False)  # one line, however long
+    if result["loaders"]:
+        loaders_table = Table(title="loaders alone")  # short: a title wider than the table wraps
+        loaders_table.add_column("loader")
+        loaders_table.add_column("images/s", justify="right")
+        for name, rate in result["loaders"].items():
+            loaders_table.add_row(name, rate if isinstance(rate, str) else f"{rate:,.0f}")
+        console.print(loaders_table)
 
 
 def flags(sizes: dict[str, int]) -> str:
@@ -596,6 +605,8 @@ def fill_defaults(args: argparse.Namespace) -> str | None:
     chosen = {name: value for name, value in sizes.items() if getattr(args, name) is None}
     for name, value in chosen.items():
         setattr(args, name, value)
+    if not args.loaders:  # no loader timed alone: its batch count is not worth a mention
+        chosen.pop("loader_batches", None)
     said = [flags(chosen)] if chosen else []
     if args.models is None:
         args.models = QUICK_MODELS if args.quick else MODELS

@@ -123,6 +123,10 @@ class Tee:
         for s in self.streams:
             s.flush()
 
+    def isatty(self) -> bool:
+        """Never a terminal: a log file is one of the streams (plain progress lines, no bar)."""
+        return False
+
 
 class Check:
     """The summary of one GPU check and the rules every part follows: a part starts only
@@ -534,7 +538,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     gpu = torch.cuda.is_available() and not args.rehearse
     # bad or missing data, or too few images for a batch: one line and exit 2, before anything is written
-    check_batch(len(loaders.prepare(args.data).splits.train), recipe.BATCH_SIZE if gpu else REHEARSAL_BATCH)
+    train_images = len(loaders.prepare(args.data, progress="plain").splits.train)  # decoding (once) is announced
+    check_batch(train_images, recipe.BATCH_SIZE if gpu else REHEARSAL_BATCH)
     warm = compile_cache.unpack(args.compile_cache, compile_cache.cache_dirs()) if args.compile_cache else None
     args.out.mkdir(parents=True, exist_ok=True)
     device = pick_device("cuda" if gpu else "cpu")

@@ -189,9 +189,13 @@ def test_a_batch_the_training_images_cannot_fill_is_one_line(micro_tree: Path, t
     partial batch: it would yield nothing, forever)."""
     out = tmp_path / "out" / "bench.json"
     argv = ["--device", "cpu", "--data", str(micro_tree), "--rows", "baseline", "--batch-size", "32", "--out", str(out)]
+    loaders._prepare.cache_clear()  # decoded here (this test's own disk cache), and said so: plain lines, no tty
     assert run_main(throughput.main, argv) == 2
-    err = capsys.readouterr().err
-    assert err == "fastres: error: 20 training images make no batch of 32: use a smaller --batch-size\n"
+    captured = capsys.readouterr()
+    assert captured.err == "fastres: error: 20 training images make no batch of 32: use a smaller --batch-size\n"
+    said = captured.out.splitlines()
+    assert said[0] == f"fastres: decoding the train and test images of {micro_tree} (once: the decoded copy is cached)"
+    assert said[1].startswith("fastres: decoded 30 images in ")
     assert not out.parent.exists()
 
 
@@ -226,6 +230,8 @@ def test_quick_says_what_it_sets_and_leaves_what_is_given(capsys: pytest.Capture
     assert "--steps" not in note and "--models" not in note and "--repeats 3" in note
     throughput.parse_args(["--device", "cpu"])
     assert capsys.readouterr().out == ""  # no --quick, nothing to say
+    throughput.parse_args(["--device", "cpu", "--quick", "--loaders", ""])
+    assert "--loader-batches" not in capsys.readouterr().out  # no loader is timed alone
 
 
 def table_row(model: str, tag: str, repeats: tuple[float, float] = (1.0, 1.1)) -> dict:
@@ -280,6 +286,21 @@ def test_a_wide_spread_is_named_under_the_table(capsys: pytest.CaptureFixture) -
     assert "baseline" not in warnings[0]
     throughput.print_table(table_result(["resnet20"], rows[:1]))
     assert "warning:" not in capsys.readouterr().out
+
+
+def test_the_loaders_table_is_printed_only_with_loaders_and_a_target_not_checked_says_why(
+        capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COLUMNS", "300")  # rich's width: no cell wraps
+    checked = {**table_row("resnet20", "compile"), "target": {"figure": "it_s", "min": 1000.0}, "meets_target": True}
+    throughput.print_table(table_result(["resnet20"], [checked]))
+    text = capsys.readouterr().out
+    assert ">=1000 it/s: yes" in text and "target ?" not in text and "loaders alone" not in text
+    throughput.print_table({**table_result(["resnet20"], [{**checked, "meets_target": None}]),
+                            "loaders": {"compile": 1234.0}})
+    lines = capsys.readouterr().out.splitlines()
+    assert ">=1000 it/s: ?" in "\n".join(lines) and "loaders alone" in "\n".join(lines)
+    assert [line for line in lines if line.startswith("target ?")] == [
+        "target ?: not checked; the targets are for one GPU at batch 128 (docs/benchmarks.md)"]
 
 
 def test_every_measured_row_has_its_profile_and_target_fields(bench_run: dict) -> None:

@@ -11,6 +11,7 @@ import pytest
 from conftest import subprocess_env
 
 from fastres.cli import run_main
+from fastres.data import loaders
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench import throughput  # noqa: E402
@@ -150,10 +151,12 @@ def test_the_fused_layout_is_the_faster_of_the_two() -> None:
 
 def test_data_too_small_for_a_batch_is_refused_at_once(micro_tree: Path, tmp_path: Path,
                                                        capsys: pytest.CaptureFixture) -> None:
+    loaders._prepare.cache_clear()  # decoded here (this test's own disk cache), and said so
     assert run_main(gpu_check.main, [str(tmp_path / "out"), "--data", str(micro_tree), "--rehearse"]) == 2
-    err = capsys.readouterr().err
-    assert err == (f"fastres: error: --data: 20 training images make no batch of {gpu_check.REHEARSAL_BATCH}; "
-                   f"the check needs at least {gpu_check.REHEARSAL_BATCH}\n")
+    captured = capsys.readouterr()
+    assert captured.err == (f"fastres: error: --data: 20 training images make no batch of {gpu_check.REHEARSAL_BATCH}; "
+                            f"the check needs at least {gpu_check.REHEARSAL_BATCH}\n")
+    assert captured.out.startswith(f"fastres: decoding the train and test images of {micro_tree} ")
     assert not (tmp_path / "out").exists()
 
 
