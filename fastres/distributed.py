@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 
@@ -64,6 +65,18 @@ def any_rank(flag: bool, dist: DistInfo) -> bool:
     return t.item() > 0
 
 
+# Process groups left by `teardown`, each dropped at exit through its Python object. A gloo group's
+# destructor joins its worker threads, and one of them may still need the GIL to free the tensors
+# of the last collective: freed from Python, the destructor releases the GIL first; freed as the
+# last reference of a DDP reducer (a run that raised: its traceback holds the model), it keeps the
+# GIL, and the process hangs (seen once in 14 refusals on rank 0).
+_released: list[tdist.ProcessGroup] = []
+
+
 def teardown(dist: DistInfo) -> None:
+    """Leave the process group; the group itself lives on until exit (see `_released`)."""
     if dist.world_size > 1 and tdist.is_initialized():
+        if not _released:
+            atexit.register(_released.clear)
+        _released.append(tdist.group.WORLD)
         tdist.destroy_process_group()
