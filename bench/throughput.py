@@ -25,6 +25,10 @@ the full fastres step (channels_last, AMP, compile); `run_it_s` counts run-itera
 same run: what fusing N runs gains over training them one after another. The sweep row
 ("sweep x4"): four runs of one seed, each with its own learning rate (a `--sweep lr=...`),
 against "fused x4" (four seeds, one lr) in `vs_fused_seeds`: what per-run hyperparameters cost.
+
+The full step with a part undone ("per-batch": batches made one at a time instead of from
+slabs made ahead; "loss-outside": the model compiled alone, the loss eager after it;
+"neither": both), against the "compile" row of the same run: what each part gains.
 """
 
 from __future__ import annotations
@@ -96,6 +100,8 @@ class Setup:
     runs: int | None = None  # a fused row: this many runs of the model in one step
     sweep: bool = False  # the runs are one seed with SWEEP_LRS, not seeds 0..N-1 with the paper's lr
     whole_step: bool = False  # the step one CUDA graph (TrainStep(whole_step=True)): CUDA only
+    slabs: bool | None = None  # the torch loader's batches in slabs (None: its size rule), or one at a time
+    compiled_loss: bool = True  # the loss compiled with the model (TrainStep's Objective), or eager after it
 
 
 MATRIX = (
@@ -109,6 +115,15 @@ MATRIX = (
           channels_last=True, amp=True, compile=True, key=True),
     Setup("whole-step", "+ compile, whole-step graph", "the full step as one CUDA graph, update included "
           "(CUDA only: skipped elsewhere)", channels_last=True, amp=True, compile=True, whole_step=True),
+    # The full step with one of its parts undone, then both: what each part gains
+    Setup("per-batch", "+ compile, batch by batch", "the full step fed batch by batch (about 9 loader kernels a "
+          "step) instead of from slabs made ahead: what slabs gain", channels_last=True, amp=True, compile=True,
+          slabs=False),
+    Setup("loss-outside", "+ compile, loss outside the graph", "the model compiled alone, the loss and wrong "
+          "counts eager after it: what compiling them with the model gains", channels_last=True, amp=True,
+          compile=True, compiled_loss=False),
+    Setup("neither", "+ compile, loss outside, batch by batch", "both parts undone: the compiled step as it was "
+          "before them", channels_last=True, amp=True, compile=True, slabs=False, compiled_loss=False),
     Setup("dali", "+ compile, DALI loader", "the full step fed by DALI (decoding on the GPU)", loader="dali",
           channels_last=True, amp=True, compile=True),
     Setup("host", "+ compile, host loader", "the full step fed from the host, each batch copied over",
@@ -126,6 +141,7 @@ MATRIX = (
 )
 SWEEP_LRS = (0.05, 0.1, 0.2, 0.4)
 ROWS = {s.tag: s for s in MATRIX}
+NAME_WIDTH = max(len(s.name) for s in MATRIX)  # each row's progress line, its figure in one column
 QUICK_LEAVES_OUT = ("fused-x8", "fused-x8-nchw")  # on a CPU the x8 row alone would take minutes
 FULL_SIZES = {"warmup": 30, "steps": 100, "repeats": 5, "loader_batches": 100, "profile_steps": 10}
 QUICK_SIZES = {"warmup": 2, "steps": 5, "repeats": 3, "loader_batches": 5, "profile_steps": 3}
@@ -135,6 +151,7 @@ LOADERS = (  # (label, the row whose loader it is); --loaders names them by the 
     ("baseline DataLoader, per-image NumPy", ROWS["baseline"]),
     ("torch, NCHW fp32", ROWS["eager"]),
     ("torch, channels_last, AMP dtype", ROWS["amp"]),
+    ("torch, channels_last, AMP dtype, batch by batch", ROWS["per-batch"]),
     ("DALI, channels_last", ROWS["dali"]),
     ("torch on the host, copied to the device", ROWS["host"]),
 )
@@ -274,7 +291,7 @@ class Bench:
 
     def fastres_data(self, setup: Setup, precision: str) -> loaders.Data:
         where = loaders.Placement(self.device, tensor_dtype(precision), setup.channels_last,
-                                  host=setup.loader == "host")
+                                  host=setup.loader == "host", slabs=setup.slabs)
         seeds = [0] * setup.runs if setup.sweep else list(range(setup.runs)) if setup.runs and setup.runs > 1 else 0
         return loaders.build(self.data, where, batch_size=self.args.batch_size, eval_batch_size=self.args.eval_batch,
                              seed=seeds, loader="dali" if setup.loader == "dali" else "torch")
@@ -305,7 +322,8 @@ class Bench:
             dtype = PRECISIONS[row["precision"]]
             data = self.fastres_data(setup, row["precision"])
             train_batches = endless(data.train)
-            step = TrainStep(model, device, dtype, setup.compile, runs=runs, whole_step=setup.whole_step)
+            step = TrainStep(model, device, dtype, setup.compile, runs=runs, whole_step=setup.whole_step,
+                             compiled_loss=setup.compiled_loss)
             lrs = list(SWEEP_LRS) if setup.sweep else [recipe.LR] * runs
 
             def steps(n: int) -> None:
@@ -391,7 +409,7 @@ class Bench:
                        seconds=round(time.perf_counter() - started, 1))
             self.result["rows"].append(row)
             self.save()
-            print(f"{model_name:10s} {setup.name:36s} {describe(row)}", flush=True)
+            print(f"{model_name:10s} {setup.name:{NAME_WIDTH}s} {describe(row)}", flush=True)
         for row in self.result["rows"]:  # rows run before their model's baseline (--rows compile,baseline)
             if "it_s" in row and row["speedup"] is None and row["model"] in base:
                 row["speedup"] = row["it_s"] / base[row["model"]]

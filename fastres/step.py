@@ -101,7 +101,9 @@ class TrainStep:
     (`fastres.optim.RunsSGD`, each run's own hyperparameters), fused SGD on CUDA being one
     kernel for all of a run's parameters; the learning rates live in device tensors the
     caller fills before each step, so a schedule change never recompiles nor re-records.
-    `hyper`: each run's (momentum, weight decay), by default the paper's.
+    `hyper`: each run's (momentum, weight decay), by default the paper's. `compiled_loss=False`
+    compiles the model alone and runs the loss and wrong counts eagerly after it, as fastres
+    did before the `Objective`: the benchmark's row for what compiling them together gains.
 
     `whole_step` (CUDA only): the whole step, forward to update and each run's loss and wrong count, is one CUDA
     graph captured by hand (`_WholeStep`), replayed each step from static input buffers. It
@@ -111,15 +113,19 @@ class TrainStep:
     run it yet (docs/training.md says what its GPU check is)."""
 
     def __init__(self, model: nn.Module, device: torch.device, amp_dtype: torch.dtype | None, compile: bool, *,
-                 hyper: list[tuple[float, float]] | None = None, runs: int = 1, whole_step: bool = False) -> None:
+                 hyper: list[tuple[float, float]] | None = None, runs: int = 1, whole_step: bool = False,
+                 compiled_loss: bool = True) -> None:
         if whole_step:
             _check_whole_step(model, device, amp_dtype)
         self.model, self.device, self.amp_dtype, self.runs = model, device, amp_dtype, runs
         hyper = hyper or [(recipe.MOMENTUM, recipe.WEIGHT_DECAY)] * runs
         self.optimizer = RunsSGD(model, runs, device, amp_dtype, hyper)
-        objective = Objective(model, runs)
         self.cuda_graphs = compile and not whole_step and uses_cuda_graphs(model, device)
-        self.objective = compile_model(objective, device, self.cuda_graphs) if compile else objective
+        if compile and not compiled_loss:
+            self.objective = Objective(compile_model(model, device, self.cuda_graphs), runs)
+        else:
+            objective = Objective(model, runs)
+            self.objective = compile_model(objective, device, self.cuda_graphs) if compile else objective
         # evaluation's forward (compiled lazily: `_predictions` runs it on a CPU only, where it pays)
         self.forward = compile_model(model, device) if compile else model
         # fp16 needs loss scaling; bf16 has fp32's range and does not. One scaler for a fused

@@ -15,9 +15,10 @@ parts before it measured:
    measured evaluation time, else its longest prefix that fits (its checkpoint kept);
 4. ResNet-56's full step, then its baseline;
 5. ResNet-20 x8 fused, channels_last and NCHW, against x1: which layout the fused step wants;
-6. the whole step as one CUDA graph (GPU only), the ablation rows (eager, channels_last,
-   AMP, host loader), the loaders alone, and agreement of eager and compiled steps on
-   ResNet-8 (fp32; the rehearsal's in fp64);
+6. the whole step as one CUDA graph (GPU only), the ablation rows (the full step batch by
+   batch, with the loss outside the graph, and with both; eager, channels_last, AMP, host
+   loader), the loaders alone, and agreement of eager and compiled steps on ResNet-8 (fp32;
+   the rehearsal's in fp64);
 then, whatever the budget: the compile caches packed into OUT_DIR/compile_cache.tar.gz if
 they pack under 16 MiB, for the next check to start warm (`--compile-cache`, docs/gpu-check.md).
 DALI is not in the check (bench/throughput.py has its rows, for a machine that has it).
@@ -104,6 +105,9 @@ REHEARSAL_BATCH = 32
 REHEARSAL_NOTE = ("a CPU rehearsal: ResNet-8 in every model's place (the parts and figures keep the GPU's names), "
                   f"fused x2 for x8, batches of {REHEARSAL_BATCH}, one timed step a row: it checks that every part "
                   "runs and every field is filled; its speeds are not measurements")
+# Part 6's rows: the whole-step graph first, then the full step with a part undone (what the
+# batches made in slabs and the loss compiled with the model each gain), then the older ablations
+ABLATION_ROWS = "whole-step,per-batch,loss-outside,neither,eager,channels-last,amp,host"
 REHEARSAL_RUN_S = 3.0  # the rehearsal's full run: long enough to cross log points and a deadline check
 
 
@@ -459,7 +463,8 @@ def figures(summary: dict[str, Any]) -> dict[str, Any]:
     it_s = {f"{part} {tag}": row_of(summary, part, tag).get("it_s")
             for part, tag in (("resnet20", "compile"), ("resnet20", "baseline"), ("resnet56", "compile"),
                               ("resnet56", "baseline"), ("fused", "fused-x1"), ("fused", "fused-x8"),
-                              ("fused", "fused-x8-nchw"), ("ablation", "whole-step"))}
+                              ("fused", "fused-x8-nchw"), ("ablation", "whole-step"), ("ablation", "per-batch"),
+                              ("ablation", "loss-outside"), ("ablation", "neither"))}
     profile_keys = ("kernels_per_step", "cpu_ms_per_step", "gpu_ms_per_step", "cpu_ops_per_step")
     targeted = (("resnet20", "compile"), ("resnet56", "compile"), ("fused", "fused-x8"), ("fused", "fused-x8-nchw"))
     return {"smoke_ok": smoke_part.get("ok"), "smoke_problems": smoke_found.get("problems"),
@@ -510,8 +515,7 @@ def run_parts(check: Check, data: str, device: torch.device, gpu: bool) -> None:
         check.part("agreement_whole_step", lambda: Pair(data, device, "resnet8", "fp32", whole_step=True)
                    .compare(12, lr_drop_at=6), needs_s=cold_compile_s(check.summary))
     check.part("ablation", lambda: bench_part(check, "ablation", data, gpu, small,
-                                              "whole-step,eager,channels-last,amp,host",
-                                              loaders_alone="baseline,eager,amp,host"))
+                                              ABLATION_ROWS, loaders_alone="baseline,eager,amp,per-batch,host"))
     # fp32 on a GPU; the rehearsal's in fp64 and NCHW (torch 2.13's compiled float64
     # channels_last step crashes with SIGSEGV when ATen is capped at AVX2), judged to AGREE_REL
     agree = "fp32" if gpu else "fp64"

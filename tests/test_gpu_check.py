@@ -80,6 +80,9 @@ def test_rehearsal_runs_every_part_and_keeps_what_it_measured(tiny_tree: Path, t
     assert summary["smoke"]["result"]["limit"] is None  # fp32/bf16 agreement is recorded, not judged, on a CPU
     assert rows["ablation", "whole-step"]["skipped"] == "the whole-step graph needs CUDA"
     assert figures["it_s"]["ablation whole-step"] is None
+    assert [r["tag"] for r in summary["ablation"]["result"]["rows"]] == gpu_check.ABLATION_ROWS.split(",")
+    for tag in ("per-batch", "loss-outside", "neither"):  # the full step with a part undone: what each gains
+        assert figures["it_s"][f"ablation {tag}"] == rows["ablation", tag]["it_s"] > 0
     full = summary["full_run"]["result"]
     # a prefix of the 64k schedule, stopped at its planned length or, on a slow or busy machine, by the deadline
     # (logged every iteration, so a prefix cut by the deadline after its first step has its metrics too)

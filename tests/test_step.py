@@ -203,3 +203,26 @@ def test_the_whole_step_is_refused_where_it_cannot_be_one_cuda_graph() -> None:
     for device, amp, why in ((CPU, None, "cpu has none"), (torch.device("cuda"), torch.float16, "GradScaler")):
         with pytest.raises(ValueError, match=why):
             TrainStep(model, device, amp, True, whole_step=True)
+
+
+def test_the_loss_outside_the_graph_is_the_same_step() -> None:
+    """compiled_loss=False (the benchmark's row for what compiling the loss with the model
+    gains): the model alone is compiled, and the loss and wrong counts run eagerly after it.
+    Through aot_eager, which runs the traced ops as they are, its steps are the eager steps,
+    bit for bit: the row measures the same arithmetic, split differently."""
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    from fastres.step import Objective, compiler_backend
+
+    torch.manual_seed(0)
+    eager_model = build_model("resnet8")
+    outside_model = copy.deepcopy(eager_model)
+    eager = TrainStep(eager_model, CPU, None, False)
+    with compiler_backend("aot_eager"):
+        outside = TrainStep(outside_model, CPU, None, True, compiled_loss=False)
+    assert type(outside.objective) is Objective and isinstance(outside.objective.model, OptimizedModule)
+    for x, y in _batches(3):
+        (a, wa), (b, wb) = eager(x, y), outside(x, y)
+        assert torch.equal(a, b) and torch.equal(wa, wb)
+    for p, q in zip(eager_model.parameters(), outside_model.parameters(), strict=True):
+        assert torch.equal(p, q)

@@ -96,7 +96,10 @@ class Data:
 class Placement:
     """Where and how batches are produced: device, dtype, layout and shard of this process.
     `host=True` makes the batches on the CPU and copies each one to `device` (the host
-    loader the benchmark compares against the device-resident one)."""
+    loader the benchmark compares against the device-resident one). `slabs`: the torch
+    loader's training batches made ahead in slabs (True), one at a time (False), or as its
+    size rule says (None; `TorchLoader`): the same batches either way, so only the benchmark,
+    which measures what slabs gain, sets it."""
 
     device: torch.device
     dtype: torch.dtype = torch.float32
@@ -104,6 +107,7 @@ class Placement:
     shard_id: int = 0
     num_shards: int = 1
     host: bool = False
+    slabs: bool | None = None
 
 
 def to_device(batch: Batch, device: torch.device) -> Batch:
@@ -166,9 +170,11 @@ def build(data: Prepared, where: Placement, *, batch_size: int = 128, eval_batch
         raise UsageError(f"--loader dali feeds one run: train fused runs ({len(seed)} seeds) with --loader torch, "
                          "or the seeds one after another (--fuse off)")
     splits, loader_cls = _source_splits(data, loader)
+    made_ahead = {"slabs": where.slabs} if loader_cls is TorchLoader else {}  # DALI makes its own batches
     train = loader_cls(splits.train, batch_size // where.num_shards, train=True, seed=seed, mean=data.mean,
                        std=data.std, device=torch.device("cpu") if where.host else where.device, dtype=where.dtype,
-                       channels_last=where.channels_last, shard_id=where.shard_id, num_shards=where.num_shards)
+                       channels_last=where.channels_last, shard_id=where.shard_id, num_shards=where.num_shards,
+                       **made_ahead)
     evals = build_evals(data, where, mean=data.mean, std=data.std, eval_batch_size=eval_batch_size, loader=loader)
     described = f"{data.source.describe()} ({loader} loader{', on the host' if where.host else ''})"
     return Data(_placed(train, where), evals, described, len(splits.train))
