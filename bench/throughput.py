@@ -28,7 +28,8 @@ against "fused x4" (four seeds, one lr) in `vs_fused_seeds`: what per-run hyperp
 
 The full step with a part undone ("per-batch": batches made one at a time instead of from
 slabs made ahead; "loss-outside": the model compiled alone, the loss eager after it;
-"neither": both), against the "compile" row of the same run: what each part gains.
+"neither": both), to compare with the "compile" row of the same run: what each part gains.
+`made_in_slabs` says how each row's training batches were made.
 """
 
 from __future__ import annotations
@@ -122,8 +123,8 @@ MATRIX = (
     Setup("loss-outside", "+ compile, loss outside the graph", "the model compiled alone, the loss and wrong "
           "counts eager after it: what compiling them with the model gains", channels_last=True, amp=True,
           compile=True, compiled_loss=False),
-    Setup("neither", "+ compile, loss outside, batch by batch", "both parts undone: the compiled step as it was "
-          "before them", channels_last=True, amp=True, compile=True, slabs=False, compiled_loss=False),
+    Setup("neither", "+ compile, loss outside, batch by batch", "both parts undone: the compiled step without "
+          "them", channels_last=True, amp=True, compile=True, slabs=False, compiled_loss=False),
     Setup("dali", "+ compile, DALI loader", "the full step fed by DALI (decoding on the GPU)", loader="dali",
           channels_last=True, amp=True, compile=True),
     Setup("host", "+ compile, host loader", "the full step fed from the host, each batch copied over",
@@ -238,6 +239,13 @@ def evaluated_images(test_images: int, batches: int | None, batch: int) -> int:
     return test_images if batches is None else min(test_images, batches * batch)
 
 
+def made_in_slabs(loader: loaders.Loader) -> bool | None:
+    """Whether a training loader makes its batches in slabs, as its size rule or the row chose
+    (None: DALI's, which has none)."""
+    made = loader.loader if isinstance(loader, loaders.HostToDevice) else loader
+    return getattr(made, "slabs", None)
+
+
 def order_rows(models: list[str], setups: list[Setup]) -> list[tuple[str, Setup]]:
     """Every model's key rows (baseline, full fastres step) first, then the rest: a run
     cut short still has each model's headline speedup."""
@@ -321,6 +329,7 @@ class Bench:
                 model = model.to(memory_format=torch.channels_last)
             dtype = PRECISIONS[row["precision"]]
             data = self.fastres_data(setup, row["precision"])
+            row["made_in_slabs"] = made_in_slabs(data.train)
             train_batches = endless(data.train)
             step = TrainStep(model, device, dtype, setup.compile, runs=runs, whole_step=setup.whole_step,
                              compiled_loss=setup.compiled_loss)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import atexit
+import gc
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -65,18 +67,32 @@ def any_rank(flag: bool, dist: DistInfo) -> bool:
     return t.item() > 0
 
 
-# Process groups left by `teardown`, each dropped at exit through its Python object. A gloo group's
-# destructor joins its worker threads, and one of them may still need the GIL to free the tensors
-# of the last collective: freed from Python, the destructor releases the GIL first; freed as the
-# last reference of a DDP reducer (a run that raised: its traceback holds the model), it keeps the
-# GIL, and the process hangs (seen once in 14 refusals on rank 0).
-_released: list[tdist.ProcessGroup] = []
+# Process groups left by `teardown`, kept until exit and then dropped through their Python
+# objects. A gloo group's destructor joins its worker threads, and one of them may still need the
+# GIL to free the tensors of the last collective. Dropped from Python, the group's destructor
+# releases the GIL first (torch 2.8 on; before, it keeps it, but by exit the workers have long
+# finished). Dropped as the last reference of a DDP reducer (a run that raised: its traceback
+# holds the model), it keeps the GIL, and the process hangs: about 1 run in 7 of
+# tests/test_distributed.py's refusal on rank 0 did, before this.
+_kept_until_exit: list[tdist.ProcessGroup] = []
+
+
+@atexit.register
+def _drop_kept_groups() -> None:
+    """Drop the groups `teardown` kept, the models first: an uncaught error's traceback, which
+    the interpreter keeps in `sys.last_*` and which holds the model and its reducer, goes, and
+    the collector frees the model's cycles; the groups' own references are then the last. At
+    exit but before the interpreter finalises, while the workers can still take the GIL."""
+    if _kept_until_exit:
+        sys.last_type = sys.last_value = sys.last_traceback = None
+        if hasattr(sys, "last_exc"):  # Python 3.12 on
+            sys.last_exc = None
+        gc.collect()
+        _kept_until_exit.clear()
 
 
 def teardown(dist: DistInfo) -> None:
-    """Leave the process group; the group itself lives on until exit (see `_released`)."""
+    """Leave the process group; the group itself lives on until exit (see `_kept_until_exit`)."""
     if dist.world_size > 1 and tdist.is_initialized():
-        if not _released:
-            atexit.register(_released.clear)
-        _released.append(tdist.group.WORLD)
+        _kept_until_exit.append(tdist.group.WORLD)
         tdist.destroy_process_group()

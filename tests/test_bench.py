@@ -143,6 +143,18 @@ def test_host_batches_reach_the_device_in_training_and_evaluation(tiny_tree: Pat
     assert x.device.type == "cpu" and x.shape == (32, 3, 32, 32)
 
 
+@pytest.mark.parametrize("host", [False, True])
+def test_a_rows_slabs_reach_its_loader_and_are_recorded_as_made(tiny_tree: Path, host: bool) -> None:
+    """The per-batch rows ask for batches one at a time (`Placement.slabs`), the others leave
+    it to the size rule; each row records what its loader did, the host loader's too."""
+    prepared = loaders.prepare(str(tiny_tree))
+    for slabs in (False, True):
+        data = loaders.build(prepared, loaders.Placement(torch.device("cpu"), host=host, slabs=slabs), batch_size=32)
+        assert throughput.made_in_slabs(data.train) is slabs
+    assert throughput.ROWS["per-batch"].slabs is False and throughput.ROWS["neither"].slabs is False
+    assert throughput.ROWS["compile"].slabs is None  # the size rule's choice
+
+
 def test_a_row_evaluates_the_first_eval_batches_only(tiny_tree: Path) -> None:
     """--eval-batches 2 of 16: the first 32 of tiny_tree's 40 test images, the very batches a
     whole pass starts with; without it, all 40 (the last batch smaller)."""

@@ -83,6 +83,8 @@ def test_rehearsal_runs_every_part_and_keeps_what_it_measured(tiny_tree: Path, t
     assert [r["tag"] for r in summary["ablation"]["result"]["rows"]] == gpu_check.ABLATION_ROWS.split(",")
     for tag in ("per-batch", "loss-outside", "neither"):  # the full step with a part undone: what each gains
         assert figures["it_s"][f"ablation {tag}"] == rows["ablation", tag]["it_s"] > 0
+    assert rows["ablation", "per-batch"]["made_in_slabs"] is rows["ablation", "neither"]["made_in_slabs"] is False
+    assert rows["ablation", "loss-outside"]["made_in_slabs"] is not None  # as the size rule chose
     full = summary["full_run"]["result"]
     # a prefix of the 64k schedule, stopped at its planned length or, on a slow or busy machine, by the deadline
     # (logged every iteration, so a prefix cut by the deadline after its first step has its metrics too)
