@@ -194,3 +194,33 @@ def test_a_prepared_dataset_is_reused_whatever_its_progress(tiny_tree: Path, mon
     loaders._prepare.cache_clear()
     loaders.prepare(str(tiny_tree), progress="plain")
     assert calls == ["none", "plain"]  # a miss shows its decoding as asked
+
+
+def test_evaluation_reuses_the_whole_sets_decoded_copy(tiny_tree: Path, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch,
+                                                       capsys: pytest.CaptureFixture) -> None:
+    """The test images a run decoded with its training images are not decoded again for its
+    evaluation (a test-only read), and are the very pixels a test-only decode gives; a folder
+    of test images alone is decoded for itself."""
+    import shutil
+
+    from fastres.data import loaders
+
+    monkeypatch.setenv("FASTRES_CACHE", str(tmp_path / "cache"))  # empty: every decode below is this test's
+    only_test = tmp_path / "only-test"
+    shutil.copytree(tiny_tree / "test", only_test / "test")
+
+    def prepared(data: Path, splits: tuple[str, ...]) -> tuple[loaders.Prepared, str]:
+        loaders._prepare.cache_clear()
+        capsys.readouterr()
+        return loaders.prepare(str(data), splits=splits, progress="plain"), capsys.readouterr().out
+
+    whole, said = prepared(tiny_tree, ("train", "test"))
+    assert said.startswith("fastres: decoding the train and test images of")
+    reused, said = prepared(tiny_tree, ("test",))
+    assert said == "" and reused.source == whole.source
+    alone, said = prepared(only_test, ("test",))  # the same test files, in a folder without train/
+    assert said.startswith("fastres: decoding the test images of") and alone.source.splits == ("test",)
+    assert np.array_equal(reused.splits.test.images, alone.splits.test.images)
+    assert np.array_equal(reused.splits.test.labels, alone.splits.test.labels)
+    loaders._prepare.cache_clear()

@@ -63,12 +63,27 @@ def prepare(data: str | None, val_split: int = 0, seed: int = 0, normalize: str 
     process for the same files and arguments: a benchmark or GPU check building many
     loaders pays for it once. `splits=("test",)` reads no training images (evaluation);
     `progress` ("rich", "plain", "none"): how decoding images is shown."""
-    source = sources.resolve(data, splits=splits, dataset=dataset)
+    source, key = _decoded_whole(data, sources.resolve(data, splits=splits, dataset=dataset), dataset)
     token = _PROGRESS.set(progress)
     try:
-        return _prepare(source, sources.fingerprint(source), val_split, seed, normalize)
+        return _prepare(source, key, val_split, seed, normalize)
     finally:
         _PROGRESS.reset(token)
+
+
+def _decoded_whole(data: str | None, source: sources.Source, dataset: str) -> tuple[sources.Source, str]:
+    """The source and its fingerprint; for a test-only source (evaluation) whose whole set is
+    in the decoded cache already (the run being evaluated decoded it), the whole source: its
+    test images are the same files, decoded the same, and are not decoded a second time."""
+    key = sources.fingerprint(source)
+    if "train" in source.splits or sources.decoded_entry(key).is_file():
+        return source, key
+    try:
+        whole = sources.resolve(data, dataset=dataset)
+    except DataError:  # test images alone: there is no whole set
+        return source, key
+    whole_key = sources.fingerprint(whole)
+    return (whole, whole_key) if sources.decoded_entry(whole_key).is_file() else (source, key)
 
 
 # How a cache miss of `_prepare` shows its decoding: not in the cache's key, since it changes

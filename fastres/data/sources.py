@@ -231,11 +231,16 @@ def _cached(cache: Path) -> Splits | None:
     return Splits(Split(arrays["train_x"], arrays["train_y"]), Split(arrays["test_x"], arrays["test_y"]))
 
 
+def decoded_entry(key: str, cache_dir: Path | None = None) -> Path:
+    """The decoded cache's file for the source whose fingerprint is `key` (it may not exist)."""
+    return (cache_dir or default_cache_dir()) / "decoded" / f"{key}.npz"
+
+
 def load(source: Source, cache_dir: Path | None = None, key: str | None = None, progress: str = "none") -> Splits:
     """Decoded uint8 splits, from the cache when this source was decoded before; `key` is
     the source's fingerprint when the caller has it already; `progress` ("rich", "plain",
     "none"): how the decoding of an image source (a cache miss) is shown."""
-    cache = (cache_dir or default_cache_dir()) / "decoded" / f"{key or fingerprint(source)}.npz"
+    cache = decoded_entry(key or fingerprint(source), cache_dir)
     if cache.is_file() and (splits := _cached(cache)) is not None:
         return splits
     splits = _read(source, progress)
