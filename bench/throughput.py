@@ -494,29 +494,39 @@ def unchecked_note(rows: list[dict[str, Any]]) -> str | None:
             "(docs/benchmarks.md)")
 
 
+COLUMNS = ("model", "configuration", "precision", "it/s (median)", "spread", "x baseline", "run-it/s", "x fused x1",
+           "target", "kernels/step", "host ops/step", "CPU ms/step", "GPU ms/step", "warm-up s", "peak MiB",
+           "eval img/s")
+
+
+def table_cells(r: dict[str, Any]) -> list[str]:
+    """A row's cells, one per COLUMNS; "-" where it has no such figure."""
+    if "it_s" not in r:
+        return [r["model"], r["name"], "", "-", describe(r).strip(), *["-"] * (len(COLUMNS) - 5)]
+    return [r["model"], r["name"], r["precision"], f"{r['it_s']:.1f}", f"{r['it_s_min']:.1f}-{r['it_s_max']:.1f}",
+            f"{r['speedup']:.2f}x" if r["speedup"] else "-", f"{r['run_it_s']:.1f}" if "run_it_s" in r else "-",
+            f"{r['fused_speedup']:.2f}x" if r.get("fused_speedup") else "-", target_cell(r),
+            figure(r.get("kernels_per_step"), ".0f"), figure(r.get("cpu_ops_per_step"), ",.0f"),
+            figure(r.get("cpu_ms_per_step"), ".2f"), figure(r.get("gpu_ms_per_step"), ".2f"),
+            f"{r['first_steps_s']:.1f}", str(r.get("peak_mem_mib", "-")),
+            f"{r['eval_img_s']:.0f}" if "eval_img_s" in r else "-"]
+
+
 def print_table(result: dict[str, Any]) -> None:
+    """The rows as a table, leaving out the columns no row has a figure in (on a CPU: kernels,
+    GPU time and memory; without fused rows: their columns)."""
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"fastres throughput, batch {result['batch_size']}, {result['device']}")
-    for col in ("model", "configuration", "precision", "it/s (median)", "spread", "x baseline", "run-it/s",
-                "x fused x1", "target", "kernels/step", "CPU ms/step", "GPU ms/step", "warm-up s", "peak MiB",
-                "eval img/s"):
-        table.add_column(col, justify="left" if col in ("model", "configuration", "precision") else "right")
     rows = table_order(result["rows"], result["args"]["models"])
-    for r in rows:
-        if "it_s" not in r:
-            table.add_row(r["model"], r["name"], "", "-", describe(r).strip(), *[""] * 10)
-            continue
-        table.add_row(r["model"], r["name"], r["precision"], f"{r['it_s']:.1f}",
-                      f"{r['it_s_min']:.1f}-{r['it_s_max']:.1f}",
-                      f"{r['speedup']:.2f}x" if r["speedup"] else "-",
-                      f"{r['run_it_s']:.1f}" if "run_it_s" in r else "-",
-                      f"{r['fused_speedup']:.2f}x" if r.get("fused_speedup") else "-", target_cell(r),
-                      figure(r.get("kernels_per_step"), ".0f"), figure(r.get("cpu_ms_per_step"), ".2f"),
-                      figure(r.get("gpu_ms_per_step"), ".2f"), f"{r['first_steps_s']:.1f}",
-                      str(r.get("peak_mem_mib", "-")), f"{r['eval_img_s']:.0f}" if "eval_img_s" in r else "-")
-    console = Console(width=max(200, Console().width))  # the table (15 columns) stays readable in logs
+    cells = [table_cells(r) for r in rows]
+    shown = [k for k in range(len(COLUMNS)) if k < 3 or any(c[k] != "-" for c in cells)]
+    table = Table(title=f"fastres throughput, batch {result['batch_size']}, {result['device']}")
+    for k in shown:
+        table.add_column(COLUMNS[k], justify="left" if k < 3 else "right")
+    for c in cells:
+        table.add_row(*(c[k] for k in shown))
+    console = Console(width=max(200, Console().width))  # the table (up to 16 columns) stays readable in logs
     console.print(table)
     for line in (unchecked_note(rows), spread_warning(rows)):
         if line:

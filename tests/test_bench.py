@@ -289,6 +289,24 @@ def test_the_table_prints_the_trainers_precision_names_and_its_batch(capsys: pyt
     assert "fastres throughput, batch 32, cpu" in text
 
 
+def test_the_table_leaves_out_the_columns_no_row_has_a_figure_in(capsys: pytest.CaptureFixture,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A CPU run has no kernels, GPU time nor memory, and rows without fusion no fused
+    figures: those columns go; the host ops per step, measured everywhere, stay."""
+    monkeypatch.setenv("COLUMNS", "300")  # rich's width: no cell wraps
+
+    def header(rows: list[dict]) -> list[str]:
+        throughput.print_table(table_result(["resnet20"], rows))
+        line = next(line for line in capsys.readouterr().out.splitlines() if "configuration" in line)
+        return [c.strip() for c in line.split("┃")[1:-1]]
+
+    cpu = {**table_row("resnet20", "compile"), "cpu_ops_per_step": 1102.0, "kernels_per_step": None}
+    assert header([cpu]) == ["model", "configuration", "precision", "it/s (median)", "spread", "host ops/step",
+                             "warm-up s"]
+    gpu = {**table_row("resnet20", "eager"), "kernels_per_step": 412.0, "gpu_ms_per_step": 0.9, "peak_mem_mib": 80.5}
+    assert {"kernels/step", "GPU ms/step", "peak MiB"} <= set(header([cpu, gpu]))
+
+
 def test_a_wide_spread_is_named_under_the_table(capsys: pytest.CaptureFixture) -> None:
     rows = [table_row("resnet20", "baseline"), table_row("resnet20", "eager", (1.0, 1.6)),
             table_row("resnet56", "amp", (0.2, 1.6))]
