@@ -10,8 +10,9 @@ Without a GPU, no arguments mean `--quick`: the full matrix on a CPU takes hours
 Steady-state iterations/s at batch 128 (or --batch-size) for each configuration (warm-up,
 compilation and graph capture timed apart; the device is synchronised around every timed
 block; median and spread of several repeats), each row's speedup over the baseline of the
-same model measured in the same run; loader-only images/s; evaluation images/s (warmed up first in
-every row); each row's own peak device memory over what was held before it. The baseline
+same model measured in the same run; loader-only images/s (one epoch by default);
+evaluation images/s (warmed up first in every row); each row's own peak device memory over
+what was held before it. The baseline
 and the full fastres step of every model run first, so a run cut short keeps the headline
 figures. Each row runs on its own: a row that fails is recorded with its error and the
 others still run. The JSON is rewritten atomically after every row, and no row starts
@@ -144,7 +145,8 @@ SWEEP_LRS = (0.05, 0.1, 0.2, 0.4)
 ROWS = {s.tag: s for s in MATRIX}
 NAME_WIDTH = max(len(s.name) for s in MATRIX)  # each row's progress line, its figure in one column
 QUICK_LEAVES_OUT = ("fused-x8", "fused-x8-nchw")  # on a CPU the x8 row alone would take minutes
-FULL_SIZES = {"warmup": 30, "steps": 100, "repeats": 5, "loader_batches": 100, "profile_steps": 10}
+# loader_batches None: one epoch (`Bench.loader_rate`)
+FULL_SIZES = {"warmup": 30, "steps": 100, "repeats": 5, "loader_batches": None, "profile_steps": 10}
 QUICK_SIZES = {"warmup": 2, "steps": 5, "repeats": 3, "loader_batches": 5, "profile_steps": 3}
 MODELS, QUICK_MODELS = "resnet20,resnet56,resnet110", "resnet20"
 
@@ -368,12 +370,17 @@ class Bench:
         device = self.device
         if setup.loader == "baseline":
             split = self.data.splits.train
-            batches = baseline.batches(baseline.make_loader(split.images, split.labels, self.data.mean,
-                                                            self.args.batch_size, device))
-            batches = (loaders.to_device(b, device) for b in batches)
+            loader = baseline.make_loader(split.images, split.labels, self.data.mean, self.args.batch_size, device)
+            epoch = len(loader)
+            batches = (loaders.to_device(b, device) for b in baseline.batches(loader))
         else:
-            batches = endless(self.fastres_data(setup, self.precision(setup)).train)
-        n = self.args.loader_batches
+            train = self.fastres_data(setup, self.precision(setup)).train
+            epoch, batches = train.steps_per_epoch, endless(train)
+        # By default one epoch, from the third batch of one to the second of the next: what the
+        # torch loader makes ahead in slabs inside that window is exactly what the window uses
+        # (its slabs grow 1, 2, 4, ... batches from each epoch's start), where a shorter window
+        # would time the making of a slab it then used only in part.
+        n = self.args.loader_batches or epoch
 
         def pull(k: int) -> None:
             for _ in range(k):
@@ -540,7 +547,7 @@ def print_table(result: dict[str, Any]) -> None:
         console.print(loaders_table)
 
 
-def flags(sizes: dict[str, int]) -> str:
+def flags(sizes: dict[str, int | None]) -> str:
     """Sizes as the command line spells them: `--warmup 2 --steps 5`."""
     return " ".join(f"--{name.replace('_', '-')} {value}" for name, value in sizes.items())
 
@@ -562,7 +569,7 @@ def build_parser() -> argparse.ArgumentParser:
              "profile_steps": "steps under torch.profiler after the timed ones: kernels, CPU and GPU ms per step"}
     for name, text in helps.items():
         p.add_argument(f"--{name.replace('_', '-')}", type=int, metavar="N",
-                       help=f"{text} (default {FULL_SIZES[name]}; --quick: {QUICK_SIZES[name]})")
+                       help=f"{text} (default {FULL_SIZES[name] or 'one epoch'}; --quick: {QUICK_SIZES[name]})")
     p.add_argument("--loaders", metavar="NAMES", default=",".join(s.tag for _, s in LOADERS),
                    help="comma-separated loaders to time alone, by their rows' names (default all: "
                    f"{', '.join(s.tag for _, s in LOADERS)}); '' for none")
@@ -625,7 +632,7 @@ def parse_loaders(text: str) -> list[str]:
 
 def check_sizes(args: argparse.Namespace) -> None:
     for name in ("steps", "repeats", "loader_batches", "batch_size", "eval_batch", "profile_steps"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:  # loader_batches None: an epoch
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.eval_batches is not None and args.eval_batches < 1:
         raise UsageError(f"--eval-batches must be at least 1, got {args.eval_batches}")

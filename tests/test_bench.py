@@ -155,6 +155,24 @@ def test_a_rows_slabs_reach_its_loader_and_are_recorded_as_made(tiny_tree: Path,
     assert throughput.ROWS["compile"].slabs is None  # the size rule's choice
 
 
+@pytest.mark.parametrize(("given", "timed"), [([], 5), (["--loader-batches", "3"], 3)])
+def test_a_loader_alone_is_timed_over_one_epoch_unless_told(tiny_tree: Path, monkeypatch: pytest.MonkeyPatch,
+                                                           given: list[str], timed: int) -> None:
+    """Two batches first, then one epoch (tiny_tree's 160 training images: 5 batches of 32),
+    so that what slabs make ahead is what is timed and used; --loader-batches N: N."""
+    args = throughput.parse_args(["--device", "cpu", "--data", str(tiny_tree), "--batch-size", "32",
+                                  "--rows", "eager", *given])
+    pulled, real = [], throughput.endless
+
+    def counted(loader: loaders.Loader):
+        for batch in real(loader):
+            pulled.append(len(batch[1]))
+            yield batch
+    monkeypatch.setattr(throughput, "endless", counted)
+    assert throughput.Bench(args).loader_rate(throughput.ROWS["amp"]) > 0
+    assert pulled == [32] * (2 + timed)
+
+
 def test_a_row_evaluates_the_first_eval_batches_only(tiny_tree: Path) -> None:
     """--eval-batches 2 of 16: the first 32 of tiny_tree's 40 test images, the very batches a
     whole pass starts with; without it, all 40 (the last batch smaller)."""
