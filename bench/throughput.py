@@ -527,7 +527,7 @@ def print_table(result: dict[str, Any]) -> None:
 
     rows = table_order(result["rows"], result["args"]["models"])
     cells = [table_cells(r) for r in rows]
-    shown = [k for k in range(len(COLUMNS)) if k < 3 or any(c[k] != "-" for c in cells)]
+    shown = [k for k in range(len(COLUMNS)) if k < 5 or any(c[k] != "-" for c in cells)]  # it/s, spread: always
     table = Table(title=f"fastres throughput, batch {result['batch_size']}, {result['device']}")
     for k in shown:
         table.add_column(COLUMNS[k], justify="left" if k < 3 else "right")

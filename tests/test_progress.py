@@ -196,31 +196,47 @@ def test_a_prepared_dataset_is_reused_whatever_its_progress(tiny_tree: Path, mon
     assert calls == ["none", "plain"]  # a miss shows its decoding as asked
 
 
-def test_evaluation_reuses_the_whole_sets_decoded_copy(tiny_tree: Path, tmp_path: Path,
-                                                       monkeypatch: pytest.MonkeyPatch,
-                                                       capsys: pytest.CaptureFixture) -> None:
+def test_evaluation_reads_the_test_split_a_training_run_decoded(tiny_tree: Path, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch,
+                                                                 capsys: pytest.CaptureFixture) -> None:
     """The test images a run decoded with its training images are not decoded again for its
-    evaluation (a test-only read), and are the very pixels a test-only decode gives; a folder
-    of test images alone is decoded for itself."""
+    evaluation (a test-only read), in an image folder and in split archives; they are the very
+    pixels a test-only decode gives, and the training arrays are not kept. A folder whose
+    test/ is not what the whole set reads (train.tar.gz and test.tar.gz beside an extracted
+    test/, which may hold other images) decodes its test/ for itself."""
     import shutil
+    import tarfile
 
     from fastres.data import loaders
 
     monkeypatch.setenv("FASTRES_CACHE", str(tmp_path / "cache"))  # empty: every decode below is this test's
     only_test = tmp_path / "only-test"
     shutil.copytree(tiny_tree / "test", only_test / "test")
+    archives = tmp_path / "archives"
+    archives.mkdir()
+    for split in ("train", "test"):
+        with tarfile.open(archives / f"{split}.tar.gz", "w:gz") as tar:
+            tar.add(tiny_tree / split, arcname=split)
 
     def prepared(data: Path, splits: tuple[str, ...]) -> tuple[loaders.Prepared, str]:
         loaders._prepare.cache_clear()
         capsys.readouterr()
         return loaders.prepare(str(data), splits=splits, progress="plain"), capsys.readouterr().out
 
-    whole, said = prepared(tiny_tree, ("train", "test"))
-    assert said.startswith("fastres: decoding the train and test images of")
-    reused, said = prepared(tiny_tree, ("test",))
-    assert said == "" and reused.source == whole.source
-    alone, said = prepared(only_test, ("test",))  # the same test files, in a folder without train/
-    assert said.startswith("fastres: decoding the test images of") and alone.source.splits == ("test",)
-    assert np.array_equal(reused.splits.test.images, alone.splits.test.images)
-    assert np.array_equal(reused.splits.test.labels, alone.splits.test.labels)
+    alone, said = prepared(only_test, ("test",))  # the test files alone: decoded for themselves
+    assert said.startswith("fastres: decoding the test images of") and len(alone.splits.train) == 0
+    for data in (tiny_tree, archives):
+        _, said = prepared(data, ("train", "test"))
+        assert said.startswith("fastres: decoding the train and test images of")
+        reused, said = prepared(data, ("test",))
+        assert said == "" and reused.source.splits == ("test",) and len(reused.splits.train) == 0
+        assert np.array_equal(reused.splits.test.images, alone.splits.test.images)
+        assert np.array_equal(reused.splits.test.labels, alone.splits.test.labels)
+    other = tmp_path / "other"  # the whole set reads the archives; a test-only read, the folder test/
+    shutil.copytree(archives, other)
+    shutil.copytree(only_test / "test", other / "test")
+    _, said = prepared(other, ("train", "test"))
+    assert said.startswith(f"fastres: decoding the train and test images of {other / 'train.tar.gz'}")
+    _, said = prepared(other, ("test",))
+    assert said.startswith(f"fastres: decoding the test images of {other}")
     loaders._prepare.cache_clear()

@@ -63,27 +63,27 @@ def prepare(data: str | None, val_split: int = 0, seed: int = 0, normalize: str 
     process for the same files and arguments: a benchmark or GPU check building many
     loaders pays for it once. `splits=("test",)` reads no training images (evaluation);
     `progress` ("rich", "plain", "none"): how decoding images is shown."""
-    source, key = _decoded_whole(data, sources.resolve(data, splits=splits, dataset=dataset), dataset)
+    source = sources.resolve(data, splits=splits, dataset=dataset)
     token = _PROGRESS.set(progress)
     try:
-        return _prepare(source, key, val_split, seed, normalize)
+        return _prepare(source, sources.fingerprint(source), _whole_set(data, source, dataset), val_split, seed,
+                        normalize)
     finally:
         _PROGRESS.reset(token)
 
 
-def _decoded_whole(data: str | None, source: sources.Source, dataset: str) -> tuple[sources.Source, str]:
-    """The source and its fingerprint; for a test-only source (evaluation) whose whole set is
-    in the decoded cache already (the run being evaluated decoded it), the whole source: its
-    test images are the same files, decoded the same, and are not decoded a second time."""
-    key = sources.fingerprint(source)
-    if "train" in source.splits or sources.decoded_entry(key).is_file():
-        return source, key
+def _whole_set(data: str | None, source: sources.Source, dataset: str) -> str | None:
+    """For a test-only source (evaluation): the fingerprint of the whole set, train and test,
+    when it reads the very same test files, so that the test split a training run decoded
+    with it is read from the cache (`sources.load`); None otherwise, or when the whole set
+    cannot be resolved or listed."""
+    if "train" in source.splits:
+        return None
     try:
         whole = sources.resolve(data, dataset=dataset)
-    except DataError:  # test images alone: there is no whole set
-        return source, key
-    whole_key = sources.fingerprint(whole)
-    return (whole, whole_key) if sources.decoded_entry(whole_key).is_file() else (source, key)
+        return sources.fingerprint(whole) if set(source.paths) <= set(whole.paths) else None
+    except DataError:  # no training images, or a folder that cannot be listed: no whole set to reuse
+        return None
 
 
 # How a cache miss of `_prepare` shows its decoding: not in the cache's key, since it changes
@@ -92,8 +92,9 @@ _PROGRESS: contextvars.ContextVar[str] = contextvars.ContextVar("fastres_decode_
 
 
 @functools.lru_cache(maxsize=2)
-def _prepare(source: sources.Source, fingerprint: str, val_split: int, seed: int, normalize: str) -> Prepared:
-    splits = hold_out(sources.load(source, key=fingerprint, progress=_PROGRESS.get()), val_split, seed)
+def _prepare(source: sources.Source, fingerprint: str, whole: str | None, val_split: int, seed: int,
+             normalize: str) -> Prepared:
+    splits = hold_out(sources.load(source, key=fingerprint, whole=whole, progress=_PROGRESS.get()), val_split, seed)
     if normalize not in pixels.NORMALIZATIONS:
         raise ValueError(f"unknown normalization {normalize!r}")
     return Prepared(source, splits, normalize, val_split, seed)

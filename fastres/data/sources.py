@@ -215,9 +215,10 @@ def checksum(arrays: dict[str, np.ndarray]) -> str:
     return h.hexdigest()
 
 
-def _cached(cache: Path) -> Splits | None:
+def _cached(cache: Path, instead: str = "rebuilding it from the source") -> Splits | None:
     """The cached splits if the file is whole and its checksum holds; a damaged file (a
-    kill while it was copied, a bad disk) is reported in one line and rebuilt, never used."""
+    kill while it was copied, a bad disk) is reported in one line, with what is done
+    `instead`, and never used."""
     try:
         with np.load(cache) as z:
             arrays = {name: z[name] for name in ARRAYS}
@@ -225,24 +226,30 @@ def _cached(cache: Path) -> Splits | None:
         if checksum(arrays) != stored:
             raise ValueError("checksum mismatch")
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
-        print(f"fastres: note: the decoded-data cache {cache} is damaged ({e}); rebuilding it from the source",
-              file=sys.stderr)
+        print(f"fastres: note: the decoded-data cache {cache} is damaged ({e}); {instead}", file=sys.stderr)
         return None
     return Splits(Split(arrays["train_x"], arrays["train_y"]), Split(arrays["test_x"], arrays["test_y"]))
 
 
-def decoded_entry(key: str, cache_dir: Path | None = None) -> Path:
+def _decoded_entry(key: str, cache_dir: Path | None = None) -> Path:
     """The decoded cache's file for the source whose fingerprint is `key` (it may not exist)."""
     return (cache_dir or default_cache_dir()) / "decoded" / f"{key}.npz"
 
 
-def load(source: Source, cache_dir: Path | None = None, key: str | None = None, progress: str = "none") -> Splits:
+def load(source: Source, cache_dir: Path | None = None, key: str | None = None, progress: str = "none",
+         whole: str | None = None) -> Splits:
     """Decoded uint8 splits, from the cache when this source was decoded before; `key` is
     the source's fingerprint when the caller has it already; `progress` ("rich", "plain",
-    "none"): how the decoding of an image source (a cache miss) is shown."""
-    cache = decoded_entry(key or fingerprint(source), cache_dir)
+    "none"): how the decoding of an image source (a cache miss) is shown. `whole`: for a
+    test-only source, the fingerprint of the whole set that reads the same test files; its
+    entry, left by a training run, gives the test split (the training arrays are let go)
+    instead of a decode of its own."""
+    cache = _decoded_entry(key or fingerprint(source), cache_dir)
     if cache.is_file() and (splits := _cached(cache)) is not None:
         return splits
+    if whole is not None and (entry := _decoded_entry(whole, cache_dir)).is_file() and \
+            (both := _cached(entry, "reading the test images from the source instead")) is not None:
+        return Splits(Split(both.train.images[:0].copy(), both.train.labels[:0].copy()), both.test)  # no view
     splits = _read(source, progress)
     for name in source.splits:
         check_split(getattr(splits, name), name, DATASETS[source.dataset].classes)
